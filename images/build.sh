@@ -179,9 +179,11 @@ recipe_nginx() {
 		deb=$(deb "$pkg")
 		dpkg-deb -x "$deb" "$root"
 	done
-	# Docs, manuals and init-system files are of no use in a container.
-	rm -rf "$root"/usr/share/{doc,man,info,lintian,bug,locale} "$root"/etc/{init.d,logrotate.d,default,ufw} \
-		"$root"/lib/systemd "$root"/usr/lib/systemd
+	# Docs, manuals, editor and init-system files are of no use in a container, nor are glibc's
+	# iconv modules (nginx does no charset conversion): 8 MB less to unpack.
+	rm -rf "$root"/usr/share/{doc,man,info,lintian,bug,locale,vim,apport} \
+		"$root"/etc/{init.d,logrotate.d,default,ufw} "$root"/lib/systemd "$root"/usr/lib/systemd \
+		"$root"/usr/lib/*-linux-gnu*/gconv
 	check_libs "$root" usr/sbin/nginx
 	mkdir -p "$root"/{dev,proc,sys,tmp,run,root,var/log/nginx,var/lib/nginx,var/www/html,var/cache/nginx}
 	chmod 1777 "$root/tmp"
@@ -197,19 +199,16 @@ recipe_nginx() {
 		ExposedPorts: {"80/tcp": {}}, StopSignal: "SIGQUIT", WorkingDir: "/"}')
 }
 
-# check_libs ROOT BIN: every shared library BIN needs (transitively) is in ROOT.
+# check_libs ROOT BIN: every shared library BIN needs (transitively) is in ROOT's library dirs.
 check_libs() {
-	local root=$1 todo=("$2") seen=" " f lib found dir
+	local root=$1 todo=("$2") seen=" " f lib found
 	while [ ${#todo[@]} -gt 0 ]; do
-		f=${todo[0]}; todo=("${todo[@]:1}")
+		f=${todo[0]}
+		todo=("${todo[@]:1}")
 		while read -r lib; do
 			case $seen in *" $lib "*) continue ;; esac
 			seen="$seen$lib "
-			found=
-			for dir in lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu) \
-				usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu) lib usr/lib lib64; do
-				if [ -e "$root/$dir/$lib" ]; then found=$dir/$lib; break; fi
-			done
+			found=$(cd "$root" && find lib usr/lib lib64 -maxdepth 2 -name "$lib" 2>/dev/null | sort | head -n 1)
 			[ -n "$found" ] || die "$f needs $lib, which no package in the nginx recipe provides; add its package to NGINX_DEBS"
 			todo+=("$found")
 		done < <(readelf -d "$root/$f" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')

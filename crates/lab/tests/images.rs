@@ -1,5 +1,6 @@
 //! The OCI images from images/build.sh: reproducible, readable by umoci and skopeo, and working
-//! when run inside a lab node (needs root, umoci, skopeo, busybox-static and the Debian mirror or
+//! when run inside a lab node, chrooted or under runc (needs root, umoci, skopeo, runc,
+//! busybox-static, jq, binutils and the Debian mirror or
 //! a filled build/cache/debs).
 #![allow(clippy::unwrap_used)] // test helpers may unwrap, as tests do
 
@@ -15,7 +16,7 @@ const BUSYBOX: &str = "/usr/bin/busybox";
 fn root() {
     skiff_lab::require_root()
         .expect("these tests need root (namespaces, chroot); CI runs them as root");
-    for tool in ["umoci", "skopeo", "jq", "dpkg-deb"] {
+    for tool in ["umoci", "skopeo", "runc", "tar", "dpkg-deb"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -200,10 +201,10 @@ fn busybox_image_has_applets_users_and_runs() {
         echo hello from $(hostname)
         mkdir -p /tmp/www && echo served-by-httpd > /tmp/www/index.html
         httpd -p 127.0.0.1:8080 -h /tmp/www
-        sleep 0.3
-        wget -q -O - http://127.0.0.1:8080/
-        nc -l -p 9000 > /tmp/got & sleep 0.3
-        echo over-nc | nc -w 2 127.0.0.1 9000; sleep 0.3
+        for i in $(seq 100); do wget -q -O - http://127.0.0.1:8080/ && break; sleep 0.1; done
+        sleep 30 | nc -l -p 9000 > /tmp/got &
+        for i in $(seq 100); do echo over-nc | nc 127.0.0.1 9000 && break; sleep 0.1; done
+        for i in $(seq 100); do [ -s /tmp/got ] && break; sleep 0.1; done
         cat /tmp/got
         tar -cf /tmp/t.tar -C /etc passwd && tar -tf /tmp/t.tar
         nslookup 2>&1 | grep -q -i usage && echo nslookup-ok
@@ -304,4 +305,114 @@ fn nginx_image_serves_the_default_page() {
         .read_to_string(&mut log)
         .unwrap();
     assert!(log.contains("\"GET / HTTP/1.1\" 200"), "access log: {log}");
+}
+
+/// Removes a runc container (and its cgroups) when the test ends, also on failure.
+struct RuncContainer {
+    state: PathBuf,
+    id: String,
+}
+
+impl Drop for RuncContainer {
+    fn drop(&mut self) {
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&self.state)
+            .args(["delete", "--force", &self.id])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn nginx_image_runs_under_runc() {
+    root();
+    let dir = tempfile::tempdir().unwrap();
+    let (reference, _) = build(dir.path(), "nginx");
+    let layout = dir.path().join("layout");
+    std::fs::create_dir_all(&layout).unwrap();
+    let mut tar = Command::new("tar");
+    tar.arg("-xf")
+        .arg(dir.path().join("nginx.tar"))
+        .arg("-C")
+        .arg(&layout);
+    checked(tar);
+    // umoci turns the image config into the bundle's config.json (args, env, user).
+    let bundle = dir.path().join("bundle");
+    let mut umoci = Command::new("umoci");
+    umoci
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{reference}", layout.display()))
+        .arg(&bundle);
+    checked(umoci);
+    let config_path = bundle.join("config.json");
+    let mut config = json(&std::fs::read(&config_path).unwrap());
+    assert_eq!(
+        config["process"]["args"],
+        serde_json::json!(["nginx", "-g", "daemon off;"])
+    );
+    // Share the node's network namespace; no terminal; the capability set CRI runtimes give
+    // containers by default (nginx's master chowns its temp dirs and drops to www-data).
+    config["process"]["terminal"] = false.into();
+    let namespaces = config["linux"]["namespaces"].as_array_mut().unwrap();
+    namespaces.retain(|ns| ns["type"] != "network");
+    let caps = serde_json::json!([
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE"
+    ]);
+    config["process"]["capabilities"] =
+        serde_json::json!({"bounding": caps, "effective": caps, "permitted": caps});
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+
+    let container = RuncContainer {
+        state: dir.path().join("runc-state"),
+        id: unique_name("skiff-lab-test"),
+    };
+    let mut runc = Command::new("runc");
+    runc.arg("--root")
+        .arg(&container.state)
+        .args(["run", "--bundle"])
+        .arg(&bundle)
+        .arg(&container.id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut node = Node::builder(unique_name("rc")).spawn(runc).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let page = loop {
+        if let Ok(page) = http_get_in(&node, 80) {
+            break page;
+        }
+        if let Some(status) = node.try_wait().unwrap() {
+            let mut err = String::new();
+            node.take_stderr()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("runc/nginx exited early: {status:?}\n{err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nginx under runc did not answer on port 80 in 15s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+    assert!(page.contains("Welcome to nginx!"), "{page}");
+    // runc forwards SIGTERM to nginx, which stops; runc then removes the container.
+    let status = node.stop(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "runc run ended with {status:?}");
 }
