@@ -62,6 +62,17 @@ fn host_links() -> BTreeSet<String> {
         .collect()
 }
 
+/// Whether any process's network namespace, or any fd of this process, is `ns` ("net:[inode]").
+fn netns_in_use(ns: &str) -> bool {
+    let procs = std::fs::read_dir("/proc").unwrap().flatten();
+    let by_process = procs.filter_map(|e| std::fs::read_link(e.path().join("ns/net")).ok());
+    let by_fd = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok());
+    by_process.chain(by_fd).any(|l| l.to_string_lossy() == ns)
+}
+
 /// Runs `f` on a thread inside the node's network namespace.
 fn in_netns<T: Send>(node: &Node, f: impl FnOnce() -> T + Send) -> T {
     let ns = std::fs::File::open(node.netns_path()).unwrap();
@@ -190,6 +201,17 @@ fn two_nodes_on_a_bridge_reach_each_other_and_leave_nothing() {
     listener.accept().unwrap();
 
     let pids = [a.pid(), b.pid()];
+    let netns: Vec<String> = [&a, &b]
+        .iter()
+        .map(|n| {
+            std::fs::read_link(n.netns_path())
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_ne!(netns[0], netns[1]);
+    assert!(netns.iter().all(|ns| netns_in_use(ns)), "{netns:?}");
     drop((a, b, bridge));
     let after = host_links();
     for name in &ours {
@@ -199,6 +221,13 @@ fn two_nodes_on_a_bridge_reach_each_other_and_leave_nothing() {
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "node process {pid} still exists"
+        );
+    }
+    // No process (and no fd of ours) still holds the nodes' network namespaces.
+    for ns in &netns {
+        assert!(
+            !netns_in_use(ns),
+            "{ns} is still referenced after the nodes were dropped"
         );
     }
     let leaked: Vec<&String> = after
