@@ -227,6 +227,11 @@ impl Node {
         PathBuf::from(format!("/proc/{}/ns/net", self.pid))
     }
 
+    /// The node's network namespace (held by the node, so valid even after its process exits).
+    pub fn netns(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.netns.as_fd()
+    }
+
     /// Name of the host end of the node's veth pair, if it has a link.
     pub fn host_veth(&self) -> Option<&str> {
         self.host_link.0.as_deref()

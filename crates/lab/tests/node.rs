@@ -169,7 +169,7 @@ fn two_nodes_on_a_bridge_reach_each_other_and_leave_nothing() {
     let before = host_links();
     let bridge = Bridge::create(&unique_name("skl"), "10.231.1.1/24").unwrap();
     let a = Node::builder(unique_name("a"))
-        .link(Link::new(bridge.name(), "10.231.1.2/24"))
+        .link(Link::new(bridge.name(), "10.231.1.2/24").gateway("10.231.1.1".parse().unwrap()))
         .spawn(sleeper())
         .unwrap();
     let b = Node::builder(unique_name("b"))
@@ -191,6 +191,11 @@ fn two_nodes_on_a_bridge_reach_each_other_and_leave_nothing() {
     let addrs = text(&run_in(&a, &["ip", "-br", "-4", "addr"]));
     assert!(addrs.contains("eth0"), "{addrs}");
     assert!(addrs.contains("10.231.1.2/24"), "{addrs}");
+    let routes = text(&run_in(&a, &["ip", "route"]));
+    assert!(
+        routes.contains("default via 10.231.1.1 dev eth0"),
+        "{routes}"
+    );
     run_in(&a, &[BUSYBOX, "ping", "-c1", "-W5", "10.231.1.3"]);
     run_in(&b, &[BUSYBOX, "ping", "-c1", "-W5", "10.231.1.2"]);
 
@@ -281,6 +286,11 @@ fn mounts_inside_a_node_do_not_reach_the_host() {
         !host.contains(&path),
         "a node's mount propagated to the host"
     );
+    // exec_in keeps the command's working directory (entering a mount namespace resets it).
+    let mut pwd = cmd(&[BUSYBOX, "pwd"]);
+    pwd.current_dir(&path);
+    let out = node.exec_in(pwd).unwrap().output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), path);
     // The node's /proc is its own: only its processes are visible.
     let ps = text(&run_in(&node, &[BUSYBOX, "ps", "-o", "pid,args"]));
     assert!(ps.lines().count() <= 4, "node sees foreign processes: {ps}");
