@@ -7,7 +7,7 @@ DATA_DIR ?= /var/lib/skiff
 # Debian packages that building and testing need (the machine reaches Debian's mirrors only).
 DEB_PACKAGES := protobuf-compiler pkg-config libseccomp-dev etcd-server etcd-client umoci skopeo \
 	busybox-static nftables iproute2 docker-registry runc crun containerd containernetworking-plugins \
-	dnsperf wrk hyperfine jq
+	dnsperf wrk hyperfine jq binutils
 export PATH := $(HOME)/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 .PHONY: deps build release lint fmt images test test-unit bench bench-store run clean
