@@ -1,0 +1,2 @@
+//! Crash-test helper (placeholder until the redb backend lands).
+fn main() {}

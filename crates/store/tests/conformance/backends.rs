@@ -1,0 +1,18 @@
+//! Factories for a fresh store of each backend, with a guard that cleans up on drop.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use skiff_store::{MemoryOptions, Store};
+
+pub type Guard = Box<dyn Any + Send>;
+
+pub async fn memory(window: Option<Duration>) -> (Arc<dyn Store>, Guard) {
+    let store = skiff_store::memory_with(MemoryOptions {
+        compaction_window: window,
+        // small, so that the slow-watcher case really overflows the live buffer
+        watch_buffer: 16,
+    });
+    (store, Box::new(()))
+}
