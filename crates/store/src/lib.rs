@@ -14,11 +14,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::Stream;
 
+mod codec;
 mod compactor;
 mod history;
 pub mod memory;
+pub mod redb_store;
 
 pub use memory::{MemoryOptions, MemoryStore, memory_with};
+pub use redb_store::{FORMAT_VERSION, RedbOptions, RedbStore, open_redb};
 
 /// One global, strictly increasing revision, incremented per write; 0 means "none".
 pub type Revision = i64;

@@ -16,3 +16,18 @@ pub async fn memory(window: Option<Duration>) -> (Arc<dyn Store>, Guard) {
     });
     (store, Box::new(()))
 }
+
+pub async fn redb(window: Option<Duration>) -> (Arc<dyn Store>, Guard) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = skiff_store::open_redb(
+        &dir.path().join("state.redb"),
+        skiff_store::RedbOptions {
+            compaction_window: window,
+            watch_buffer: 4,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    (store, Box::new(dir))
+}

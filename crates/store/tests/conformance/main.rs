@@ -50,3 +50,4 @@ macro_rules! all_cases {
 }
 
 all_cases!(memory);
+all_cases!(redb);
