@@ -16,10 +16,13 @@ use futures::Stream;
 
 mod codec;
 mod compactor;
+pub mod etcd;
 mod history;
 pub mod memory;
 pub mod redb_store;
+pub mod testing;
 
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls, connect_etcd};
 pub use memory::{MemoryOptions, MemoryStore, memory_with};
 pub use redb_store::{FORMAT_VERSION, RedbOptions, RedbStore, open_redb};
 
@@ -234,7 +237,6 @@ pub fn memory() -> Arc<dyn Store> {
 
 /// The end of the key range of all keys starting with `prefix` (exclusive), or `None` when the
 /// prefix has no upper bound (empty, or all bytes 0xff).
-#[allow(dead_code)] // used by the etcd backend (next commit)
 pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {

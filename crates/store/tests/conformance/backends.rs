@@ -31,3 +31,20 @@ pub async fn redb(window: Option<Duration>) -> (Arc<dyn Store>, Guard) {
     .unwrap();
     (store, Box::new(dir))
 }
+
+pub async fn etcd(window: Option<Duration>) -> (Arc<dyn Store>, Guard) {
+    let server = match skiff_store::testing::EtcdServer::start().await {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let store = skiff_store::connect_etcd(
+        &server.endpoints(),
+        skiff_store::EtcdOptions {
+            compaction_window: window,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    (store, Box::new(server))
+}

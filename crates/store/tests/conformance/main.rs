@@ -51,3 +51,4 @@ macro_rules! all_cases {
 
 all_cases!(memory);
 all_cases!(redb);
+all_cases!(etcd);
