@@ -70,6 +70,8 @@ struct ReadSide {
     revision: AtomicI64,
     compacted: AtomicI64,
     commits: AtomicU64,
+    /// Total nanoseconds the writer spent applying + committing batches.
+    commit_nanos: AtomicU64,
 }
 
 enum Op {
@@ -165,6 +167,11 @@ impl RedbStore {
     pub fn commit_count(&self) -> u64 {
         self.read.commits.load(Ordering::Relaxed)
     }
+
+    /// Total time the writer spent applying and committing batches (including fsync).
+    pub fn commit_time(&self) -> Duration {
+        Duration::from_nanos(self.read.commit_nanos.load(Ordering::Relaxed))
+    }
 }
 
 async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, StoreError> {
@@ -188,6 +195,7 @@ async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, St
         revision: AtomicI64::new(revision),
         compacted: AtomicI64::new(compacted),
         commits: AtomicU64::new(0),
+        commit_nanos: AtomicU64::new(0),
     });
     let (events, _) = broadcast::channel(opts.watch_buffer.max(1));
     let (tx, rx) = mpsc::channel();
@@ -384,7 +392,10 @@ struct Applied {
 /// revision; a failed condition fails only that write and is evaluated against the state
 /// including earlier writes of the batch. Watchers hear about the batch only after the commit.
 fn commit_batch(read: &ReadSide, batch: &mut Vec<Request>, events: &broadcast::Sender<Batch>) {
+    let started = std::time::Instant::now();
     let outcome = apply_and_commit(read, batch);
+    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    read.commit_nanos.fetch_add(nanos, Ordering::Relaxed);
     match outcome {
         Ok(applied) => {
             read.revision.store(applied.revision, Ordering::Release);
@@ -875,6 +886,7 @@ mod tests {
             revision: AtomicI64::new(0),
             compacted: AtomicI64::new(0),
             commits: AtomicU64::new(0),
+            commit_nanos: AtomicU64::new(0),
         };
         let (events, mut rx) = broadcast::channel(8);
         let k = || "/k".to_string();
@@ -960,6 +972,7 @@ mod tests {
             revision: AtomicI64::new(0),
             compacted: AtomicI64::new(0),
             commits: AtomicU64::new(0),
+            commit_nanos: AtomicU64::new(0),
         };
         let (events, mut rx) = broadcast::channel(8);
         let (r, mut reply) = req(Op::Update {
