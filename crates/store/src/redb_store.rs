@@ -1,10 +1,17 @@
-//! The redb backend, skiff's embedded default: durable (a write is acknowledged only after its
-//! commit is on disk), group-committed (one writer thread drains all queued writes into one
-//! transaction, so one fsync serves many writers), with history kept in a redb table.
+//! The redb backend, skiff's embedded default: durable (a write is acknowledged only after it is
+//! on disk), group-committed (one writer thread drains all queued writes into one transaction,
+//! so one fsync serves many writers), with history kept in a redb table.
 //!
-//! Tables: `skiff_meta` (format version, current revision, compaction point), `skiff_kv`
-//! (key → current value) and `skiff_history` (revision → event with the previous value).
-//! The revision is written in the same transaction as the data it numbers.
+//! Durability works like etcd's WAL + backend: each batch is appended to a write-ahead log
+//! (`<file>.wal`, one sequential write + one fdatasync) before redb commits it without an fsync;
+//! every 200 ms (or 1024 batches, or 6 MiB of log) a batch is committed with
+//! `Durability::Immediate` instead — a checkpoint — after which the log starts over. Opening the
+//! store replays the log records newer than redb's durable revision. Readers and watchers see a
+//! batch only after it is durable (in the log or in redb).
+//!
+//! Tables: `skiff_meta` (format version, store id, current revision, compaction point),
+//! `skiff_kv` (key → current value) and `skiff_history` (revision → event with the previous
+//! value). The revision is written in the same transaction as the data it numbers.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -23,6 +30,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::codec;
 use crate::history::{self, Batch, HistorySource};
+use crate::wal::Wal;
 use crate::{
     DEFAULT_COMPACTION_WINDOW, Event, KeyValue, RangeRequest, RangeResponse, Revision, Store,
     StoreError, WatchStream, check_key, compactor,
@@ -38,6 +46,14 @@ const HISTORY: TableDefinition<'_, i64, &[u8]> = TableDefinition::new("skiff_his
 const META_FORMAT: &str = "format_version";
 const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted";
+const META_STORE_ID: &str = "store_id";
+
+/// A checkpoint (durable redb commit, after which the log starts over) happens at least this often.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+/// ... or after this many logged batches ...
+const CHECKPOINT_BATCHES: u32 = 1024;
+/// ... or when the log holds this many bytes.
+const CHECKPOINT_BYTES: u64 = 6 << 20;
 
 /// Options of the redb store.
 #[derive(Clone, Debug)]
@@ -72,6 +88,8 @@ struct ReadSide {
     commits: AtomicU64,
     /// Total nanoseconds the writer spent applying + committing batches.
     commit_nanos: AtomicU64,
+    /// Writes recovered from the write-ahead log when the store was opened.
+    replayed: AtomicU64,
 }
 
 enum Op {
@@ -168,6 +186,11 @@ impl RedbStore {
         self.read.commits.load(Ordering::Relaxed)
     }
 
+    /// How many writes were recovered from the write-ahead log when the store was opened.
+    pub fn replayed_on_open(&self) -> u64 {
+        self.read.replayed.load(Ordering::Relaxed)
+    }
+
     /// Total time the writer spent applying and committing batches (including fsync).
     pub fn commit_time(&self) -> Duration {
         Duration::from_nanos(self.read.commit_nanos.load(Ordering::Relaxed))
@@ -177,8 +200,19 @@ impl RedbStore {
 async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, StoreError> {
     let owned = path.to_path_buf();
     let cache = opts.cache_size;
-    let opened = tokio::task::spawn_blocking(move || open_blocking(&owned, cache)).await;
-    let (db, revision, compacted) = match opened {
+    let opened = tokio::task::spawn_blocking(move || {
+        let (db, durable, compacted, store_id) = open_blocking(&owned, cache)?;
+        let (wal, revision) = recover(&db, &owned, store_id, durable)?;
+        Ok::<_, StoreError>((
+            db,
+            revision,
+            compacted,
+            wal,
+            u64::try_from(revision - durable).unwrap_or(0),
+        ))
+    })
+    .await;
+    let (db, revision, compacted, wal, replayed) = match opened {
         Ok(r) => r?,
         // redb's debug builds assert on some impossible-by-construction states; a damaged file
         // can reach them. Never let that take the process down.
@@ -196,6 +230,7 @@ async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, St
         compacted: AtomicI64::new(compacted),
         commits: AtomicU64::new(0),
         commit_nanos: AtomicU64::new(0),
+        replayed: AtomicU64::new(replayed),
     });
     let (events, _) = broadcast::channel(opts.watch_buffer.max(1));
     let (tx, rx) = mpsc::channel();
@@ -203,9 +238,15 @@ async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, St
         let read = read.clone();
         let events = events.clone();
         let max_batch = opts.max_batch.max(1);
+        let mut writer = Writer {
+            read,
+            wal,
+            since_checkpoint: 0,
+            last_checkpoint: std::time::Instant::now(),
+        };
         std::thread::Builder::new()
             .name("skiff-store-writer".into())
-            .spawn(move || writer_loop(&read, &rx, &events, max_batch))?
+            .spawn(move || writer.run(&rx, &events, max_batch))?
     };
     tracing::info!(path = %path.display(), revision, compacted, "opened redb store");
     let store = Arc::new(RedbStore {
@@ -221,7 +262,10 @@ async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, St
     Ok(store)
 }
 
-fn open_blocking(path: &Path, cache: usize) -> Result<(Database, Revision, Revision), StoreError> {
+/// What opening the file found: the database, its durable revision, compaction point, store id.
+type Opened = (Database, Revision, Revision, u64);
+
+fn open_blocking(path: &Path, cache: usize) -> Result<Opened, StoreError> {
     if let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
     {
@@ -266,8 +310,9 @@ fn open_blocking(path: &Path, cache: usize) -> Result<(Database, Revision, Revis
         .collect();
     drop(rtxn);
     if names.is_empty() {
-        init_tables(&db, path)?;
-        return Ok((db, 0, 0));
+        let id = new_store_id();
+        init_tables(&db, path, id)?;
+        return Ok((db, 0, 0, id));
     }
     if !names.iter().any(|n| n == META.name()) {
         return Err(corrupt(
@@ -306,6 +351,7 @@ fn open_blocking(path: &Path, cache: usize) -> Result<(Database, Revision, Revis
     }
     let revision = get(META_REVISION)?.ok_or_else(|| corrupt(path, "no revision recorded"))?;
     let compacted = get(META_COMPACTED)?.ok_or_else(|| corrupt(path, "no compaction point"))?;
+    let store_id = get(META_STORE_ID)?.ok_or_else(|| corrupt(path, "no store id recorded"))?;
     rtxn.open_table(KV).map_err(bad_table)?;
     let hist = rtxn.open_table(HISTORY).map_err(bad_table)?;
     if let Some((last, _)) = hist
@@ -330,10 +376,71 @@ fn open_blocking(path: &Path, cache: usize) -> Result<(Database, Revision, Revis
     drop(hist);
     drop(meta);
     drop(rtxn);
-    Ok((db, revision, compacted))
+    Ok((db, revision, compacted, store_id as u64))
 }
 
-fn init_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
+/// A random id tying the write-ahead log to its store file.
+fn new_store_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(now);
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// The write-ahead log next to the store file: `<file>.wal`.
+pub fn wal_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".wal");
+    PathBuf::from(p)
+}
+
+/// Replays the write-ahead log into redb (one durable transaction) and returns the log, ready for
+/// appends, and the recovered revision.
+fn recover(
+    db: &Database,
+    path: &Path,
+    store_id: u64,
+    durable: Revision,
+) -> Result<(Wal, Revision), StoreError> {
+    let mut wal = Wal::open(&wal_path(path), store_id)?;
+    let events = wal.replay(durable)?;
+    let mut revision = durable;
+    if let Some(last) = events.last().map(Event::revision) {
+        let n = events.len();
+        let txn = db
+            .begin_write()
+            .map_err(|e| backend(path, "cannot start a write to", e))?;
+        {
+            let open = |e| backend(path, "cannot open a table of", e);
+            let mut kv = txn.open_table(KV).map_err(open)?;
+            let mut hist = txn.open_table(HISTORY).map_err(open)?;
+            let mut meta = txn.open_table(META).map_err(open)?;
+            let mut ap = Applied {
+                results: Vec::new(),
+                events: Vec::new(),
+                revision: durable,
+                compacted: 0,
+            };
+            for ev in events {
+                record(path, &mut kv, &mut hist, &mut ap, ev)?;
+            }
+            meta.insert(META_REVISION, last)
+                .map_err(|e| storage(path, "cannot write metadata of", e))?;
+        }
+        txn.commit()
+            .map_err(|e| backend(path, "cannot commit to", e))?;
+        revision = last;
+        tracing::info!(path = %path.display(), writes = n, revision, "replayed the write-ahead log");
+    }
+    wal.rewind();
+    Ok((wal, revision))
+}
+
+fn init_tables(db: &Database, path: &Path, store_id: u64) -> Result<(), StoreError> {
     let txn = db
         .begin_write()
         .map_err(|e| backend(path, "cannot write store file", e))?;
@@ -345,6 +452,7 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
             (META_FORMAT, FORMAT_VERSION),
             (META_REVISION, 0),
             (META_COMPACTED, 0),
+            (META_STORE_ID, store_id as i64),
         ] {
             meta.insert(k, v)
                 .map_err(|e| storage(path, "cannot write metadata of", e))?;
@@ -361,22 +469,134 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
 
 // ---------------------------------------------------------------- the writer (group commit)
 
-fn writer_loop(
-    read: &ReadSide,
-    rx: &mpsc::Receiver<Request>,
-    events: &broadcast::Sender<Batch>,
-    max_batch: usize,
-) {
-    let mut batch = Vec::with_capacity(max_batch);
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+/// The writer thread's state: the log and when the last checkpoint was.
+struct Writer {
+    read: Arc<ReadSide>,
+    wal: Wal,
+    since_checkpoint: u32,
+    last_checkpoint: std::time::Instant,
+}
+
+impl Writer {
+    fn run(
+        &mut self,
+        rx: &mpsc::Receiver<Request>,
+        events: &broadcast::Sender<Batch>,
+        max_batch: usize,
+    ) {
+        let mut batch = Vec::with_capacity(max_batch);
+        while let Ok(first) = rx.recv() {
+            batch.push(first);
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(&mut batch, events);
+        }
+        // The store is closing: make everything durable in redb so the log is not needed.
+        if let Err(e) = self.apply_and_commit(&[], true) {
+            tracing::warn!(error = %e, "final store checkpoint failed; the log will be replayed");
+        }
+    }
+
+    /// Applies and commits one batch, then answers every request in it. Each write gets its own
+    /// revision; a failed condition fails only that write and is evaluated against the state
+    /// including earlier writes of the batch. Watchers hear about the batch only after it is
+    /// durable (in the log, or in redb for a checkpoint).
+    fn commit_batch(&mut self, batch: &mut Vec<Request>, events: &broadcast::Sender<Batch>) {
+        let checkpoint = batch.iter().any(|r| matches!(r.op, Op::Compact(_)))
+            || self.since_checkpoint >= CHECKPOINT_BATCHES
+            || self.wal.len() >= CHECKPOINT_BYTES
+            || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL;
+        let started = std::time::Instant::now();
+        let outcome = self.apply_and_commit(batch, checkpoint);
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let read = &self.read;
+        read.commit_nanos.fetch_add(nanos, Ordering::Relaxed);
+        match outcome {
+            Ok(applied) => {
+                read.revision.store(applied.revision, Ordering::Release);
+                read.compacted.store(applied.compacted, Ordering::Release);
+                read.commits.fetch_add(1, Ordering::Relaxed);
+                if !applied.events.is_empty() {
+                    // No receivers is fine: nobody watches.
+                    let _ = events.send(Arc::new(applied.events));
+                }
+                for (req, res) in batch.drain(..).zip(applied.results) {
+                    let _ = req.reply.send(res);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, path = %read.path.display(), writes = batch.len(),
+                    "store commit failed; failing every write of the batch");
+                let msg = e.to_string();
+                for req in batch.drain(..) {
+                    let _ = req.reply.send(Err(StoreError::Backend(msg.clone())));
+                }
             }
         }
-        commit_batch(read, &mut batch, events);
+    }
+
+    /// Applies a batch in one redb transaction. A normal batch is appended to the log (one
+    /// fdatasync) before redb commits it without an fsync; a checkpoint commits redb durably
+    /// (covering every earlier batch too) and starts the log over.
+    fn apply_and_commit(
+        &mut self,
+        batch: &[Request],
+        checkpoint: bool,
+    ) -> Result<Applied, StoreError> {
+        let read = &self.read;
+        let path = read.path.as_path();
+        let mut txn = read
+            .db
+            .begin_write()
+            .map_err(|e| backend(path, "cannot start a write to", e))?;
+        let durability = if checkpoint {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        txn.set_durability(durability)
+            .map_err(|e| backend(path, "cannot set durability of", e))?;
+        let mut ap = Applied {
+            results: Vec::with_capacity(batch.len()),
+            events: Vec::with_capacity(batch.len()),
+            revision: read.revision.load(Ordering::Acquire),
+            compacted: read.compacted.load(Ordering::Acquire),
+        };
+        {
+            let open = |e| backend(path, "cannot open a table of", e);
+            let mut kv = txn.open_table(KV).map_err(open)?;
+            let mut hist = txn.open_table(HISTORY).map_err(open)?;
+            let mut meta = txn.open_table(META).map_err(open)?;
+            for req in batch {
+                let res = apply_one(path, &mut kv, &mut hist, &mut ap, &req.op)?;
+                ap.results.push(res);
+            }
+            meta.insert(META_REVISION, ap.revision)
+                .map_err(|e| storage(path, "cannot write metadata of", e))?;
+            meta.insert(META_COMPACTED, ap.compacted)
+                .map_err(|e| storage(path, "cannot write metadata of", e))?;
+        }
+        let logged_at = self.wal.len();
+        if !checkpoint {
+            // durable in the log before anyone (reader, watcher, writer) can see it
+            self.wal.append(&ap.events)?;
+        }
+        if let Err(e) = txn.commit() {
+            self.wal.reset_to(logged_at);
+            return Err(backend(path, "cannot commit to", e));
+        }
+        if checkpoint {
+            self.wal.rewind();
+            self.since_checkpoint = 0;
+            self.last_checkpoint = std::time::Instant::now();
+        } else {
+            self.since_checkpoint += 1;
+        }
+        Ok(ap)
     }
 }
 
@@ -386,71 +606,6 @@ struct Applied {
     events: Vec<Event>,
     revision: Revision,
     compacted: Revision,
-}
-
-/// Applies and commits one batch, then answers every request in it. Each write gets its own
-/// revision; a failed condition fails only that write and is evaluated against the state
-/// including earlier writes of the batch. Watchers hear about the batch only after the commit.
-fn commit_batch(read: &ReadSide, batch: &mut Vec<Request>, events: &broadcast::Sender<Batch>) {
-    let started = std::time::Instant::now();
-    let outcome = apply_and_commit(read, batch);
-    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    read.commit_nanos.fetch_add(nanos, Ordering::Relaxed);
-    match outcome {
-        Ok(applied) => {
-            read.revision.store(applied.revision, Ordering::Release);
-            read.compacted.store(applied.compacted, Ordering::Release);
-            read.commits.fetch_add(1, Ordering::Relaxed);
-            if !applied.events.is_empty() {
-                // No receivers is fine: nobody watches.
-                let _ = events.send(Arc::new(applied.events));
-            }
-            for (req, res) in batch.drain(..).zip(applied.results) {
-                let _ = req.reply.send(res);
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, path = %read.path.display(), writes = batch.len(),
-                "store commit failed; failing every write of the batch");
-            let msg = e.to_string();
-            for req in batch.drain(..) {
-                let _ = req.reply.send(Err(StoreError::Backend(msg.clone())));
-            }
-        }
-    }
-}
-
-fn apply_and_commit(read: &ReadSide, batch: &[Request]) -> Result<Applied, StoreError> {
-    let path = read.path.as_path();
-    let mut txn = read
-        .db
-        .begin_write()
-        .map_err(|e| backend(path, "cannot start a write to", e))?;
-    txn.set_durability(Durability::Immediate)
-        .map_err(|e| backend(path, "cannot set durability of", e))?;
-    let mut ap = Applied {
-        results: Vec::with_capacity(batch.len()),
-        events: Vec::with_capacity(batch.len()),
-        revision: read.revision.load(Ordering::Acquire),
-        compacted: read.compacted.load(Ordering::Acquire),
-    };
-    {
-        let open = |e| backend(path, "cannot open a table of", e);
-        let mut kv = txn.open_table(KV).map_err(open)?;
-        let mut hist = txn.open_table(HISTORY).map_err(open)?;
-        let mut meta = txn.open_table(META).map_err(open)?;
-        for req in batch {
-            let res = apply_one(path, &mut kv, &mut hist, &mut ap, &req.op)?;
-            ap.results.push(res);
-        }
-        meta.insert(META_REVISION, ap.revision)
-            .map_err(|e| storage(path, "cannot write metadata of", e))?;
-        meta.insert(META_COMPACTED, ap.compacted)
-            .map_err(|e| storage(path, "cannot write metadata of", e))?;
-    }
-    txn.commit()
-        .map_err(|e| backend(path, "cannot commit to", e))?;
-    Ok(ap)
 }
 
 type KvTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
@@ -871,6 +1026,26 @@ mod tests {
         Bytes::from(s.to_string())
     }
 
+    fn writer(path: &Path) -> Writer {
+        let (db, durable, compacted, id) = open_blocking(path, 1 << 20).unwrap();
+        assert_eq!((durable, compacted), (0, 0));
+        let (wal, revision) = recover(&db, path, id, durable).unwrap();
+        Writer {
+            read: Arc::new(ReadSide {
+                db: Arc::new(db),
+                path: path.to_path_buf(),
+                revision: AtomicI64::new(revision),
+                compacted: AtomicI64::new(compacted),
+                commits: AtomicU64::new(0),
+                commit_nanos: AtomicU64::new(0),
+                replayed: AtomicU64::new(0),
+            }),
+            wal,
+            since_checkpoint: 0,
+            last_checkpoint: std::time::Instant::now(),
+        }
+    }
+
     /// One batch: every write gets its own revision, conditions see earlier writes of the same
     /// batch, a failed condition fails only its own write, and watchers get one batch after
     /// the commit.
@@ -878,16 +1053,8 @@ mod tests {
     async fn group_commit_batch_semantics() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let (db, rev, compacted) = open_blocking(&path, 1 << 20).unwrap();
-        assert_eq!((rev, compacted), (0, 0));
-        let read = ReadSide {
-            db: Arc::new(db),
-            path: path.clone(),
-            revision: AtomicI64::new(0),
-            compacted: AtomicI64::new(0),
-            commits: AtomicU64::new(0),
-            commit_nanos: AtomicU64::new(0),
-        };
+        let mut w = writer(&path);
+        let read = w.read.clone();
         let (events, mut rx) = broadcast::channel(8);
         let k = || "/k".to_string();
         let ops = vec![
@@ -924,7 +1091,7 @@ mod tests {
             },
         ];
         let (mut batch, mut replies): (Vec<_>, Vec<_>) = ops.into_iter().map(req).unzip();
-        commit_batch(&read, &mut batch, &events);
+        w.commit_batch(&mut batch, &events);
         assert!(batch.is_empty());
         let mut results = Vec::new();
         for r in replies.iter_mut() {
@@ -965,15 +1132,8 @@ mod tests {
     async fn failed_writes_use_no_revision() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let (db, _, _) = open_blocking(&path, 1 << 20).unwrap();
-        let read = ReadSide {
-            db: Arc::new(db),
-            path,
-            revision: AtomicI64::new(0),
-            compacted: AtomicI64::new(0),
-            commits: AtomicU64::new(0),
-            commit_nanos: AtomicU64::new(0),
-        };
+        let mut w = writer(&path);
+        let read = w.read.clone();
         let (events, mut rx) = broadcast::channel(8);
         let (r, mut reply) = req(Op::Update {
             key: "/nope".into(),
@@ -981,7 +1141,7 @@ mod tests {
             expected: 5,
         });
         let mut batch = vec![r];
-        commit_batch(&read, &mut batch, &events);
+        w.commit_batch(&mut batch, &events);
         assert!(matches!(
             reply.try_recv().unwrap(),
             Err(StoreError::NotFound { .. })
