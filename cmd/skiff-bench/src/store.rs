@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use rand::Rng;
 use skiff_store::testing::EtcdServer;
-use skiff_store::{EtcdOptions, RedbOptions, RedbStore, Store};
+use skiff_store::{EtcdOptions, RedbOptions, RedbStats, RedbStore, Store};
 
 /// Flags of `skiff-bench store`.
 #[derive(Debug, clap::Args)]
@@ -75,7 +75,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     let redb_dyn: Arc<dyn Store> = redb.clone();
     let commits = {
         let redb = redb.clone();
-        move || (redb.commit_count(), redb.commit_time())
+        move || redb.stats()
     };
     let r = measure("redb", &redb_dyn, d, args.watchers, Some(&commits)).await?;
     drop(redb_dyn);
@@ -111,7 +111,7 @@ async fn measure(
     store: &Arc<dyn Store>,
     d: Duration,
     watchers: usize,
-    commits: Option<&dyn Fn() -> (u64, Duration)>,
+    commits: Option<&dyn Fn() -> RedbStats>,
 ) -> anyhow::Result<Results> {
     let mut res = Results::default();
     let mut keys: Vec<String> = Vec::new();
@@ -120,13 +120,20 @@ async fn measure(
         let (count, mut written) = write_load(store, n, d).await?;
         let rate = count as f64 / d.as_secs_f64();
         eprintln!("{name}: {n:>2} writers: {rate:>9.0} writes/s");
-        if let (Some((c0, t0)), Some(c)) = (c0, commits) {
-            let (c1, t1) = c();
-            let batches = c1.saturating_sub(c0).max(1);
+        if let (Some(s0), Some(c)) = (c0, commits) {
+            let s1 = c();
+            let batches = s1.commits.saturating_sub(s0.commits).max(1);
             let per_batch = count as f64 / batches as f64;
-            let commit_ms = (t1 - t0).as_secs_f64() * 1000.0 / batches as f64;
+            let per = |t1: Duration, t0: Duration, n: u64| {
+                (t1 - t0).as_secs_f64() * 1000.0 / n.max(1) as f64
+            };
+            let commit_ms = per(s1.commit_time, s0.commit_time, batches);
+            let ckpts = s1.checkpoints - s0.checkpoints;
             eprintln!(
-                "{name}: {n:>2} writers: {per_batch:.1} writes per commit, {commit_ms:.2} ms per commit (apply + fsync)"
+                "{name}: {n:>2} writers: {per_batch:.1} writes per batch, {commit_ms:.2} ms per batch; \
+                 log append+sync {:.2} ms per logged batch; {ckpts} checkpoints of {:.2} ms",
+                per(s1.wal_time, s0.wal_time, batches.saturating_sub(ckpts)),
+                per(s1.checkpoint_time, s0.checkpoint_time, ckpts),
             );
             if n == 16 {
                 res.batch = Some((per_batch, commit_ms));
@@ -309,7 +316,7 @@ fn print_table(r: &Results, e: &Results, d: Duration, watchers: usize) {
     println!();
     if let Some((b, ms)) = r.batch {
         println!(
-            "redb group commit at 16 writers: {b:.1} writes per transaction, {ms:.2} ms per transaction (apply + commit + fsync)."
+            "redb group commit at 16 writers: {b:.1} writes per batch, {ms:.2} ms per batch (apply + log fdatasync + commit, checkpoints included)."
         );
     }
     println!(

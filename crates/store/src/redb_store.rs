@@ -2,12 +2,15 @@
 //! on disk), group-committed (one writer thread drains all queued writes into one transaction,
 //! so one fsync serves many writers), with history kept in a redb table.
 //!
-//! Durability works like etcd's WAL + backend: each batch is appended to a write-ahead log
-//! (`<file>.wal`, one sequential write + one fdatasync) before redb commits it without an fsync;
-//! every 200 ms (or 1024 batches, or 6 MiB of log) a batch is committed with
-//! `Durability::Immediate` instead — a checkpoint — after which the log starts over. Opening the
-//! store replays the log records newer than redb's durable revision. Readers and watchers see a
-//! batch only after it is durable (in the log or in redb).
+//! Durability works like etcd's WAL + backend: the writer thread commits each batch to redb
+//! without an fsync and hands it to the logger thread, which appends everything waiting to a
+//! write-ahead log (`<file>.wal`: one sequential write + one fdatasync for possibly several
+//! batches) and only then publishes the batch and answers its writers; meanwhile the writer
+//! already applies the next batch. Every 200 ms (or 1024 batches, or 6 MiB of log) a batch is
+//! committed with `Durability::Immediate` instead — a checkpoint — after which the log starts
+//! over. Opening the store replays the log records newer than redb's durable revision.
+//! Reads are served at the last durable revision: a write committed to redb but not yet logged
+//! is reconstructed away from history, so nobody sees a write that a crash could still lose.
 //!
 //! Tables: `skiff_meta` (format version, store id, current revision, compaction point),
 //! `skiff_kv` (key → current value) and `skiff_history` (revision → event with the previous
@@ -83,13 +86,41 @@ impl Default for RedbOptions {
 struct ReadSide {
     db: Arc<Database>,
     path: PathBuf,
+    /// The last DURABLE revision (published to readers and watchers).
     revision: AtomicI64,
+    /// The last revision committed to redb (may be ahead of `revision` while its log record
+    /// is being synced; reads never show those writes).
+    applied: AtomicI64,
+    /// The log failed: the store accepts no more writes (reopen to recover).
+    failed: std::sync::atomic::AtomicBool,
+    /// The log has grown past CHECKPOINT_BYTES: the writer should checkpoint soon.
+    checkpoint_wanted: std::sync::atomic::AtomicBool,
     compacted: AtomicI64,
     commits: AtomicU64,
     /// Total nanoseconds the writer spent applying + committing batches.
     commit_nanos: AtomicU64,
     /// Writes recovered from the write-ahead log when the store was opened.
     replayed: AtomicU64,
+    /// Nanoseconds spent appending + syncing the log.
+    wal_nanos: AtomicU64,
+    /// Checkpoints (durable redb commits) and the nanoseconds they took.
+    checkpoints: AtomicU64,
+    checkpoint_nanos: AtomicU64,
+}
+
+/// Counters of the redb writer since the store was opened (for benchmarks and metrics).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RedbStats {
+    /// Batches committed (each answered many writes).
+    pub commits: u64,
+    /// Time spent applying and committing batches, including log and redb syncs.
+    pub commit_time: Duration,
+    /// Time spent appending to and syncing the write-ahead log.
+    pub wal_time: Duration,
+    /// Checkpoints (durable redb commits).
+    pub checkpoints: u64,
+    /// Time the checkpoint batches took.
+    pub checkpoint_time: Duration,
 }
 
 enum Op {
@@ -116,9 +147,11 @@ enum Done {
     Compacted,
 }
 
+type Reply = oneshot::Sender<Result<Done, StoreError>>;
+
 struct Request {
     op: Op,
-    reply: oneshot::Sender<Result<Done, StoreError>>,
+    reply: Reply,
 }
 
 /// The redb store. Open it with [`open_redb`].
@@ -186,6 +219,19 @@ impl RedbStore {
         self.read.commits.load(Ordering::Relaxed)
     }
 
+    /// The writer's counters.
+    pub fn stats(&self) -> RedbStats {
+        let r = &self.read;
+        let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        RedbStats {
+            commits: r.commits.load(Ordering::Relaxed),
+            commit_time: d(&r.commit_nanos),
+            wal_time: d(&r.wal_nanos),
+            checkpoints: r.checkpoints.load(Ordering::Relaxed),
+            checkpoint_time: d(&r.checkpoint_nanos),
+        }
+    }
+
     /// How many writes were recovered from the write-ahead log when the store was opened.
     pub fn replayed_on_open(&self) -> u64 {
         self.read.replayed.load(Ordering::Relaxed)
@@ -227,10 +273,16 @@ async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, St
         db: Arc::new(db),
         path: path.to_path_buf(),
         revision: AtomicI64::new(revision),
+        applied: AtomicI64::new(revision),
+        failed: std::sync::atomic::AtomicBool::new(false),
+        checkpoint_wanted: std::sync::atomic::AtomicBool::new(false),
         compacted: AtomicI64::new(compacted),
         commits: AtomicU64::new(0),
         commit_nanos: AtomicU64::new(0),
         replayed: AtomicU64::new(replayed),
+        wal_nanos: AtomicU64::new(0),
+        checkpoints: AtomicU64::new(0),
+        checkpoint_nanos: AtomicU64::new(0),
     });
     let (events, _) = broadcast::channel(opts.watch_buffer.max(1));
     let (tx, rx) = mpsc::channel();
@@ -238,15 +290,11 @@ async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, St
         let read = read.clone();
         let events = events.clone();
         let max_batch = opts.max_batch.max(1);
-        let mut writer = Writer {
-            read,
-            wal,
-            since_checkpoint: 0,
-            last_checkpoint: std::time::Instant::now(),
-        };
+        let mut writer = Writer::new(read.clone(), revision, compacted);
+        let logger = Logger { read, wal, events };
         std::thread::Builder::new()
             .name("skiff-store-writer".into())
-            .spawn(move || writer.run(&rx, &events, max_batch))?
+            .spawn(move || writer.run(&rx, logger, max_batch))?
     };
     tracing::info!(path = %path.display(), revision, compacted, "opened redb store");
     let store = Arc::new(RedbStore {
@@ -469,21 +517,51 @@ fn init_tables(db: &Database, path: &Path, store_id: u64) -> Result<(), StoreErr
 
 // ---------------------------------------------------------------- the writer (group commit)
 
-/// The writer thread's state: the log and when the last checkpoint was.
+/// A batch committed to redb, on its way through the log to its writers and watchers.
+struct Staged {
+    events: Vec<Event>,
+    replies: Vec<(Reply, Result<Done, StoreError>)>,
+    revision: Revision,
+    compacted: Revision,
+    /// Committed with `Durability::Immediate`: redb holds it (and all before it) durably, so it
+    /// needs no log record and the log starts over after it.
+    checkpoint: bool,
+}
+
+/// The writer thread: applies batches to redb (without fsync, or durably for a checkpoint) and
+/// hands them to the logger thread, which makes them durable in the log, publishes and answers.
+/// The two overlap: while one batch is being synced, the next is already applied.
 struct Writer {
     read: Arc<ReadSide>,
-    wal: Wal,
+    revision: Revision,
+    compacted: Revision,
     since_checkpoint: u32,
     last_checkpoint: std::time::Instant,
 }
 
 impl Writer {
-    fn run(
-        &mut self,
-        rx: &mpsc::Receiver<Request>,
-        events: &broadcast::Sender<Batch>,
-        max_batch: usize,
-    ) {
+    fn new(read: Arc<ReadSide>, revision: Revision, compacted: Revision) -> Writer {
+        Writer {
+            read,
+            revision,
+            compacted,
+            since_checkpoint: 0,
+            last_checkpoint: std::time::Instant::now(),
+        }
+    }
+
+    fn run(&mut self, rx: &mpsc::Receiver<Request>, mut logger: Logger, max_batch: usize) {
+        let (stx, srx) = mpsc::channel::<Staged>();
+        let logger_thread = std::thread::Builder::new()
+            .name("skiff-store-log".into())
+            .spawn(move || logger.run(&srx));
+        let logger_thread = match logger_thread {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the store log thread");
+                return;
+            }
+        };
         let mut batch = Vec::with_capacity(max_batch);
         while let Ok(first) = rx.recv() {
             batch.push(first);
@@ -493,40 +571,73 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_batch(&mut batch, events);
+            if let Some(staged) = self.stage(&mut batch, false)
+                && stx.send(staged).is_err()
+            {
+                break;
+            }
         }
         // The store is closing: make everything durable in redb so the log is not needed.
-        if let Err(e) = self.apply_and_commit(&[], true) {
-            tracing::warn!(error = %e, "final store checkpoint failed; the log will be replayed");
+        if let Some(staged) = self.stage(&mut Vec::new(), true) {
+            let _ = stx.send(staged);
+        }
+        drop(stx);
+        if logger_thread.join().is_err() {
+            tracing::error!("store log thread panicked");
         }
     }
 
-    /// Applies and commits one batch, then answers every request in it. Each write gets its own
+    /// Applies one batch in one redb transaction and commits it. Each write gets its own
     /// revision; a failed condition fails only that write and is evaluated against the state
-    /// including earlier writes of the batch. Watchers hear about the batch only after it is
-    /// durable (in the log, or in redb for a checkpoint).
-    fn commit_batch(&mut self, batch: &mut Vec<Request>, events: &broadcast::Sender<Batch>) {
-        let checkpoint = batch.iter().any(|r| matches!(r.op, Op::Compact(_)))
+    /// including earlier writes of the batch. Returns the batch for the logger, or `None` when
+    /// it failed as a whole (its writers are answered here).
+    fn stage(&mut self, batch: &mut Vec<Request>, force_checkpoint: bool) -> Option<Staged> {
+        if self.read.failed.load(Ordering::Acquire) {
+            for req in batch.drain(..) {
+                let _ = req.reply.send(Err(StoreError::Unavailable(format!(
+                    "store {} stopped after a write-ahead log failure: restart to recover",
+                    self.read.path.display()
+                ))));
+            }
+            return None;
+        }
+        let checkpoint = force_checkpoint
+            || batch.iter().any(|r| matches!(r.op, Op::Compact(_)))
             || self.since_checkpoint >= CHECKPOINT_BATCHES
-            || self.wal.len() >= CHECKPOINT_BYTES
+            || self.read.checkpoint_wanted.swap(false, Ordering::AcqRel)
             || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL;
         let started = std::time::Instant::now();
         let outcome = self.apply_and_commit(batch, checkpoint);
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let read = &self.read;
         read.commit_nanos.fetch_add(nanos, Ordering::Relaxed);
+        if checkpoint {
+            read.checkpoints.fetch_add(1, Ordering::Relaxed);
+            read.checkpoint_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
         match outcome {
             Ok(applied) => {
-                read.revision.store(applied.revision, Ordering::Release);
-                read.compacted.store(applied.compacted, Ordering::Release);
-                read.commits.fetch_add(1, Ordering::Relaxed);
-                if !applied.events.is_empty() {
-                    // No receivers is fine: nobody watches.
-                    let _ = events.send(Arc::new(applied.events));
+                self.revision = applied.revision;
+                self.compacted = applied.compacted;
+                read.applied.store(applied.revision, Ordering::Release);
+                if checkpoint {
+                    self.since_checkpoint = 0;
+                    self.last_checkpoint = std::time::Instant::now();
+                } else {
+                    self.since_checkpoint += 1;
                 }
-                for (req, res) in batch.drain(..).zip(applied.results) {
-                    let _ = req.reply.send(res);
-                }
+                let replies = batch
+                    .drain(..)
+                    .map(|r| r.reply)
+                    .zip(applied.results)
+                    .collect();
+                Some(Staged {
+                    events: applied.events,
+                    replies,
+                    revision: applied.revision,
+                    compacted: applied.compacted,
+                    checkpoint,
+                })
             }
             Err(e) => {
                 tracing::error!(error = %e, path = %read.path.display(), writes = batch.len(),
@@ -535,13 +646,11 @@ impl Writer {
                 for req in batch.drain(..) {
                     let _ = req.reply.send(Err(StoreError::Backend(msg.clone())));
                 }
+                None
             }
         }
     }
 
-    /// Applies a batch in one redb transaction. A normal batch is appended to the log (one
-    /// fdatasync) before redb commits it without an fsync; a checkpoint commits redb durably
-    /// (covering every earlier batch too) and starts the log over.
     fn apply_and_commit(
         &mut self,
         batch: &[Request],
@@ -563,8 +672,8 @@ impl Writer {
         let mut ap = Applied {
             results: Vec::with_capacity(batch.len()),
             events: Vec::with_capacity(batch.len()),
-            revision: read.revision.load(Ordering::Acquire),
-            compacted: read.compacted.load(Ordering::Acquire),
+            revision: self.revision,
+            compacted: self.compacted,
         };
         {
             let open = |e| backend(path, "cannot open a table of", e);
@@ -580,23 +689,79 @@ impl Writer {
             meta.insert(META_COMPACTED, ap.compacted)
                 .map_err(|e| storage(path, "cannot write metadata of", e))?;
         }
-        let logged_at = self.wal.len();
-        if !checkpoint {
-            // durable in the log before anyone (reader, watcher, writer) can see it
-            self.wal.append(&ap.events)?;
-        }
-        if let Err(e) = txn.commit() {
-            self.wal.reset_to(logged_at);
-            return Err(backend(path, "cannot commit to", e));
-        }
-        if checkpoint {
-            self.wal.rewind();
-            self.since_checkpoint = 0;
-            self.last_checkpoint = std::time::Instant::now();
-        } else {
-            self.since_checkpoint += 1;
-        }
+        txn.commit()
+            .map_err(|e| backend(path, "cannot commit to", e))?;
         Ok(ap)
+    }
+}
+
+/// The logger thread: appends staged batches to the write-ahead log (all that are waiting, in
+/// one record and one fdatasync), then publishes them and answers their writers, in order.
+struct Logger {
+    read: Arc<ReadSide>,
+    wal: Wal,
+    events: broadcast::Sender<Batch>,
+}
+
+impl Logger {
+    fn run(&mut self, rx: &mpsc::Receiver<Staged>) {
+        let mut staged = Vec::new();
+        while let Ok(first) = rx.recv() {
+            staged.push(first);
+            while let Ok(s) = rx.try_recv() {
+                staged.push(s);
+            }
+            self.log(&mut staged);
+        }
+    }
+
+    fn log(&mut self, staged: &mut Vec<Staged>) {
+        // Batches up to the last checkpoint are durable in redb; only later ones need the log.
+        let start = match staged.iter().rposition(|s| s.checkpoint) {
+            Some(k) => {
+                self.wal.rewind();
+                k + 1
+            }
+            None => 0,
+        };
+        let mut events: Vec<Event> = Vec::new();
+        for s in &staged[start..] {
+            events.extend(s.events.iter().cloned());
+        }
+        let t = std::time::Instant::now();
+        let res = self.wal.append(&events);
+        if self.wal.len() >= CHECKPOINT_BYTES {
+            self.read.checkpoint_wanted.store(true, Ordering::Release);
+        }
+        let nanos = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let read = &self.read;
+        read.wal_nanos.fetch_add(nanos, Ordering::Relaxed);
+        if let Err(e) = res {
+            // redb already holds these batches (not durably); nothing after them can be
+            // trusted to be logged in order, so stop taking writes.
+            read.failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, path = %read.path.display(),
+                "write-ahead log failed; the store stops taking writes");
+            let msg = e.to_string();
+            for s in staged.drain(..) {
+                for (reply, _) in s.replies {
+                    let _ = reply.send(Err(StoreError::Backend(msg.clone())));
+                }
+            }
+            return;
+        }
+        for s in staged.drain(..) {
+            read.revision.store(s.revision, Ordering::Release);
+            read.compacted.store(s.compacted, Ordering::Release);
+            read.commits.fetch_add(1, Ordering::Relaxed);
+            if !s.events.is_empty() {
+                // No receivers is fine: nobody watches.
+                let _ = self.events.send(Arc::new(s.events));
+            }
+            for (reply, res) in s.replies {
+                let _ = reply.send(res);
+            }
+        }
     }
 }
 
@@ -767,16 +932,36 @@ impl ReadSide {
     }
 
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        // The durable revision first, then the snapshot: the snapshot is at or after it.
+        let durable = self.revision.load(Ordering::Acquire);
         let rtxn = self.begin()?;
         let t = rtxn
             .open_table(KV)
             .map_err(|e| backend(&self.path, "cannot open a table of", e))?;
-        match t.get(key).map_err(self.st())? {
-            Some(g) => Ok(Some(
-                codec::decode_value(key, g.value()).map_err(|e| decode_err(&self.path, e))?,
-            )),
-            None => Ok(None),
+        let current = match t.get(key).map_err(self.st())? {
+            Some(g) => {
+                Some(codec::decode_value(key, g.value()).map_err(|e| decode_err(&self.path, e))?)
+            }
+            None => None,
+        };
+        if self.applied.load(Ordering::Acquire) == durable {
+            return Ok(current); // nothing committed beyond the durable revision
         }
+        // Writes after `durable` may be in the snapshot while their log record is synced:
+        // answer with the value as of `durable`.
+        let hist = rtxn
+            .open_table(HISTORY)
+            .map_err(|e| backend(&self.path, "cannot open a table of", e))?;
+        for item in hist.range(durable + 1..).map_err(self.st())? {
+            let (rev, raw) = item.map_err(self.st())?;
+            let raw = raw.value();
+            if codec::event_key(raw).map_err(|e| decode_err(&self.path, e))? == key {
+                let ev =
+                    codec::decode_event(rev.value(), raw).map_err(|e| decode_err(&self.path, e))?;
+                return Ok(ev.prev().cloned());
+            }
+        }
+        Ok(current)
     }
 
     /// (revision, compacted) as recorded in this read transaction's snapshot.
@@ -797,9 +982,10 @@ impl ReadSide {
     }
 
     fn range(&self, req: &RangeRequest) -> Result<RangeResponse, StoreError> {
+        let durable = self.revision.load(Ordering::Acquire);
         let rtxn = self.begin()?;
         let (revision, compacted) = self.snapshot_meta(&rtxn)?;
-        let at = history::resolve_read_revision(req.revision, revision, compacted)?;
+        let at = history::resolve_read_revision(req.revision, durable, compacted)?;
         let kv = rtxn
             .open_table(KV)
             .map_err(|e| backend(&self.path, "cannot open a table of", e))?;
@@ -846,8 +1032,9 @@ impl ReadSide {
         from: Revision,
         max: usize,
     ) -> Result<(Vec<Event>, Revision), StoreError> {
+        let durable = self.revision.load(Ordering::Acquire);
         let rtxn = self.begin()?;
-        let (revision, compacted) = self.snapshot_meta(&rtxn)?;
+        let (_, compacted) = self.snapshot_meta(&rtxn)?;
         if from < compacted {
             return Err(StoreError::Compacted {
                 requested: from,
@@ -858,7 +1045,7 @@ impl ReadSide {
             .open_table(HISTORY)
             .map_err(|e| backend(&self.path, "cannot open a table of", e))?;
         let mut out = Vec::new();
-        for item in hist.range(from..).map_err(self.st())? {
+        for item in hist.range(from..=durable).map_err(self.st())? {
             let (rev, raw) = item.map_err(self.st())?;
             let raw = raw.value();
             let key = codec::event_key(raw).map_err(|e| decode_err(&self.path, e))?;
@@ -871,7 +1058,7 @@ impl ReadSide {
                 }
             }
         }
-        Ok((out, revision))
+        Ok((out, durable))
     }
 }
 
@@ -1026,23 +1213,38 @@ mod tests {
         Bytes::from(s.to_string())
     }
 
-    fn writer(path: &Path) -> Writer {
+    fn writer(path: &Path) -> (Writer, Logger, broadcast::Receiver<Batch>) {
         let (db, durable, compacted, id) = open_blocking(path, 1 << 20).unwrap();
         assert_eq!((durable, compacted), (0, 0));
         let (wal, revision) = recover(&db, path, id, durable).unwrap();
-        Writer {
-            read: Arc::new(ReadSide {
-                db: Arc::new(db),
-                path: path.to_path_buf(),
-                revision: AtomicI64::new(revision),
-                compacted: AtomicI64::new(compacted),
-                commits: AtomicU64::new(0),
-                commit_nanos: AtomicU64::new(0),
-                replayed: AtomicU64::new(0),
-            }),
+        let read = Arc::new(ReadSide {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+            revision: AtomicI64::new(revision),
+            applied: AtomicI64::new(revision),
+            failed: std::sync::atomic::AtomicBool::new(false),
+            checkpoint_wanted: std::sync::atomic::AtomicBool::new(false),
+            compacted: AtomicI64::new(compacted),
+            commits: AtomicU64::new(0),
+            commit_nanos: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            wal_nanos: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            checkpoint_nanos: AtomicU64::new(0),
+        });
+        let (events, rx) = broadcast::channel(8);
+        let logger = Logger {
+            read: read.clone(),
             wal,
-            since_checkpoint: 0,
-            last_checkpoint: std::time::Instant::now(),
+            events,
+        };
+        (Writer::new(read, revision, compacted), logger, rx)
+    }
+
+    /// Runs one batch through both stages synchronously.
+    fn commit(w: &mut Writer, l: &mut Logger, batch: &mut Vec<Request>) {
+        if let Some(staged) = w.stage(batch, false) {
+            l.log(&mut vec![staged]);
         }
     }
 
@@ -1053,9 +1255,8 @@ mod tests {
     async fn group_commit_batch_semantics() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let mut w = writer(&path);
+        let (mut w, mut l, mut rx) = writer(&path);
         let read = w.read.clone();
-        let (events, mut rx) = broadcast::channel(8);
         let k = || "/k".to_string();
         let ops = vec![
             Op::Create {
@@ -1091,7 +1292,7 @@ mod tests {
             },
         ];
         let (mut batch, mut replies): (Vec<_>, Vec<_>) = ops.into_iter().map(req).unzip();
-        w.commit_batch(&mut batch, &events);
+        commit(&mut w, &mut l, &mut batch);
         assert!(batch.is_empty());
         let mut results = Vec::new();
         for r in replies.iter_mut() {
@@ -1132,22 +1333,71 @@ mod tests {
     async fn failed_writes_use_no_revision() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let mut w = writer(&path);
+        let (mut w, mut l, mut rx) = writer(&path);
         let read = w.read.clone();
-        let (events, mut rx) = broadcast::channel(8);
         let (r, mut reply) = req(Op::Update {
             key: "/nope".into(),
             value: b("1"),
             expected: 5,
         });
         let mut batch = vec![r];
-        w.commit_batch(&mut batch, &events);
+        commit(&mut w, &mut l, &mut batch);
         assert!(matches!(
             reply.try_recv().unwrap(),
             Err(StoreError::NotFound { .. })
         ));
         assert_eq!(read.revision.load(Ordering::Acquire), 0);
         assert!(rx.try_recv().is_err());
+    }
+
+    /// A batch committed to redb but not yet durable in the log is invisible to get, range and
+    /// watch catch-up; once logged it is visible everywhere.
+    #[tokio::test]
+    async fn reads_never_show_writes_before_they_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, mut l, mut rx) = writer(&dir.path().join("s.redb"));
+        let read = w.read.clone();
+        let (r1, _) = req(Op::Create {
+            key: "/a".into(),
+            value: b("1"),
+        });
+        commit(&mut w, &mut l, &mut vec![r1]);
+        rx.try_recv().unwrap();
+        // stage (commit to redb) without logging
+        let (r2, mut reply2) = req(Op::Update {
+            key: "/a".into(),
+            value: b("2"),
+            expected: 1,
+        });
+        let (r3, _) = req(Op::Create {
+            key: "/b".into(),
+            value: b("new"),
+        });
+        let staged = w.stage(&mut vec![r2, r3], false).unwrap();
+        assert_eq!(read.applied.load(Ordering::Acquire), 3);
+        assert_eq!(read.revision.load(Ordering::Acquire), 1);
+        assert_eq!(read.get("/a").unwrap().unwrap().value, b("1"));
+        assert_eq!(read.get("/b").unwrap(), None);
+        let all = read.range(&RangeRequest::default()).unwrap();
+        assert_eq!(all.revision, 1);
+        assert_eq!(all.kvs.len(), 1);
+        assert_eq!(all.kvs[0].value, b("1"));
+        let (evs, covered) = read.history_from("", 1, 100).unwrap();
+        assert_eq!((evs.len(), covered), (1, 1));
+        assert!(
+            reply2.try_recv().is_err(),
+            "not answered before it is durable"
+        );
+        assert!(rx.try_recv().is_err(), "not published before it is durable");
+
+        l.log(&mut vec![staged]);
+        assert!(matches!(reply2.try_recv().unwrap(), Ok(Done::Put(kv)) if kv.mod_revision == 2));
+        assert_eq!(rx.try_recv().unwrap().len(), 2);
+        assert_eq!(read.get("/a").unwrap().unwrap().value, b("2"));
+        assert_eq!(read.get("/b").unwrap().unwrap().value, b("new"));
+        assert_eq!(read.range(&RangeRequest::default()).unwrap().kvs.len(), 2);
+        let (evs, covered) = read.history_from("", 1, 100).unwrap();
+        assert_eq!((evs.len(), covered), (3, 3));
     }
 
     /// Many concurrent writers really share transactions (group commit).

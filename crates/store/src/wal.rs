@@ -170,11 +170,6 @@ impl Wal {
         self.offset = 0;
     }
 
-    /// Forgets the records appended after `offset` (their batch failed to commit).
-    pub(crate) fn reset_to(&mut self, offset: u64) {
-        self.offset = offset;
-    }
-
     /// Bytes logged since the last rewind.
     pub(crate) fn len(&self) -> u64 {
         self.offset
