@@ -65,7 +65,7 @@ pub struct RedbOptions {
     pub compaction_window: Option<Duration>,
     /// How many committed batches a watcher may fall behind before it re-reads from history.
     pub watch_buffer: usize,
-    /// The most writes one transaction (one fsync) takes.
+    /// The most writes one redb transaction takes (one log fdatasync may cover several).
     pub max_batch: usize,
     /// redb's page cache size in bytes.
     pub cache_size: usize,
@@ -477,6 +477,7 @@ fn recover(
                 events: Vec::new(),
                 revision: durable,
                 compacted: 0,
+                durable,
             };
             for ev in events {
                 record(path, &mut kv, &mut hist, &mut ap, ev)?;
@@ -679,6 +680,7 @@ impl Writer {
             events: Vec::with_capacity(batch.len()),
             revision: self.revision,
             compacted: self.compacted,
+            durable: read.revision.load(Ordering::Acquire),
         };
         {
             let open = |e| backend(path, "cannot open a table of", e);
@@ -779,6 +781,9 @@ struct Applied {
     events: Vec<Event>,
     revision: Revision,
     compacted: Revision,
+    /// The last durable revision when the batch started (compaction may not pass it: reads at
+    /// the durable revision need the history after it).
+    durable: Revision,
 }
 
 type KvTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
@@ -887,10 +892,10 @@ fn apply_one(
             Ok(Done::Deleted(rev, prev))
         }
         Op::Compact(to) => {
-            if *to > ap.revision {
+            if *to > ap.durable {
                 return Ok(Err(StoreError::FutureRevision {
                     requested: *to,
-                    current: ap.revision,
+                    current: ap.durable,
                 }));
             }
             if *to > ap.compacted {
