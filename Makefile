@@ -45,8 +45,9 @@ test: deps lint images
 
 bench: bench-store
 
+## bench-store: redb vs a real etcd (writes/s at 1/16/64 writers, reads/s, watch latency)
 bench-store: deps
-	@echo "bench-store: not yet available"
+	$(CARGO) run --profile bench-fast -p skiff-bench -- store --duration-secs 5
 
 ## run: a single-node cluster in the foreground (from issue #3 on)
 run: deps release
