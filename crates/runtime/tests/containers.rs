@@ -1,0 +1,341 @@
+//! Container tests on the real kernel (root): logs, exit codes, limits, users, capabilities,
+//! sandboxes, exec, and re-adoption after the runtime's process dies.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use skiff_runtime::{ContainerConfig, ContainerState, Resources, SandboxConfig};
+
+fn sh(name: &str, script: &str) -> ContainerConfig {
+    ContainerConfig {
+        name: name.into(),
+        image: TEST_IMAGE.into(),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+fn log_lines(path: &std::path::Path) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut it = l.splitn(4, ' ');
+            let ts = it.next().unwrap().to_string();
+            assert!(
+                ts.ends_with('Z') && ts.contains('T'),
+                "bad timestamp in {l:?}"
+            );
+            (
+                it.next().unwrap_or("").into(),
+                it.next().unwrap_or("").into(),
+                it.next().unwrap_or("").into(),
+            )
+        })
+        .collect()
+}
+
+async fn run_to_end(
+    t: &TestRuntime,
+    cfg: ContainerConfig,
+) -> (
+    skiff_runtime::ContainerStatus,
+    Vec<(String, String, String)>,
+) {
+    let log = t.log(&cfg.name);
+    let id = t.rt.create(None, cfg, log.clone()).await.unwrap();
+    t.rt.start(&id).await.unwrap();
+    let st = t.rt.wait(&id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(st.state, ContainerState::Exited, "{st:?}");
+    (st, log_lines(&log))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_hello_logs_and_exits_zero() {
+    let t = TestRuntime::new();
+    let (st, lines) = run_to_end(&t, sh("echo", "echo hello; echo oops >&2; exit 0")).await;
+    assert_eq!(st.exit_code, Some(0));
+    assert!(!st.oom_killed);
+    assert!(st.started_at.unwrap() <= st.finished_at.unwrap());
+    assert!(
+        lines.contains(&("stdout".into(), "F".into(), "hello".into())),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&("stderr".into(), "F".into(), "oops".into())),
+        "{lines:?}"
+    );
+    // Image config defaults: no command → image Cmd, image env.
+    let cfg = ContainerConfig {
+        name: "dflt".into(),
+        image: "skiff.local/busybox:stable".into(),
+        ..Default::default()
+    };
+    let (st, lines) = run_to_end(&t, cfg).await;
+    assert_eq!(st.exit_code, Some(0));
+    assert_eq!(lines[0].2, "from-image-cmd");
+    let (st, _) = run_to_end(&t, sh("exit3", "exit 3")).await;
+    assert_eq!(st.exit_code, Some(3));
+    t.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limit_oom_kill_is_reported() {
+    let t = TestRuntime::new();
+    let mut cfg = sh(
+        "oom",
+        "echo start; exec dd if=/dev/zero of=/dev/null bs=64M count=1",
+    );
+    cfg.resources = Resources {
+        memory_limit: Some(16 * 1024 * 1024),
+        ..Default::default()
+    };
+    let (st, lines) = run_to_end(&t, cfg).await;
+    assert!(st.oom_killed, "expected an OOM kill: {st:?} {lines:?}");
+    assert_eq!(st.exit_code, Some(137), "killed by SIGKILL");
+    assert_eq!(lines.first().map(|l| l.2.as_str()), Some("start"));
+    t.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pids_limit_holds() {
+    let t = TestRuntime::new();
+    // 20 background sleeps under a limit of 8 tasks: forks must fail (without the limit all succeed).
+    let mut cfg = sh(
+        "pids",
+        "i=0; while [ $i -lt 20 ]; do sleep 2 & i=$((i+1)); done; echo looped",
+    );
+    cfg.resources = Resources {
+        pids_limit: Some(8),
+        ..Default::default()
+    };
+    let (_st, lines) = run_to_end(&t, cfg).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.0 == "stderr" && l.2.contains("fork")),
+        "a fork must have failed: {lines:?}"
+    );
+    let (st, lines) = run_to_end(
+        &t,
+        sh(
+            "nopids",
+            "i=0; while [ $i -lt 20 ]; do sleep 1 & i=$((i+1)); done; wait; echo looped",
+        ),
+    )
+    .await;
+    assert_eq!(st.exit_code, Some(0));
+    assert!(
+        lines.iter().any(|l| l.2 == "looped") && !lines.iter().any(|l| l.2.contains("fork")),
+        "{lines:?}"
+    );
+    t.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readonly_rootfs_user_and_capabilities() {
+    let t = TestRuntime::new();
+    // Read-only rootfs refuses writes.
+    let mut cfg = sh("ro", "echo x > /newfile && echo wrote || echo refused");
+    cfg.readonly_rootfs = true;
+    let (_, lines) = run_to_end(&t, cfg).await;
+    assert!(lines.iter().any(|l| l.2 == "refused"), "{lines:?}");
+    // A non-root user cannot write a root-owned file.
+    let mut cfg = sh(
+        "user",
+        "id -u; echo x >> /root-owned && echo wrote || echo refused",
+    );
+    cfg.run_as_user = Some(1000);
+    let (_, lines) = run_to_end(&t, cfg).await;
+    let out: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.0 == "stdout")
+        .map(|l| l.2.as_str())
+        .collect();
+    assert_eq!(out, ["1000", "refused"], "{lines:?}");
+    // Root can (and the write lands in the container's upper dir, not the image).
+    let (_, lines) = run_to_end(
+        &t,
+        sh(
+            "rootw",
+            "echo x >> /root-owned && echo wrote || echo refused",
+        ),
+    )
+    .await;
+    assert!(lines.iter().any(|l| l.2 == "wrote"), "{lines:?}");
+    // Dropped capabilities are absent from CapEff.
+    let mut cfg = sh("caps", "grep CapEff /proc/self/status");
+    cfg.cap_drop = vec!["CHOWN".into(), "NET_RAW".into()];
+    let (_, lines) = run_to_end(&t, cfg).await;
+    let eff = lines
+        .iter()
+        .find(|l| l.2.starts_with("CapEff"))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    let mask = u64::from_str_radix(eff.2.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    assert_eq!(mask & 1, 0, "CAP_CHOWN (bit 0) must be dropped: {mask:x}");
+    assert_eq!(
+        mask & (1 << 13),
+        0,
+        "CAP_NET_RAW (bit 13) must be dropped: {mask:x}"
+    );
+    assert_ne!(mask & (1 << 5), 0, "CAP_KILL (bit 5) stays: {mask:x}");
+    assert_eq!(
+        mask & (1 << 21),
+        0,
+        "CAP_SYS_ADMIN is never in the default set: {mask:x}"
+    );
+    t.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_exec_hostname_and_whiteouts() {
+    let t = TestRuntime::new();
+    let sb =
+        t.rt.create_sandbox(SandboxConfig {
+            name: "pod".into(),
+            hostname: "pod-host".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let netns = sb.netns.clone().unwrap();
+    assert!(
+        skiff_runtime::sandbox::is_mounted(&netns),
+        "netns is pinned by a bind mount"
+    );
+    let id =
+        t.rt.create(Some(&sb.id), sh("app", "echo up; sleep 1000"), t.log("app"))
+            .await
+            .unwrap();
+    t.rt.start(&id).await.unwrap();
+    let out =
+        t.rt.exec(&id, vec!["hostname".into()], Duration::from_secs(20))
+            .await
+            .unwrap();
+    assert_eq!(
+        (out.exit_code, String::from_utf8_lossy(&out.stdout).trim()),
+        (0, "pod-host")
+    );
+    // The two-layer image: the whiteout and the opaque dir hide lower content.
+    let out =
+        t.rt.exec(
+            &id,
+            vec!["sh".into(), "-c".into(), "ls /data /opq; exit 7".into()],
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 7);
+    let ls = String::from_utf8_lossy(&out.stdout);
+    assert!(ls.contains("keep") && ls.contains("new"), "{ls}");
+    assert!(!ls.contains("del") && !ls.contains("old"), "{ls}");
+    // The container is in the pod's cgroup and network namespace.
+    assert!(t.rt.cgroup_of(&id).unwrap().starts_with(&sb.cgroup));
+    let st = t.rt.status(&id).await.unwrap();
+    let ctr_net = std::fs::read_link(format!("/proc/{}/ns/net", st.pid.unwrap())).unwrap();
+    let host_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert_ne!(ctr_net, host_net);
+    let stats = t.rt.stats(&id).await.unwrap();
+    assert!(stats.memory_usage_bytes > 0, "{stats:?}");
+    // Stop: sh as pid 1 ignores SIGTERM, so SIGKILL after the grace period.
+    let t0 = std::time::Instant::now();
+    let st = t.rt.stop(&id, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(st.state, ContainerState::Exited);
+    assert_eq!(st.exit_code, Some(137));
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    let pod_cgroup = sb.cgroup.clone();
+    t.rt.remove_sandbox(&sb.id).await.unwrap();
+    assert!(!netns.exists());
+    assert!(!skiff_runtime::cgroup::Cgroups::host().exists(&pod_cgroup));
+    t.teardown().await;
+}
+
+#[test]
+fn container_survives_sigkill_of_the_runtime_process_and_is_readopted() {
+    require_root();
+    let t = TestRuntime::new();
+    // A child process plays the runtime: it creates and starts a container, prints the id, and
+    // then is SIGKILLed.
+    let exe = std::env::current_exe().unwrap();
+    let mut child = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "runtime_child_process",
+            "--nocapture",
+            "--include-ignored",
+        ])
+        .env("SKIFF_TEST_STATE", t.dir.path())
+        .env("SKIFF_TEST_CGROUP", &t.cgroup_parent)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let id = loop {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+            "child ended before printing the id"
+        );
+        if let Some(rest) = line.strip_prefix("CONTAINER-ID=") {
+            break rest.trim().to_string();
+        }
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = child.wait();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let fresh = t.reopen();
+        let list = fresh.list().await.unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].id, id);
+        assert_eq!(list[0].state, ContainerState::Running);
+        // Logs keep flowing after the runtime died.
+        let log = list[0].log_path.clone();
+        let n0 = log_lines(&log).len();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(log_lines(&log).len() > n0, "logs keep flowing");
+        let st = fresh.stop(&id, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(st.state, ContainerState::Exited);
+        fresh.remove(&id).await.unwrap();
+        t.teardown().await;
+    });
+}
+
+/// Not a test on its own: the "runtime process" of the test above (ignored when run alone, so it
+/// is skipped unless the parent sets SKIFF_TEST_STATE).
+#[test]
+#[ignore = "helper process for container_survives_sigkill_of_the_runtime_process_and_is_readopted"]
+fn runtime_child_process() {
+    let Ok(state) = std::env::var("SKIFF_TEST_STATE") else {
+        return;
+    };
+    let state = std::path::PathBuf::from(state);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let runtime = skiff_runtime::Runtime::new(skiff_runtime::RuntimeConfig {
+            state_dir: state.join("rt"),
+            images: skiff_runtime::ImageStore::open(state.join("images")).unwrap(),
+            shim_command: shim_command(),
+            cgroup_parent: std::env::var("SKIFF_TEST_CGROUP").unwrap(),
+        })
+        .unwrap();
+        let id = runtime
+            .create(
+                None,
+                sh("survivor", "while true; do echo tick; sleep 0.1; done"),
+                state.join("logs/survivor.log"),
+            )
+            .await
+            .unwrap();
+        runtime.start(&id).await.unwrap();
+        println!("CONTAINER-ID={id}");
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    });
+}
