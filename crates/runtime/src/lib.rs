@@ -15,5 +15,5 @@ pub mod unpack;
 pub use error::{Error, Result};
 pub use runtime::{ContainerState, ContainerStatus, ExecOutput, Runtime, RuntimeConfig};
 pub use sandbox::{Sandbox, SandboxConfig};
-pub use spec::{ContainerConfig, Mount, MountKind, Resources};
+pub use spec::{ContainerConfig, Device, Mount, MountKind, Resources};
 pub use store::{ImageEntry, ImageStore};

@@ -705,6 +705,20 @@ impl Runtime {
             .remove(&format!("/{}", self.cfg.cgroup_parent.trim_matches('/')))
     }
 
+    /// Removes an image name, refused while a container (in any state) uses the image.
+    pub async fn remove_image(&self, reference: &str) -> Result<bool> {
+        let image = self.cfg.images.resolve(reference)?;
+        for c in self.list().await? {
+            if c.image_digest == image.manifest_digest {
+                return Err(Error::InvalidState(format!(
+                    "image {} is used by container {}; remove the container first",
+                    image.name, c.id
+                )));
+            }
+        }
+        self.cfg.images.untag(reference)
+    }
+
     /// The state dir.
     pub fn state_dir(&self) -> &Path {
         &self.cfg.state_dir

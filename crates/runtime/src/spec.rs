@@ -57,6 +57,19 @@ pub struct Resources {
     pub pids_limit: Option<i64>,
 }
 
+/// A host device made available in the container (for device plugins).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Device {
+    /// the device node on the host, e.g. `/dev/nvidia0`
+    pub host_path: PathBuf,
+    /// where it appears in the container (defaults to the host path)
+    #[serde(default)]
+    pub container_path: Option<String>,
+    /// cgroup permissions: any of `r`, `w`, `m` (default `rwm`)
+    #[serde(default)]
+    pub permissions: Option<String>,
+}
+
 /// A container as the caller describes it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct ContainerConfig {
@@ -109,6 +122,117 @@ pub struct ContainerConfig {
     /// hostname when the container has no sandbox
     #[serde(default)]
     pub hostname: Option<String>,
+    /// seccomp RuntimeDefault (see [`runtime_default_seccomp`]); false is Unconfined
+    #[serde(default)]
+    pub seccomp_runtime_default: bool,
+    /// share the host's PID namespace (hostPID)
+    #[serde(default)]
+    pub host_pid: bool,
+    /// namespaced sysctls (`net.*`, `kernel.shm*`, ...)
+    #[serde(default)]
+    pub sysctls: std::collections::BTreeMap<String, String>,
+    /// host devices
+    #[serde(default)]
+    pub devices: Vec<Device>,
+}
+
+/// Syscalls the RuntimeDefault profile refuses with EPERM: kernel module, kexec, clock, swap,
+/// keyring, bpf/perf, mount and namespace-changing calls. This is a deny-list (everything else
+/// is allowed), narrower than Docker's allow-list profile.
+pub const SECCOMP_DENIED: &[&str] = &[
+    "acct",
+    "add_key",
+    "adjtimex",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "init_module",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "query_module",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vhangup",
+];
+
+/// The RuntimeDefault seccomp profile in OCI form.
+pub fn runtime_default_seccomp() -> serde_json::Value {
+    let arches: &[&str] = match std::env::consts::ARCH {
+        "x86_64" => &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "aarch64" => &["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+        "arm" => &["SCMP_ARCH_ARM"],
+        _ => &[],
+    };
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": arches,
+        "syscalls": [{"names": SECCOMP_DENIED, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+    })
+}
+
+fn device_entry(d: &Device) -> Result<(serde_json::Value, serde_json::Value)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = fs::metadata(&d.host_path)
+        .map_err(|e| Error::Spec(format!("device {}: {e}", d.host_path.display())))?;
+    let kind = if md.file_type().is_char_device() {
+        "c"
+    } else if md.file_type().is_block_device() {
+        "b"
+    } else {
+        return Err(Error::Spec(format!(
+            "{} is not a device node",
+            d.host_path.display()
+        )));
+    };
+    let rdev = md.rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let path = d
+        .container_path
+        .clone()
+        .unwrap_or_else(|| d.host_path.display().to_string());
+    let perms = d.permissions.clone().unwrap_or_else(|| "rwm".into());
+    if perms.is_empty() || !perms.chars().all(|c| "rwm".contains(c)) {
+        return Err(Error::Spec(format!(
+            "device {}: permissions {perms:?} must be made of r, w, m",
+            d.host_path.display()
+        )));
+    }
+    Ok((
+        json!({"path": path, "type": kind, "major": major, "minor": minor, "fileMode": md.mode() & 0o777, "uid": md.uid(), "gid": md.gid()}),
+        json!({"allow": true, "type": kind, "major": major, "minor": minor, "access": perms}),
+    ))
 }
 
 /// The capabilities a container gets by default (the set containerd and CRI-O give).
@@ -455,7 +579,10 @@ pub fn build_spec(
             }
         }
     }
-    let mut namespaces = vec![json!({"type": "pid"}), json!({"type": "mount"})];
+    let mut namespaces = vec![json!({"type": "mount"})];
+    if !cfg.host_pid {
+        namespaces.push(json!({"type": "pid"}));
+    }
     let ns = |t: &str, p: &Option<PathBuf>| match p {
         Some(p) => json!({"type": t, "path": p}),
         None => json!({"type": t}),
@@ -502,6 +629,14 @@ pub fn build_spec(
             list.push(json!({"allow": true, "access": "rwm"}));
         }
     }
+    let mut devices = Vec::new();
+    for d in &cfg.devices {
+        let (dev, rule) = device_entry(d)?;
+        devices.push(dev);
+        if let Some(list) = resources["devices"].as_array_mut() {
+            list.push(rule);
+        }
+    }
     let hostname = if place.utsns.is_some() {
         None
     } else {
@@ -512,6 +647,15 @@ pub fn build_spec(
         "resources": resources,
         "cgroupsPath": place.cgroups_path,
     });
+    if !devices.is_empty() {
+        linux["devices"] = json!(devices);
+    }
+    if !cfg.sysctls.is_empty() {
+        linux["sysctl"] = json!(cfg.sysctls);
+    }
+    if cfg.seccomp_runtime_default && !cfg.privileged {
+        linux["seccomp"] = runtime_default_seccomp();
+    }
     if !cfg.privileged {
         linux["maskedPaths"] = json!([
             "/proc/acpi",

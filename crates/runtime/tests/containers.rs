@@ -339,3 +339,67 @@ fn runtime_child_process() {
         tokio::time::sleep(Duration::from_secs(600)).await;
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_devices_sysctls_host_pid_and_image_in_use() {
+    let t = TestRuntime::new();
+    // CAP_SYS_ADMIN allows mount; the RuntimeDefault profile still refuses it.
+    let script = "mkdir -p /m; mount -t tmpfs t /m && echo mounted || echo blocked";
+    let mut cfg = sh("unconfined", script);
+    cfg.cap_add = vec!["SYS_ADMIN".into()];
+    let (_, lines) = run_to_end(&t, cfg.clone()).await;
+    assert!(lines.iter().any(|l| l.2 == "mounted"), "{lines:?}");
+    cfg.name = "seccomp".into();
+    cfg.seccomp_runtime_default = true;
+    let (_, lines) = run_to_end(&t, cfg).await;
+    assert!(lines.iter().any(|l| l.2 == "blocked"), "{lines:?}");
+    // A host device appears under its container path and may be written.
+    let mut cfg = sh("dev", "echo hi > /dev/xnull && echo wrote-device");
+    cfg.devices = vec![skiff_runtime::Device {
+        host_path: "/dev/null".into(),
+        container_path: Some("/dev/xnull".into()),
+        permissions: None,
+    }];
+    let (_, lines) = run_to_end(&t, cfg).await;
+    assert!(lines.iter().any(|l| l.2 == "wrote-device"), "{lines:?}");
+    // Namespaced sysctls are set.
+    let mut cfg = sh(
+        "sysctl",
+        "cat /proc/sys/net/ipv4/ip_unprivileged_port_start",
+    );
+    cfg.sysctls
+        .insert("net.ipv4.ip_unprivileged_port_start".into(), "80".into());
+    let (_, lines) = run_to_end(&t, cfg).await;
+    assert_eq!(
+        lines.iter().find(|l| l.0 == "stdout").map(|l| l.2.as_str()),
+        Some("80"),
+        "{lines:?}"
+    );
+    // hostPID sees the host's pid 1; otherwise pid 1 is the container's own shell.
+    let host_init = std::fs::read_to_string("/proc/1/comm")
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut cfg = sh("hostpid", "cat /proc/1/comm");
+    cfg.host_pid = true;
+    let (_, lines) = run_to_end(&t, cfg).await;
+    assert_eq!(
+        lines.iter().find(|l| l.0 == "stdout").map(|l| l.2.clone()),
+        Some(host_init),
+        "{lines:?}"
+    );
+    let (_, lines) = run_to_end(&t, sh("ownpid", "echo $(cat /proc/1/comm)")).await;
+    assert_eq!(
+        lines.iter().find(|l| l.0 == "stdout").map(|l| l.2.as_str()),
+        Some("sh"),
+        "{lines:?}"
+    );
+    // The image cannot be removed while containers use it.
+    let e = t.rt.remove_image(TEST_IMAGE).await.unwrap_err().to_string();
+    assert!(e.contains("is used by container"), "{e}");
+    for c in t.rt.list().await.unwrap() {
+        t.rt.remove(&c.id).await.unwrap();
+    }
+    assert!(t.rt.remove_image(TEST_IMAGE).await.unwrap());
+    t.teardown().await;
+}
