@@ -705,6 +705,26 @@ impl Runtime {
             .remove(&format!("/{}", self.cfg.cgroup_parent.trim_matches('/')))
     }
 
+    /// Opens a TCP connection to `port` on the loopback of a sandbox's network namespace.
+    pub async fn port_forward(&self, sandbox_id: &str, port: u16) -> Result<tokio::net::TcpStream> {
+        let sb = self.sandbox(sandbox_id)?;
+        let Some(netns) = sb.netns else {
+            return Err(Error::InvalidState(format!(
+                "sandbox {sandbox_id} uses the host network; connect to the port directly"
+            )));
+        };
+        let std = blocking(move || {
+            crate::sandbox::connect_in_netns(&netns, port, Duration::from_secs(5))
+        })
+        .await?;
+        std.set_nonblocking(true)
+            .map_err(io_err("set nonblocking", PathBuf::from(sandbox_id)))?;
+        tokio::net::TcpStream::from_std(std).map_err(io_err(
+            "register port-forward socket",
+            PathBuf::from(sandbox_id),
+        ))
+    }
+
     /// Removes an image name, refused while a container (in any state) uses the image.
     pub async fn remove_image(&self, reference: &str) -> Result<bool> {
         let image = self.cfg.images.resolve(reference)?;

@@ -2,6 +2,7 @@
 //! state dir (so they outlive processes), with the pod hostname set.
 
 use std::fs::{self, File};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -70,6 +71,9 @@ pub(crate) fn pin_namespaces(
         unshare(flags).map_err(sys_err("unshare pod namespaces"))?;
         nix::unistd::sethostname(&hostname)
             .map_err(sys_err(format!("set pod hostname {hostname:?}")))?;
+        if flags.contains(CloneFlags::CLONE_NEWNET) {
+            bring_lo_up()?;
+        }
         for (ns, p) in &pins2 {
             let src = format!("/proc/thread-self/ns/{ns}");
             mount(
@@ -91,6 +95,61 @@ pub(crate) fn pin_namespaces(
     }
     let path = |n: &str| pins.iter().find(|(k, _)| *k == n).map(|(_, p)| p.clone());
     Ok((path("net"), dir.join("uts"), path("ipc")))
+}
+
+/// Sets the loopback interface of the current thread's network namespace up.
+fn bring_lo_up() -> Result<()> {
+    let err = |op: &str| Error::Sys {
+        op: format!("{op} (loopback of the pod network namespace)"),
+        source: nix::Error::last(),
+    };
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err("socket"));
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads into the ifreq we own, through a valid socket.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(err("get flags"));
+    }
+    // SAFETY: after SIOCGIFFLAGS the union holds the flags.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads the ifreq we own, through a valid socket.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(err("set lo up"));
+    }
+    Ok(())
+}
+
+/// Opens a TCP connection to `127.0.0.1:port` inside the network namespace pinned at `netns`
+/// (port-forward). The socket lives in that namespace; the calling thread does not move.
+pub fn connect_in_netns(
+    netns: &Path,
+    port: u16,
+    timeout: std::time::Duration,
+) -> Result<std::net::TcpStream> {
+    let ns = File::open(netns).map_err(io_err("open network namespace", netns))?;
+    let path = netns.to_path_buf();
+    std::thread::spawn(move || -> Result<std::net::TcpStream> {
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(sys_err(format!(
+            "enter network namespace {}",
+            path.display()
+        )))?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(io_err(
+            "connect to port in pod network namespace",
+            format!("{}:{port}", path.display()),
+        ))
+    })
+    .join()
+    .map_err(|_| Error::InvalidState("port-forward thread panicked".into()))?
 }
 
 /// Unmounts and removes the namespace files in `dir` (ignoring ones that are gone).

@@ -403,3 +403,56 @@ async fn seccomp_devices_sysctls_host_pid_and_image_in_use() {
     assert!(t.rt.remove_image(TEST_IMAGE).await.unwrap());
     t.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_reaches_httpd_in_the_pod() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = TestRuntime::new();
+    let sb =
+        t.rt.create_sandbox(SandboxConfig {
+            name: "web".into(),
+            hostname: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let cfg = sh(
+        "httpd",
+        "mkdir -p /www && echo hello-http > /www/index.html && exec httpd -f -p 8080 -h /www",
+    );
+    let id =
+        t.rt.create(Some(&sb.id), cfg, t.log("httpd"))
+            .await
+            .unwrap();
+    t.rt.start(&id).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        match t.rt.port_forward(&sb.id, 8080).await {
+            Ok(mut s) => {
+                s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf).await.unwrap();
+                break String::from_utf8_lossy(&buf).to_string();
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("port-forward never connected: {e}"),
+        }
+    };
+    assert!(
+        body.starts_with("HTTP/1.") && body.contains("hello-http"),
+        "{body}"
+    );
+    // A port nothing listens on inside the pod is refused (the connection really is in the pod).
+    let e =
+        t.rt.port_forward(&sb.id, 8081)
+            .await
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("refused"), "{e}");
+    t.teardown().await;
+}

@@ -11,7 +11,7 @@ use skiff_runtime::{ImageStore, Runtime, RuntimeConfig};
 
 pub const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "hostname", "id", "touch", "ls", "grep", "head", "dd", "true",
-    "false", "test", "mkdir", "rm", "env", "wc", "yes", "tail", "ps", "kill", "mount",
+    "false", "test", "mkdir", "rm", "env", "wc", "yes", "tail", "ps", "kill", "mount", "httpd",
 ];
 
 pub fn require_root() {
