@@ -31,8 +31,21 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Pull an image (mirrors and credentials from registries.yaml).
+    Pull {
+        /// the image reference (`busybox`, `registry:5000/app:v1`)
+        reference: String,
+        /// registries config (default `<data-dir>/registries.yaml`)
+        #[arg(long)]
+        registries: Option<PathBuf>,
+    },
     /// List the images in the store.
     List,
+    /// Remove an image name from the store.
+    Rm {
+        /// the image reference
+        reference: String,
+    },
 }
 
 /// Runs `skiff images`.
@@ -42,6 +55,30 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Import { file, name } => {
             for n in store.import(&file, name.as_deref())? {
                 println!("{n}");
+            }
+        }
+        Command::Pull {
+            reference,
+            registries,
+        } => {
+            let path = registries.unwrap_or_else(|| args.data_dir.join("registries.yaml"));
+            let regs = skiff_runtime::pull::RegistriesConfig::load(&path)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let show = |p: skiff_runtime::pull::PullProgress| {
+                let how = if p.cached { "exists" } else { "pulled" };
+                eprintln!("{} {how} ({} bytes)", p.digest, p.bytes);
+            };
+            let creds = skiff_runtime::pull::Credentials::Anonymous;
+            let name = rt.block_on(skiff_runtime::pull::pull(
+                &store, &reference, &regs, &creds, &show,
+            ))?;
+            println!("{name}");
+        }
+        Command::Rm { reference } => {
+            if !store.untag(&reference)? {
+                anyhow::bail!("image {reference} is not in the store");
             }
         }
         Command::List => {

@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod crilog;
 pub mod error;
+pub mod pull;
 pub mod reference;
 pub mod runtime;
 pub mod sandbox;
