@@ -491,12 +491,15 @@ impl Runtime {
         pred: impl Fn(&ContainerStatus) -> bool,
     ) -> Result<ContainerStatus> {
         let deadline = Instant::now() + timeout;
+        // Short waits are the common case (start, exit of a short command): back off from 1 ms.
+        let mut pause = Duration::from_millis(1);
         loop {
             let s = self.status(id).await?;
             if pred(&s) || Instant::now() >= deadline {
                 return Ok(s);
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(25));
         }
     }
 
@@ -595,11 +598,13 @@ impl Runtime {
         self.stop(id, Duration::ZERO).await?;
         // Let the shim finish its clean-up and exit.
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut pause = Duration::from_millis(1);
         while let Ok(st) = read_state(&self.ctr_dir(id)) {
             if !Self::shim_alive(&st) || Instant::now() >= deadline {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(25));
         }
         let me = self.clone();
         let id = id.to_string();

@@ -531,6 +531,8 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
     }
     state.status = ShimStatus::Exited;
     state.finished_at.get_or_insert_with(now_ns);
+    // Report the exit first (waiters see it at once), then clean up and report again.
+    write_state(&a.dir, &state)?;
     if let Err(e) = container.delete(true) {
         state.error = Some(format!("delete: {e}"));
     } else {
