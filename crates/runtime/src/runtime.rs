@@ -710,6 +710,53 @@ impl Runtime {
             .remove(&format!("/{}", self.cfg.cgroup_parent.trim_matches('/')))
     }
 
+    /// Manifest digests of images that containers (in any state) use.
+    pub async fn images_in_use(&self) -> Result<Vec<String>> {
+        let mut v: Vec<String> = self
+            .list()
+            .await?
+            .into_iter()
+            .map(|c| c.image_digest)
+            .collect();
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// Image garbage collection: when the image file system is more than `high_pct` full,
+    /// untags images no container uses (in name order; no last-used tracking yet) until it is
+    /// below `low_pct` or none is left, then deletes unreachable blobs and layers. Returns the
+    /// names removed.
+    pub async fn gc_images(&self, high_pct: u8, low_pct: u8) -> Result<Vec<String>> {
+        let store = self.cfg.images.clone();
+        let pct = |s: &ImageStore| -> Result<u64> {
+            let (used, total) = s.fs_usage()?;
+            Ok((used * 100).checked_div(total).unwrap_or(0))
+        };
+        if pct(&store)? < u64::from(high_pct) {
+            return Ok(Vec::new());
+        }
+        let in_use = self.images_in_use().await?;
+        let mut removed = Vec::new();
+        for e in store.list()? {
+            if in_use.contains(&e.manifest_digest) {
+                continue;
+            }
+            store.untag(&e.name)?;
+            removed.push(e.name);
+            let keep = in_use.clone();
+            let s2 = store.clone();
+            blocking(move || s2.gc(&keep)).await?;
+            if pct(&store)? < u64::from(low_pct) {
+                break;
+            }
+        }
+        let keep = in_use.clone();
+        let s2 = store.clone();
+        blocking(move || s2.gc(&keep)).await?;
+        Ok(removed)
+    }
+
     /// Opens a TCP connection to `port` on the loopback of a sandbox's network namespace.
     pub async fn port_forward(&self, sandbox_id: &str, port: u16) -> Result<tokio::net::TcpStream> {
         let sb = self.sandbox(sandbox_id)?;

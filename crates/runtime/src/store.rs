@@ -636,6 +636,81 @@ impl ImageStore {
         })
     }
 
+    /// Bytes used by blobs and unpacked layers.
+    pub fn disk_usage(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            let Ok(md) = fs::symlink_metadata(p) else {
+                return 0;
+            };
+            if md.is_dir() {
+                fs::read_dir(p)
+                    .map(|rd| rd.flatten().map(|e| walk(&e.path())).sum())
+                    .unwrap_or(0)
+            } else {
+                md.len()
+            }
+        }
+        walk(&self.root.join("blobs")) + walk(&self.root.join("layers"))
+    }
+
+    /// Used and total bytes of the file system holding the store.
+    pub fn fs_usage(&self) -> Result<(u64, u64)> {
+        let st = nix::sys::statvfs::statvfs(&self.root).map_err(crate::error::sys_err(format!(
+            "statvfs {}",
+            self.root.display()
+        )))?;
+        let frag = st.fragment_size() as u64;
+        let total = st.blocks() as u64 * frag;
+        let free = st.blocks_available() as u64 * frag;
+        Ok((total.saturating_sub(free), total))
+    }
+
+    /// Deletes every blob and unpacked layer not reachable from a named image or from one of
+    /// `keep` (manifest digests of images containers still use). Returns the bytes freed.
+    pub fn gc(&self, keep: &[String]) -> Result<u64> {
+        let mut roots: Vec<String> = self
+            .list()?
+            .into_iter()
+            .map(|e| e.manifest_digest)
+            .collect();
+        roots.extend(keep.iter().cloned());
+        let mut live = std::collections::HashSet::new();
+        for m in roots {
+            let Ok(manifest) = self.load_manifest(&m) else {
+                continue;
+            };
+            live.insert(m);
+            live.insert(manifest.config.digest.clone());
+            for l in &manifest.layers {
+                live.insert(l.digest.clone());
+            }
+        }
+        let mut freed = 0u64;
+        for (dir, is_dir) in [("blobs/sha256", false), ("layers/sha256", true)] {
+            let d = self.root.join(dir);
+            for e in fs::read_dir(&d).map_err(io_err("read", &d))?.flatten() {
+                let digest = format!("sha256:{}", e.file_name().to_string_lossy());
+                if live.contains(&digest) {
+                    continue;
+                }
+                let p = e.path();
+                freed += if is_dir {
+                    0
+                } else {
+                    e.metadata().map(|m| m.len()).unwrap_or(0)
+                };
+                let r = if is_dir {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+                r.map_err(io_err("remove unused image data", &p))?;
+            }
+        }
+        tracing::info!(freed_bytes = freed, "image garbage collection");
+        Ok(freed)
+    }
+
     /// The config's architecture field of an image, for diagnostics.
     pub fn architecture(&self, image: &Image) -> Option<String> {
         let bytes = self.read_blob(&image.manifest.config.digest).ok()?;

@@ -456,3 +456,146 @@ async fn port_forward_reaches_httpd_in_the_pod() {
     assert!(e.contains("refused"), "{e}");
     t.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounts_groups_and_cpu_limits() {
+    let t = TestRuntime::new();
+    let host = t.dir.path().join("shared");
+    std::fs::create_dir(&host).unwrap();
+    std::fs::write(host.join("from-host"), "hi\n").unwrap();
+    let mut cfg = sh(
+        "mounts",
+        "cat /ro/from-host; echo x > /ro/new 2>/dev/null && echo ro-written || echo ro-refused; \
+         echo y > /rw/new && echo rw-written; echo z > /scratch/f && grep -q ' /scratch tmpfs' /proc/mounts && echo tmpfs-ok; \
+         id -G; sleep 1000",
+    );
+    cfg.mounts = vec![
+        skiff_runtime::Mount {
+            kind: skiff_runtime::MountKind::Bind,
+            source: host.clone(),
+            destination: "/ro".into(),
+            readonly: true,
+        },
+        skiff_runtime::Mount {
+            kind: skiff_runtime::MountKind::Bind,
+            source: host.clone(),
+            destination: "/rw".into(),
+            readonly: false,
+        },
+        skiff_runtime::Mount {
+            kind: skiff_runtime::MountKind::Tmpfs,
+            source: Default::default(),
+            destination: "/scratch".into(),
+            readonly: false,
+        },
+    ];
+    cfg.run_as_user = Some(0);
+    cfg.supplementary_groups = vec![4242];
+    cfg.resources = Resources {
+        cpu_shares: Some(512),
+        cpu_quota: Some(50_000),
+        cpu_period: Some(100_000),
+        ..Default::default()
+    };
+    let log = t.log("mounts");
+    let id = t.rt.create(None, cfg, log.clone()).await.unwrap();
+    t.rt.start(&id).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut lines = Vec::new();
+    while std::time::Instant::now() < deadline {
+        lines = log_lines(&log);
+        if lines.iter().filter(|l| l.0 == "stdout").count() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.0 == "stdout")
+        .map(|l| l.2.as_str())
+        .collect();
+    assert_eq!(
+        &out[..5],
+        ["hi", "ro-refused", "rw-written", "tmpfs-ok", "0 4242"],
+        "{lines:?}"
+    );
+    assert!(
+        host.join("new").exists(),
+        "the rw bind mount writes through to the host"
+    );
+    // The limits are in the container's cgroup (read from the host).
+    let cg = t.rt.cgroup_of(&id).unwrap();
+    let cpu = std::path::Path::new("/sys/fs/cgroup/cpu").join(cg.trim_start_matches('/'));
+    if cpu.exists() {
+        assert_eq!(
+            std::fs::read_to_string(cpu.join("cpu.shares"))
+                .unwrap()
+                .trim(),
+            "512"
+        );
+        assert_eq!(
+            std::fs::read_to_string(cpu.join("cpu.cfs_quota_us"))
+                .unwrap()
+                .trim(),
+            "50000"
+        );
+    } else {
+        let v2 = std::path::Path::new("/sys/fs/cgroup").join(cg.trim_start_matches('/'));
+        assert_eq!(
+            std::fs::read_to_string(v2.join("cpu.max")).unwrap().trim(),
+            "50000 100000"
+        );
+    }
+    let st = t.rt.stop(&id, Duration::ZERO).await.unwrap();
+    assert_eq!(st.state, ContainerState::Exited);
+    t.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_gc_keeps_images_in_use_and_frees_the_rest() {
+    let t = TestRuntime::new();
+    let store = t.rt.images().clone();
+    // A second image with its own layer.
+    let extra = layer_tar(&[E::File("only-here".into(), vec![7u8; 100_000], 0o644)]);
+    let p = t.dir.path().join("extra.tar");
+    std::fs::write(
+        &p,
+        oci_layout(
+            "skiff.local/extra:v1",
+            &[Blob {
+                media_type: "application/vnd.oci.image.layer.v1.tar",
+                data: extra,
+            }],
+        ),
+    )
+    .unwrap();
+    store.import(&p, None).unwrap();
+    store
+        .unpacked_layers(&store.resolve("skiff.local/extra:v1").unwrap())
+        .unwrap();
+    let id =
+        t.rt.create(None, sh("user", "true"), t.log("user"))
+            .await
+            .unwrap();
+    let before = store.disk_usage();
+    // High-water mark 0%: always collect; low-water 0%: collect everything unused.
+    let removed = t.rt.gc_images(0, 0).await.unwrap();
+    assert_eq!(removed, vec!["skiff.local/extra:v1".to_string()]);
+    assert!(
+        store.disk_usage() + 100_000 <= before,
+        "the unused image's data is gone"
+    );
+    assert!(store.resolve(TEST_IMAGE).is_ok(), "the image in use stays");
+    // Untagged but in use: its blobs survive a collection.
+    store.untag(TEST_IMAGE).unwrap();
+    store.gc(&t.rt.images_in_use().await.unwrap()).unwrap();
+    t.rt.start(&id).await.unwrap();
+    assert_eq!(
+        t.rt.wait(&id, Duration::from_secs(20))
+            .await
+            .unwrap()
+            .exit_code,
+        Some(0)
+    );
+    t.teardown().await;
+}
