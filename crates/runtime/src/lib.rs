@@ -14,7 +14,9 @@ pub mod store;
 pub mod unpack;
 
 pub use error::{Error, Result};
-pub use runtime::{ContainerState, ContainerStatus, ExecOutput, Runtime, RuntimeConfig};
+pub use runtime::{
+    ContainerState, ContainerStatus, ExecOutput, ExecProcess, Runtime, RuntimeConfig,
+};
 pub use sandbox::{Sandbox, SandboxConfig};
 pub use spec::{ContainerConfig, Device, Mount, MountKind, Resources};
 pub use store::{ImageEntry, ImageStore};

@@ -84,6 +84,46 @@ pub struct ContainerStatus {
     pub error: Option<String>,
 }
 
+/// A running exec with its stdio as pipes (no TTY).
+#[derive(Debug)]
+pub struct ExecProcess {
+    /// the process' stdin (drop it to send end-of-file)
+    pub stdin: Option<tokio::process::ChildStdin>,
+    /// its stdout
+    pub stdout: Option<tokio::process::ChildStdout>,
+    /// its stderr
+    pub stderr: Option<tokio::process::ChildStderr>,
+    child: tokio::process::Child,
+    result: PathBuf,
+    id: String,
+}
+
+impl ExecProcess {
+    /// Waits for the process and returns its exit code.
+    pub async fn wait(mut self) -> Result<i32> {
+        drop(self.stdin.take());
+        self.child
+            .wait()
+            .await
+            .map_err(io_err("wait for shim exec", &self.result))?;
+        let body = tokio::fs::read(&self.result)
+            .await
+            .map_err(io_err("read exec result", &self.result))?;
+        let _ = tokio::fs::remove_file(&self.result).await;
+        let r: ExecResult = serde_json::from_slice(&body).map_err(|source| Error::Json {
+            path: self.result.clone(),
+            source,
+        })?;
+        match (r.exit_code, r.error) {
+            (Some(code), _) => Ok(code),
+            (None, e) => Err(Error::Shim {
+                id: self.id,
+                message: e.unwrap_or_else(|| "exec failed".into()),
+            }),
+        }
+    }
+}
+
 /// Output of a synchronous exec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -364,6 +404,7 @@ impl Runtime {
                 ipcns: sb.as_ref().and_then(|s| s.ipcns.clone()),
                 private_net: sb.is_none(),
                 cgroups_path: cgroup.clone(),
+                host_ipc: sb.as_ref().is_some_and(|s| s.config.host_ipc),
             };
             let spec = build_spec(&cfg, &image.config, &rootfs, &place)?;
             let sp = dir.join("bundle/config.json");
@@ -686,6 +727,46 @@ impl Runtime {
                 message: e.unwrap_or_else(|| "exec failed".into()),
             }),
         }
+    }
+
+    /// Starts a command in a running container with piped stdin/stdout/stderr (streaming exec
+    /// without a TTY).
+    pub async fn exec_stream(&self, id: &str, argv: Vec<String>) -> Result<ExecProcess> {
+        let s = self.status(id).await?;
+        if s.state != ContainerState::Running {
+            return Err(Error::InvalidState(format!(
+                "container {id} is {:?}; exec needs a running container",
+                s.state
+            )));
+        }
+        let result = self
+            .ctr_dir(id)
+            .join(format!("exec-{}.json", random_hex(6)));
+        let args = ExecArgs {
+            id: id.into(),
+            root: self.cfg.state_dir.join("lc"),
+            result: result.clone(),
+            argv,
+        };
+        let mut cmd = tokio::process::Command::new(&self.cfg.shim_command[0]);
+        cmd.args(&self.cfg.shim_command[1..])
+            .args(args.to_args())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(io_err(
+            "run shim exec",
+            PathBuf::from(&self.cfg.shim_command[0]),
+        ))?;
+        Ok(ExecProcess {
+            stdin: child.stdin.take(),
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+            child,
+            result,
+            id: id.into(),
+        })
     }
 
     /// CPU and memory usage of a container.

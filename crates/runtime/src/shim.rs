@@ -580,9 +580,11 @@ fn exec(a: ExecArgs) -> i32 {
 fn run_exec(a: &ExecArgs) -> Result<i32> {
     let out = dup(std::io::stdout().as_fd()).map_err(|e| io_err("dup", "stdout")(e.into()))?;
     let err = dup(std::io::stderr().as_fd()).map_err(|e| io_err("dup", "stderr")(e.into()))?;
+    let inp = dup(std::io::stdin().as_fd()).map_err(|e| io_err("dup", "stdin")(e.into()))?;
     let pid = ContainerBuilder::new(a.id.clone(), SyscallType::Linux)
         .with_root_path(&a.root)
         .map_err(|e| Error::Container(e.to_string()))?
+        .with_stdin(inp)
         .with_stdout(out)
         .with_stderr(err)
         .as_tenant()

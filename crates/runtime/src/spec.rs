@@ -524,6 +524,8 @@ pub struct Placement {
     pub private_net: bool,
     /// cgroupsPath
     pub cgroups_path: String,
+    /// share the host's IPC namespace (hostIPC)
+    pub host_ipc: bool,
 }
 
 /// Builds the OCI runtime spec.
@@ -591,7 +593,9 @@ pub fn build_spec(
         namespaces.push(ns("network", &place.netns));
     }
     namespaces.push(ns("uts", &place.utsns));
-    namespaces.push(ns("ipc", &place.ipcns));
+    if !place.host_ipc {
+        namespaces.push(ns("ipc", &place.ipcns));
+    }
     let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
     if let Some(m) = cfg.resources.memory_limit {
         resources["memory"] = json!({"limit": m, "swap": m});

@@ -219,6 +219,39 @@ async fn sandbox_exec_hostname_and_whiteouts() {
         (out.exit_code, String::from_utf8_lossy(&out.stdout).trim()),
         (0, "pod-host")
     );
+    // Streaming exec: stdin in, stdout out, exit code.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut p =
+            t.rt.exec_stream(
+                &id,
+                vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "read x; echo got-$x; echo err-$x >&2; exit 4".into(),
+                ],
+            )
+            .await
+            .unwrap();
+        let mut stdin = p.stdin.take().unwrap();
+        stdin.write_all(b"ping\n").await.unwrap();
+        drop(stdin);
+        let (mut out, mut err) = (String::new(), String::new());
+        p.stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .await
+            .unwrap();
+        p.stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .await
+            .unwrap();
+        assert_eq!((out.as_str(), err.as_str()), ("got-ping\n", "err-ping\n"));
+        assert_eq!(p.wait().await.unwrap(), 4);
+    }
     // The two-layer image: the whiteout and the opaque dir hide lower content.
     let out =
         t.rt.exec(
@@ -597,5 +630,42 @@ async fn image_gc_keeps_images_in_use_and_frees_the_rest() {
             .exit_code,
         Some(0)
     );
+    t.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_network_sandbox_shares_the_host_netns() {
+    let t = TestRuntime::new();
+    let cfg = SandboxConfig {
+        name: "hostnet".into(),
+        hostname: "hn".into(),
+        host_network: true,
+        host_ipc: true,
+    };
+    let sb = t.rt.create_sandbox(cfg).await.unwrap();
+    assert!(sb.netns.is_none() && sb.ipcns.is_none());
+    let id =
+        t.rt.create(Some(&sb.id), sh("h", "sleep 1000"), t.log("h"))
+            .await
+            .unwrap();
+    t.rt.start(&id).await.unwrap();
+    let pid = t.rt.status(&id).await.unwrap().pid.unwrap();
+    for ns in ["net", "ipc"] {
+        let c = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_eq!(
+            c,
+            std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(),
+            "{ns}"
+        );
+    }
+    let uts = std::fs::read_link(format!("/proc/{pid}/ns/uts")).unwrap();
+    assert_ne!(
+        uts,
+        std::fs::read_link("/proc/self/ns/uts").unwrap(),
+        "the pod keeps its own hostname"
+    );
+    let e = t.rt.port_forward(&sb.id, 80).await.unwrap_err().to_string();
+    assert!(e.contains("host network"), "{e}");
+    t.rt.remove_sandbox(&sb.id).await.unwrap();
     t.teardown().await;
 }

@@ -163,6 +163,23 @@ async fn pulls_from_local_registry_directly_and_through_a_docker_io_mirror() {
             .contains(" stdout F hello")
     );
 
+    // Concurrent pulls of one name share the download: one fetches, the other finds it cached.
+    let fresh = skiff_runtime::ImageStore::open(t.dir.path().join("pull-store-2")).unwrap();
+    events.lock().unwrap().clear();
+    let none = RegistriesConfig::default();
+    let (a, b) = tokio::join!(
+        pull(&fresh, &direct, &none, &Credentials::Anonymous, &record),
+        pull(&fresh, &direct, &none, &Credentials::Anonymous, &record)
+    );
+    assert_eq!(a.unwrap(), b.unwrap());
+    let ev = events.lock().unwrap().clone();
+    assert_eq!(
+        ev.iter().filter(|e| !e.cached).count(),
+        2,
+        "each blob downloaded once: {ev:?}"
+    );
+    assert_eq!(ev.iter().filter(|e| e.cached).count(), 2, "{ev:?}");
+
     // A missing image fails with every endpoint named.
     let e = pull(
         &store,
