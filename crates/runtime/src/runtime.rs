@@ -576,6 +576,33 @@ impl Runtime {
         Ok(())
     }
 
+    /// Makes the shim continue the log in a new file at the log path (after the caller renamed
+    /// the old one: log rotation, CRI ReopenContainerLog).
+    pub async fn reopen_log(&self, id: &str) -> Result<()> {
+        let s = self.status(id).await?;
+        if s.state != ContainerState::Running {
+            return Err(Error::InvalidState(format!(
+                "container {id} is {:?}; only a running container's log can be reopened",
+                s.state
+            )));
+        }
+        let me = self.clone();
+        let id2 = id.to_string();
+        blocking(move || me.send_ctl(&id2, "reopen-log")).await?;
+        let path = s.log_path.clone();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !path.exists() {
+            if Instant::now() >= deadline {
+                return Err(Error::Shim {
+                    id: id.into(),
+                    message: format!("did not reopen {}", path.display()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
     /// Waits until the container exits (or `timeout` passes) and returns its status.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<ContainerStatus> {
         self.wait_for(id, timeout, |s| {

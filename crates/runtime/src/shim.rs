@@ -487,6 +487,15 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
                         }
                         exited_at = Some(Instant::now());
                     }
+                    "reopen-log" => {
+                        // The kubelet rotated the log (renamed it): continue in a fresh file.
+                        match OpenOptions::new().create(true).append(true).open(&a.log) {
+                            Ok(f) => log = f,
+                            Err(e) => {
+                                tracing::error!(id = %a.id, error = %e, "reopen container log")
+                            }
+                        }
+                    }
                     other => {
                         tracing::warn!(id = %a.id, command = other, status = ?state.status, "ignored shim command")
                     }

@@ -669,3 +669,32 @@ async fn host_network_sandbox_shares_the_host_netns() {
     t.rt.remove_sandbox(&sb.id).await.unwrap();
     t.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_rotation_and_graceful_stop() {
+    let t = TestRuntime::new();
+    let log = t.log("rot");
+    let cfg = sh(
+        "rot",
+        "trap 'echo bye; exit 0' TERM; while true; do echo tick; sleep 0.05; done",
+    );
+    let id = t.rt.create(None, cfg, log.clone()).await.unwrap();
+    t.rt.start(&id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    t.rt.reopen_log(&id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        log_lines(&log).iter().any(|l| l.2 == "tick"),
+        "new lines go to the new file"
+    );
+    assert!(log_lines(&rotated).iter().any(|l| l.2 == "tick"));
+    // The container handles SIGTERM: it exits 0 within the grace period, no SIGKILL.
+    let t0 = std::time::Instant::now();
+    let st = t.rt.stop(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(st.exit_code, Some(0), "{st:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(log_lines(&log).iter().any(|l| l.2 == "bye"));
+    t.teardown().await;
+}
