@@ -332,8 +332,11 @@ fn container_survives_sigkill_of_the_runtime_process_and_is_readopted() {
         // Logs keep flowing after the runtime died.
         let log = list[0].log_path.clone();
         let n0 = log_lines(&log).len();
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        assert!(log_lines(&log).len() > n0, "logs keep flowing");
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while log_lines(&log).len() <= n0 + 2 && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(log_lines(&log).len() > n0 + 2, "logs keep flowing");
         let st = fresh.stop(&id, Duration::from_secs(1)).await.unwrap();
         assert_eq!(st.state, ContainerState::Exited);
         fresh.remove(&id).await.unwrap();
@@ -680,15 +683,19 @@ async fn log_rotation_and_graceful_stop() {
     );
     let id = t.rt.create(None, cfg, log.clone()).await.unwrap();
     t.rt.start(&id).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let has_tick = |p: &std::path::Path| log_lines(p).iter().any(|l| l.2 == "tick");
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !has_tick(&log) && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let rotated = log.with_extension("log.1");
     std::fs::rename(&log, &rotated).unwrap();
     t.rt.reopen_log(&id).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        log_lines(&log).iter().any(|l| l.2 == "tick"),
-        "new lines go to the new file"
-    );
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !has_tick(&log) && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(has_tick(&log), "new lines go to the new file");
     assert!(log_lines(&rotated).iter().any(|l| l.2 == "tick"));
     // The container handles SIGTERM: it exits 0 within the grace period, no SIGKILL.
     let t0 = std::time::Instant::now();
