@@ -630,11 +630,41 @@ impl Runtime {
         Ok(())
     }
 
+    /// Whether the container's recorded init process still exists (same pid, same start time).
+    fn process_alive(&self, id: &str) -> bool {
+        match read_state(&self.ctr_dir(id)) {
+            Ok(ShimState {
+                pid: Some(pid),
+                pid_start_ticks: Some(t),
+                ..
+            }) => {
+                pid_start_ticks(pid) == Some(t)
+                    && !fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .is_ok_and(|s| s.contains(") Z "))
+            }
+            _ => false,
+        }
+    }
+
     /// Stops a running container: SIGTERM, then SIGKILL after `grace`.
     pub async fn stop(&self, id: &str, grace: Duration) -> Result<ContainerStatus> {
         let s = self.status(id).await?;
         match s.state {
-            ContainerState::Exited | ContainerState::Unknown => return Ok(s),
+            ContainerState::Exited => return Ok(s),
+            ContainerState::Unknown => {
+                // The shim is gone: nobody reaps or records; kill what is left ourselves.
+                self.signal(id, Signal::SIGKILL)?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while self.process_alive(id) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                if self.process_alive(id) {
+                    return Err(Error::InvalidState(format!(
+                        "container {id} (shim gone) did not die after SIGKILL"
+                    )));
+                }
+                return self.status(id).await;
+            }
             ContainerState::Created => {
                 let me = self.clone();
                 let id2 = id.to_string();

@@ -705,3 +705,50 @@ async fn log_rotation_and_graceful_stop() {
     assert!(log_lines(&log).iter().any(|l| l.2 == "bye"));
     t.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_whose_shim_died_is_killed_and_cleaned_up_on_remove() {
+    let t = TestRuntime::new();
+    let id =
+        t.rt.create(None, sh("orphan", "sleep 1000"), t.log("orphan"))
+            .await
+            .unwrap();
+    t.rt.start(&id).await.unwrap();
+    let st = skiff_runtime::shim::read_state(&t.rt.container_dir(&id)).unwrap();
+    let pid = st.pid.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(st.shim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while t.rt.status(&id).await.unwrap().state != ContainerState::Unknown
+        && std::time::Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        t.rt.status(&id).await.unwrap().state,
+        ContainerState::Unknown
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the container outlives its shim"
+    );
+    t.rt.remove(&id).await.unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+        && std::time::Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z "),
+        "container process must be gone: {stat}"
+    );
+    t.teardown().await;
+}
