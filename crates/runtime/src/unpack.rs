@@ -60,7 +60,9 @@ pub fn unpack_layer<R: BufRead>(mut reader: R, layer: &str, dest: &Path) -> Resu
     ar.set_preserve_permissions(true);
     ar.set_preserve_ownerships(true);
     ar.set_preserve_mtime(true);
-    ar.set_unpack_xattrs(true);
+    // Xattrs are applied by us, filtered: a layer must never set trusted.* (overlayfs acts on
+    // trusted.overlay.*) or security labels other than file capabilities.
+    ar.set_unpack_xattrs(false);
     ar.set_overwrite(true);
     let unsafe_entry = |entry: &Path, reason: &'static str| Error::UnsafeLayerEntry {
         layer: layer.to_string(),
@@ -147,11 +149,30 @@ pub fn unpack_layer<R: BufRead>(mut reader: R, layer: &str, dest: &Path) -> Resu
                 .map_err(io_err("chown", &target))?;
             continue;
         }
+        let xattrs = allowed_xattrs(&mut entry);
         entry
             .unpack(&target)
             .map_err(io_err("unpack layer entry", &target))?;
+        for (name, value) in xattrs {
+            set_xattr(&target, &name, &value)?;
+        }
     }
     Ok(())
+}
+
+/// The entry's xattrs (PAX `SCHILY.xattr.*`) that a layer may set: `user.*` and
+/// `security.capability`.
+fn allowed_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(String, Vec<u8>)> {
+    let Ok(Some(exts)) = entry.pax_extensions() else {
+        return Vec::new();
+    };
+    exts.flatten()
+        .filter_map(|e| {
+            let name = e.key().ok()?.strip_prefix("SCHILY.xattr.")?.to_string();
+            (name.starts_with("user.") || name == "security.capability")
+                .then(|| (name, e.value_bytes().to_vec()))
+        })
+        .collect()
 }
 
 fn dev_of(h: &tar::Header) -> u64 {
@@ -240,9 +261,10 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
         )
     };
     if rc != 0 {
-        return Err(io_err("set xattr trusted.overlay.opaque on", path)(
-            io::Error::last_os_error(),
-        ));
+        return Err(Error::InvalidImage {
+            path: path.into(),
+            reason: format!("set xattr {name}: {}", io::Error::last_os_error()),
+        });
     }
     Ok(())
 }

@@ -263,3 +263,42 @@ fn whiteouts_and_opaque_dirs_hide_lower_content_in_the_overlay() {
         0o1777
     );
 }
+
+#[test]
+fn layer_xattrs_are_filtered() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(t.path().join("images")).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mode(0o644);
+    h.set_mtime(1);
+    h.set_size(2);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_pax_extensions([
+        ("SCHILY.xattr.user.kept", &b"yes"[..]),
+        ("SCHILY.xattr.trusted.overlay.redirect", &b"/etc"[..]),
+    ])
+    .unwrap();
+    b.append_data(&mut h, "f", &b"hi"[..]).unwrap();
+    let data = b.into_inner().unwrap();
+    let (digest, _) = store.write_blob(&mut &data[..], None).unwrap();
+    let dir = store.unpack(&digest).unwrap();
+    let get = |name: &str| {
+        let p = std::ffi::CString::new(dir.join("f").to_str().unwrap()).unwrap();
+        let n = std::ffi::CString::new(name).unwrap();
+        let mut v = [0u8; 16];
+        // SAFETY: valid NUL-terminated strings; the buffer is v.len() bytes long.
+        let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        (r >= 0).then(|| v[..r as usize].to_vec())
+    };
+    assert_eq!(get("user.kept").as_deref(), Some(&b"yes"[..]));
+    assert_eq!(
+        get("trusted.overlay.redirect"),
+        None,
+        "trusted.* from a layer is dropped"
+    );
+    assert_eq!(std::fs::read(dir.join("f")).unwrap(), b"hi");
+}
