@@ -96,9 +96,27 @@ pub struct ExecProcess {
     child: tokio::process::Child,
     result: PathBuf,
     id: String,
+    process: PathBuf,
+    resize: Option<PathBuf>,
 }
 
 impl ExecProcess {
+    /// Sets the terminal size (TTY execs only).
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        let Some(p) = &self.resize else {
+            return Err(Error::InvalidState(
+                "resize needs an exec with a tty".into(),
+            ));
+        };
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(p)
+            .map_err(io_err("open resize fifo", p))?;
+        f.write_all(format!("{rows} {cols}\n").as_bytes())
+            .map_err(io_err("write", p))
+    }
+
     /// Waits for the process and returns its exit code.
     pub async fn wait(mut self) -> Result<i32> {
         drop(self.stdin.take());
@@ -106,6 +124,10 @@ impl ExecProcess {
             .wait()
             .await
             .map_err(io_err("wait for shim exec", &self.result))?;
+        let _ = tokio::fs::remove_file(&self.process).await;
+        if let Some(p) = &self.resize {
+            let _ = tokio::fs::remove_file(p).await;
+        }
         let body = tokio::fs::read(&self.result)
             .await
             .map_err(io_err("read exec result", &self.result))?;
@@ -745,11 +767,15 @@ impl Runtime {
         let result = self
             .ctr_dir(id)
             .join(format!("exec-{}.json", random_hex(6)));
+        let process = self.exec_process_file(id, &argv, false, &result)?;
         let args = ExecArgs {
             id: id.into(),
             root: self.cfg.state_dir.join("lc"),
             result: result.clone(),
             argv,
+            process: Some(process.clone()),
+            tty: false,
+            resize: None,
         };
         let mut cmd = tokio::process::Command::new(&self.cfg.shim_command[0]);
         cmd.args(&self.cfg.shim_command[1..])
@@ -765,6 +791,7 @@ impl Runtime {
                 "run shim exec",
                 PathBuf::from(&self.cfg.shim_command[0]),
             ))?;
+        let _ = tokio::fs::remove_file(&process).await;
         let body = tokio::fs::read(&result)
             .await
             .map_err(io_err("read exec result", &result))?;
@@ -786,9 +813,10 @@ impl Runtime {
         }
     }
 
-    /// Starts a command in a running container with piped stdin/stdout/stderr (streaming exec
-    /// without a TTY).
-    pub async fn exec_stream(&self, id: &str, argv: Vec<String>) -> Result<ExecProcess> {
+    /// Starts a command in a running container with piped stdin/stdout/stderr (streaming exec).
+    /// With `tty` the command gets a pseudo-terminal: its output comes on stdout only and
+    /// [`ExecProcess::resize`] sets the window size.
+    pub async fn exec_stream(&self, id: &str, argv: Vec<String>, tty: bool) -> Result<ExecProcess> {
         let s = self.status(id).await?;
         if s.state != ContainerState::Running {
             return Err(Error::InvalidState(format!(
@@ -799,11 +827,23 @@ impl Runtime {
         let result = self
             .ctr_dir(id)
             .join(format!("exec-{}.json", random_hex(6)));
+        let process = self.exec_process_file(id, &argv, tty, &result)?;
+        let resize = if tty {
+            let p = result.with_extension("resize");
+            nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                .map_err(sys_err(format!("mkfifo {}", p.display())))?;
+            Some(p)
+        } else {
+            None
+        };
         let args = ExecArgs {
             id: id.into(),
             root: self.cfg.state_dir.join("lc"),
             result: result.clone(),
             argv,
+            process: Some(process.clone()),
+            tty,
+            resize: resize.clone(),
         };
         let mut cmd = tokio::process::Command::new(&self.cfg.shim_command[0]);
         cmd.args(&self.cfg.shim_command[1..])
@@ -823,7 +863,44 @@ impl Runtime {
             child,
             result,
             id: id.into(),
+            process,
+            resize,
         })
+    }
+
+    /// Writes the OCI process of an exec: the container's own (user, groups, env, cwd,
+    /// capabilities, no_new_privs) with `argv` and the terminal flag.
+    fn exec_process_file(
+        &self,
+        id: &str,
+        argv: &[String],
+        tty: bool,
+        result: &Path,
+    ) -> Result<PathBuf> {
+        let sp = self.ctr_dir(id).join("bundle/config.json");
+        let b = fs::read(&sp).map_err(io_err("read", &sp))?;
+        let spec: serde_json::Value = serde_json::from_slice(&b).map_err(|source| Error::Json {
+            path: sp.clone(),
+            source,
+        })?;
+        let mut p = spec.get("process").cloned().unwrap_or_default();
+        p["args"] = serde_json::json!(argv);
+        p["terminal"] = serde_json::json!(tty);
+        if tty
+            && let Some(env) = p["env"].as_array_mut()
+            && !env
+                .iter()
+                .any(|e| e.as_str().is_some_and(|s| s.starts_with("TERM=")))
+        {
+            env.push(serde_json::json!("TERM=xterm"));
+        }
+        let path = result.with_extension("process.json");
+        let body = serde_json::to_vec(&p).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        fs::write(&path, body).map_err(io_err("write", &path))?;
+        Ok(path)
     }
 
     /// CPU and memory usage of a container.

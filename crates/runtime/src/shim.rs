@@ -150,6 +150,12 @@ pub struct ExecArgs {
     pub result: PathBuf,
     /// the command
     pub argv: Vec<String>,
+    /// an OCI process document (user, env, cwd, capabilities, args, terminal)
+    pub process: Option<PathBuf>,
+    /// give the process a pseudo-terminal (relayed over the shim's stdin/stdout)
+    pub tty: bool,
+    /// a FIFO that carries `ROWS COLS` lines to resize the terminal
+    pub resize: Option<PathBuf>,
 }
 
 impl ExecArgs {
@@ -163,8 +169,17 @@ impl ExecArgs {
             self.root.display().to_string(),
             "--result".into(),
             self.result.display().to_string(),
-            "--".into(),
         ];
+        if let Some(p) = &self.process {
+            v.extend(["--process".into(), p.display().to_string()]);
+        }
+        if self.tty {
+            v.extend(["--tty".into(), "1".into()]);
+        }
+        if let Some(p) = &self.resize {
+            v.extend(["--resize".into(), p.display().to_string()]);
+        }
+        v.push("--".into());
         v.extend(self.argv.iter().cloned());
         v
     }
@@ -236,6 +251,9 @@ pub fn main(args: Vec<String>) -> i32 {
                 root: get("root").into(),
                 result: get("result").into(),
                 argv,
+                process: flags.get("process").map(PathBuf::from),
+                tty: get("tty") == "1",
+                resize: flags.get("resize").map(PathBuf::from),
             };
             if a.id.is_empty() || a.result.as_os_str().is_empty() || a.argv.is_empty() {
                 eprintln!(
@@ -553,6 +571,129 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
     Ok(())
 }
 
+fn receive_master(l: &std::os::unix::net::UnixListener, sock: &Path) -> Result<OwnedFd> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let (conn, _) = l.accept().map_err(io_err("accept console socket", sock))?;
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .map_err(|e| io_err("receive terminal", sock)(e.into()))?;
+    for c in msg
+        .cmsgs()
+        .map_err(|e| io_err("read terminal message", sock)(e.into()))?
+    {
+        if let ControlMessageOwned::ScmRights(fds) = c
+            && let Some(&fd) = fds.first()
+        {
+            // SAFETY: the kernel just installed this descriptor in our table for us alone.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    Err(Error::Container(format!(
+        "no terminal received on {}",
+        sock.display()
+    )))
+}
+
+/// Copies stdin to the terminal and the terminal to stdout until the process is gone; applies
+/// `ROWS COLS` lines from the resize FIFO.
+fn relay_tty(master: OwnedFd, pid: Pid, resize: Option<&Path>) {
+    let resize_file = resize.and_then(|p| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(p)
+            .ok()
+    });
+    let stdin = std::io::stdin();
+    let mut stdin_open = true;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut exited_at: Option<Instant> = None;
+    loop {
+        if exited_at.is_some_and(|t| t.elapsed() > Duration::from_millis(200)) {
+            break;
+        }
+        let mut fds = vec![PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+        if let Some(f) = &resize_file {
+            fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
+        }
+        if stdin_open {
+            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+        }
+        let _ = poll(&mut fds, PollTimeout::from(50u16));
+        let rev: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if rev[0] {
+            match nix::unistd::read(&master, &mut buf) {
+                Ok(0) | Err(nix::errno::Errno::EIO) => break,
+                Ok(n) => {
+                    let mut out = std::io::stdout();
+                    let _ = out.write_all(&buf[..n]);
+                    let _ = out.flush();
+                }
+                Err(_) => {}
+            }
+        }
+        let mut idx = 1;
+        if let Some(f) = &resize_file {
+            if rev.get(idx).copied().unwrap_or(false) {
+                let mut b = [0u8; 128];
+                if let Ok(n) = nix::unistd::read(f, &mut b) {
+                    for line in String::from_utf8_lossy(&b[..n]).lines() {
+                        let mut it = line
+                            .split_whitespace()
+                            .filter_map(|x| x.parse::<u16>().ok());
+                        if let (Some(rows), Some(cols)) = (it.next(), it.next()) {
+                            let ws = libc::winsize {
+                                ws_row: rows,
+                                ws_col: cols,
+                                ws_xpixel: 0,
+                                ws_ypixel: 0,
+                            };
+                            // SAFETY: TIOCSWINSZ reads a winsize we own, on the terminal we hold.
+                            unsafe {
+                                libc::ioctl(
+                                    std::os::fd::AsRawFd::as_raw_fd(&master),
+                                    libc::TIOCSWINSZ,
+                                    &ws,
+                                )
+                            };
+                        }
+                    }
+                }
+            }
+            idx += 1;
+        }
+        if stdin_open && rev.get(idx).copied().unwrap_or(false) {
+            match nix::unistd::read(&stdin, &mut buf) {
+                Ok(0) | Err(_) => stdin_open = false,
+                Ok(n) => {
+                    let _ = nix::unistd::write(&master, &buf[..n]);
+                }
+            }
+        }
+        if exited_at.is_none() {
+            // Exited but not yet reaped (the caller reaps): a zombie.
+            let stat =
+                fs::read_to_string(format!("/proc/{}/stat", pid.as_raw())).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z ") {
+                exited_at = Some(Instant::now());
+            }
+        }
+    }
+}
+
 /// Reads once from a pipe into the log; false at end of stream.
 fn pump(fd: &OwnedFd, buf: &mut [u8], split: &mut LineSplitter, log: &mut File) -> bool {
     match nix::unistd::read(fd, buf) {
@@ -587,21 +728,36 @@ fn exec(a: ExecArgs) -> i32 {
 }
 
 fn run_exec(a: &ExecArgs) -> Result<i32> {
-    let out = dup(std::io::stdout().as_fd()).map_err(|e| io_err("dup", "stdout")(e.into()))?;
-    let err = dup(std::io::stderr().as_fd()).map_err(|e| io_err("dup", "stderr")(e.into()))?;
-    let inp = dup(std::io::stdin().as_fd()).map_err(|e| io_err("dup", "stdin")(e.into()))?;
-    let pid = ContainerBuilder::new(a.id.clone(), SyscallType::Linux)
+    let mut b = ContainerBuilder::new(a.id.clone(), SyscallType::Linux)
         .with_root_path(&a.root)
-        .map_err(|e| Error::Container(e.to_string()))?
-        .with_stdin(inp)
-        .with_stdout(out)
-        .with_stderr(err)
+        .map_err(|e| Error::Container(e.to_string()))?;
+    let mut listener = None;
+    if a.tty {
+        // libcontainer hands the pseudo-terminal's master over this socket.
+        let sock = a.result.with_extension("sock");
+        let l = std::os::unix::net::UnixListener::bind(&sock)
+            .map_err(io_err("bind console socket", &sock))?;
+        listener = Some((l, sock.clone()));
+        b = b.with_console_socket(Some(sock));
+    } else {
+        let out = dup(std::io::stdout().as_fd()).map_err(|e| io_err("dup", "stdout")(e.into()))?;
+        let err = dup(std::io::stderr().as_fd()).map_err(|e| io_err("dup", "stderr")(e.into()))?;
+        let inp = dup(std::io::stdin().as_fd()).map_err(|e| io_err("dup", "stdin")(e.into()))?;
+        b = b.with_stdin(inp).with_stdout(out).with_stderr(err);
+    }
+    let pid = b
         .as_tenant()
         .with_container_args(a.argv.clone())
-        .with_detach(false)
+        .with_process(a.process.as_ref())
+        .with_detach(a.tty)
         .build()
         .map_err(|e| Error::Container(format!("exec in {}: {e}", a.id)))?;
     let pid = Pid::from_raw(pid.as_raw());
+    if let Some((l, sock)) = listener {
+        let master = receive_master(&l, &sock);
+        let _ = fs::remove_file(&sock);
+        relay_tty(master?, pid, a.resize.as_deref());
+    }
     loop {
         match waitpid(pid, None) {
             Ok(WaitStatus::Exited(_, code)) => return Ok(code),

@@ -230,6 +230,7 @@ async fn sandbox_exec_hostname_and_whiteouts() {
                     "-c".into(),
                     "read x; echo got-$x; echo err-$x >&2; exit 4".into(),
                 ],
+                false,
             )
             .await
             .unwrap();
@@ -750,5 +751,69 @@ async fn container_whose_shim_died_is_killed_and_cleaned_up_on_remove() {
         stat.is_empty() || stat.contains(") Z "),
         "container process must be gone: {stat}"
     );
+    t.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_as_the_container_user_and_with_a_tty() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = TestRuntime::new();
+    let mut cfg = sh("u", "sleep 1000");
+    cfg.run_as_user = Some(1000);
+    cfg.working_dir = Some("/tmp".into());
+    let id = t.rt.create(None, cfg, t.log("u")).await.unwrap();
+    t.rt.start(&id).await.unwrap();
+    let out =
+        t.rt.exec(
+            &id,
+            vec![
+                "sh".into(),
+                "-c".into(),
+                "id -u; pwd; test -t 0 && echo tty || echo no-tty".into(),
+            ],
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1000\n/tmp\nno-tty\n");
+    let mut p =
+        t.rt.exec_stream(
+            &id,
+            vec![
+                "sh".into(),
+                "-c".into(),
+                "test -t 0 && echo is-a-tty; read x; stty size; exit 3".into(),
+            ],
+            true,
+        )
+        .await
+        .unwrap();
+    let mut stdout = p.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&seen).contains("is-a-tty") && std::time::Instant::now() < until
+    {
+        let n = tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        seen.extend_from_slice(&buf[..n]);
+    }
+    p.resize(33, 101).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.stdin.as_mut().unwrap().write_all(b"go\n").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stdout.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    seen.extend_from_slice(&rest);
+    let text = String::from_utf8_lossy(&seen);
+    assert!(
+        text.contains("is-a-tty") && text.contains("33 101"),
+        "{text:?}"
+    );
+    assert_eq!(p.wait().await.unwrap(), 3);
     t.teardown().await;
 }

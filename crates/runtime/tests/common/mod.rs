@@ -12,6 +12,7 @@ use skiff_runtime::{ImageStore, Runtime, RuntimeConfig};
 pub const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "hostname", "id", "touch", "ls", "grep", "head", "dd", "true",
     "false", "test", "mkdir", "rm", "env", "wc", "yes", "tail", "ps", "kill", "mount", "httpd",
+    "stty", "pwd",
 ];
 
 pub fn require_root() {
