@@ -47,6 +47,11 @@ impl LineSplitter {
         }
     }
 
+    /// Whether this splitter is for stdout.
+    pub fn is_stdout(&self) -> bool {
+        self.stream == "stdout"
+    }
+
     /// Feeds bytes; writes every complete record to `out`.
     pub fn feed(&mut self, data: &[u8], out: &mut dyn Write) -> std::io::Result<()> {
         let mut rest = data;

@@ -15,7 +15,8 @@ pub mod unpack;
 
 pub use error::{Error, Result};
 pub use runtime::{
-    ContainerState, ContainerStatus, ExecOutput, ExecProcess, Runtime, RuntimeConfig,
+    Attach, AttachStream, ContainerState, ContainerStatus, ExecOutput, ExecProcess, Runtime,
+    RuntimeConfig,
 };
 pub use sandbox::{Sandbox, SandboxConfig};
 pub use spec::{ContainerConfig, Device, Mount, MountKind, Resources};

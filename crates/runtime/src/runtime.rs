@@ -146,6 +146,64 @@ impl ExecProcess {
     }
 }
 
+/// Which stream an attach frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachStream {
+    /// the container's stdout
+    Stdout,
+    /// the container's stderr
+    Stderr,
+}
+
+/// A connection to a running container's stdio through its shim.
+#[derive(Debug)]
+pub struct Attach {
+    stream: tokio::net::UnixStream,
+}
+
+impl Attach {
+    /// The next chunk of output; `None` when the container's output ended.
+    pub async fn next(&mut self) -> Result<Option<(AttachStream, Vec<u8>)>> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 5];
+        match self.stream.read_exact(&mut head).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(io_err("read attach stream", PathBuf::from("attach"))(e)),
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut data = vec![0u8; len];
+        self.stream
+            .read_exact(&mut data)
+            .await
+            .map_err(io_err("read attach stream", PathBuf::from("attach")))?;
+        let which = if head[0] == 2 {
+            AttachStream::Stderr
+        } else {
+            AttachStream::Stdout
+        };
+        Ok(Some((which, data)))
+    }
+
+    /// Sends bytes to the container's stdin (if it was created with `stdin`).
+    pub async fn write_stdin(&mut self, data: &[u8]) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream
+            .write_all(data)
+            .await
+            .map_err(io_err("write attach stdin", PathBuf::from("attach")))
+    }
+
+    /// Closes our stdin side (with `stdin_once` the container's stdin closes too).
+    pub async fn close_stdin(&mut self) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream
+            .shutdown()
+            .await
+            .map_err(io_err("close attach stdin", PathBuf::from("attach")))
+    }
+}
+
 /// Output of a synchronous exec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -456,6 +514,8 @@ impl Runtime {
                 root: self.cfg.state_dir.join("lc"),
                 log: log_path,
                 cgroup,
+                stdin: cfg.stdin,
+                stdin_once: cfg.stdin_once,
             })
         })();
         match res {
@@ -596,6 +656,22 @@ impl Runtime {
             });
         }
         Ok(())
+    }
+
+    /// Connects to a running container's stdio (output from now on; stdin if enabled).
+    pub async fn attach(&self, id: &str) -> Result<Attach> {
+        let s = self.status(id).await?;
+        if !matches!(s.state, ContainerState::Running | ContainerState::Created) {
+            return Err(Error::InvalidState(format!(
+                "container {id} is {:?}; attach needs a running container",
+                s.state
+            )));
+        }
+        let p = self.ctr_dir(id).join(crate::shim::ATTACH_SOCKET);
+        let stream = tokio::net::UnixStream::connect(&p)
+            .await
+            .map_err(io_err("connect attach socket", &p))?;
+        Ok(Attach { stream })
     }
 
     /// Makes the shim continue the log in a new file at the log path (after the caller renamed

@@ -118,6 +118,10 @@ pub struct CreateArgs {
     pub log: PathBuf,
     /// cgroupsPath, for OOM accounting
     pub cgroup: String,
+    /// the container gets a stdin pipe, fed by attach clients
+    pub stdin: bool,
+    /// close the container's stdin when the first attach client closes its side
+    pub stdin_once: bool,
 }
 
 impl CreateArgs {
@@ -135,6 +139,10 @@ impl CreateArgs {
             self.log.display().to_string(),
             "--cgroup".into(),
             self.cgroup.clone(),
+            "--stdin".into(),
+            if self.stdin { "1" } else { "0" }.into(),
+            "--stdin-once".into(),
+            if self.stdin_once { "1" } else { "0" }.into(),
         ]
     }
 }
@@ -234,6 +242,8 @@ pub fn main(args: Vec<String>) -> i32 {
                 root: get("root").into(),
                 log: get("log").into(),
                 cgroup: get("cgroup"),
+                stdin: get("stdin") == "1",
+                stdin_once: get("stdin-once") == "1",
             };
             if a.id.is_empty()
                 || a.dir.as_os_str().is_empty()
@@ -411,9 +421,29 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
     let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| io_err("pipe", &a.dir)(e.into()))?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| io_err("pipe", &a.dir)(e.into()))?;
     fs::create_dir_all(&a.root).map_err(io_err("create", &a.root))?;
-    let mut container = ContainerBuilder::new(a.id.clone(), SyscallType::Linux)
+    let mut stdin_w: Option<File> = None;
+    let mut builder = ContainerBuilder::new(a.id.clone(), SyscallType::Linux)
         .with_root_path(&a.root)
-        .map_err(|e| Error::Container(e.to_string()))?
+        .map_err(|e| Error::Container(e.to_string()))?;
+    if a.stdin {
+        let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| io_err("pipe", &a.dir)(e.into()))?;
+        builder = builder.with_stdin(r);
+        stdin_w = Some(File::from(w));
+    }
+    // Attach clients connect here; without it (path too long) attach is unavailable.
+    let attach_path = a.dir.join(ATTACH_SOCKET);
+    let listener = match std::os::unix::net::UnixListener::bind(&attach_path) {
+        Ok(l) => {
+            let _ = l.set_nonblocking(true);
+            Some(l)
+        }
+        Err(e) => {
+            tracing::warn!(id = %a.id, error = %e, path = %attach_path.display(), "attach socket unavailable");
+            None
+        }
+    };
+    let mut clients: Vec<Client> = Vec::new();
+    let mut container = builder
         .with_stdout(out_w)
         .with_stderr(err_w)
         .as_init(a.dir.join("bundle"))
@@ -447,32 +477,78 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
             break;
         }
         let mut fds = vec![PollFd::new(ctl_file.as_fd(), PollFlags::POLLIN)];
+        let mut tags = vec![Tag::Ctl];
         if out_open {
             fds.push(PollFd::new(out_r.as_fd(), PollFlags::POLLIN));
+            tags.push(Tag::Out);
         }
         if err_open {
             fds.push(PollFd::new(err_r.as_fd(), PollFlags::POLLIN));
+            tags.push(Tag::Err);
+        }
+        if let Some(l) = &listener {
+            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+            tags.push(Tag::Listener);
+        }
+        for (i, c) in clients.iter().enumerate() {
+            if c.reading {
+                fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
+                tags.push(Tag::Client(i));
+            }
         }
         let _ = poll(&mut fds, PollTimeout::from(50u16));
-        let ready_of = |i: usize| {
-            fds.get(i)
-                .and_then(|f| f.revents())
-                .is_some_and(|r| !r.is_empty())
-        };
-        let ctl_ready = ready_of(0);
-        let mut idx = 1;
-        let out_ready = out_open && {
-            let r = ready_of(idx);
-            idx += 1;
-            r
-        };
-        let err_ready = err_open && ready_of(idx);
+        let ready: Vec<Tag> = fds
+            .iter()
+            .zip(tags.iter())
+            .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(_, t)| *t)
+            .collect();
         drop(fds);
-        if out_ready {
-            out_open = pump(&out_r, &mut buf, &mut out_split, &mut log);
+        let ctl_ready = ready.contains(&Tag::Ctl);
+        let mut gone = Vec::new();
+        for t in &ready {
+            match *t {
+                Tag::Ctl => {}
+                Tag::Out => {
+                    out_open = pump(&out_r, &mut buf, &mut out_split, &mut log, 1, &mut clients)
+                }
+                Tag::Err => {
+                    err_open = pump(&err_r, &mut buf, &mut err_split, &mut log, 2, &mut clients)
+                }
+                Tag::Listener => {
+                    if let Some(Ok((c, _))) = listener.as_ref().map(|l| l.accept()) {
+                        let _ = c.set_nonblocking(true);
+                        clients.push(Client {
+                            stream: c,
+                            reading: true,
+                        });
+                    }
+                }
+                Tag::Client(i) => {
+                    let mut b = [0u8; 4096];
+                    match clients.get(i).map(|c| (&c.stream).read(&mut b)) {
+                        Some(Ok(0)) => {
+                            // Half-closed: no more input, but it still gets output.
+                            if let Some(c) = clients.get_mut(i) {
+                                c.reading = false;
+                            }
+                            if a.stdin_once {
+                                stdin_w = None;
+                            }
+                        }
+                        Some(Err(_)) | None => gone.push(i),
+                        Some(Ok(n)) => {
+                            if let Some(w) = stdin_w.as_mut() {
+                                let _ = w.write_all(&b[..n]);
+                            }
+                        }
+                    }
+                }
+            }
         }
-        if err_ready {
-            err_open = pump(&err_r, &mut buf, &mut err_split, &mut log);
+        gone.sort_unstable();
+        for i in gone.into_iter().rev() {
+            clients.remove(i);
         }
         if ctl_ready {
             let mut b = [0u8; 256];
@@ -549,7 +625,8 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
             fd.as_fd(),
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         );
-        while pump(fd, &mut buf, split, &mut log) {}
+        let sid = if split.is_stdout() { 1 } else { 2 };
+        while pump(fd, &mut buf, split, &mut log, sid, &mut clients) {}
         let _ = split.finish(&mut log);
     }
     let _ = log.flush();
@@ -567,6 +644,8 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
     }
     write_state(&a.dir, &state)?;
     let _ = fs::remove_file(&ctl);
+    drop(clients);
+    let _ = fs::remove_file(&attach_path);
     tracing::info!(id = %a.id, exit_code = ?state.exit_code, oom_killed = state.oom_killed, "container exited");
     Ok(())
 }
@@ -694,12 +773,46 @@ fn relay_tty(master: OwnedFd, pid: Pid, resize: Option<&Path>) {
     }
 }
 
-/// Reads once from a pipe into the log; false at end of stream.
-fn pump(fd: &OwnedFd, buf: &mut [u8], split: &mut LineSplitter, log: &mut File) -> bool {
+/// An attach connection.
+struct Client {
+    stream: std::os::unix::net::UnixStream,
+    /// still sending stdin
+    reading: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    Ctl,
+    Out,
+    Err,
+    Listener,
+    Client(usize),
+}
+
+/// File name of the attach socket inside the container dir.
+pub const ATTACH_SOCKET: &str = "attach.sock";
+
+/// Reads once from a pipe into the log and to attach clients (frames: stream byte 1/2, u32
+/// big-endian length, data; a client that cannot keep up is dropped); false at end of stream.
+fn pump(
+    fd: &OwnedFd,
+    buf: &mut [u8],
+    split: &mut LineSplitter,
+    log: &mut File,
+    stream: u8,
+    clients: &mut Vec<Client>,
+) -> bool {
     match nix::unistd::read(fd, buf) {
         Ok(0) => false,
         Ok(n) => {
             let _ = split.feed(&buf[..n], log);
+            if !clients.is_empty() {
+                let mut frame = Vec::with_capacity(n + 5);
+                frame.push(stream);
+                frame.extend_from_slice(&(n as u32).to_be_bytes());
+                frame.extend_from_slice(&buf[..n]);
+                clients.retain_mut(|c| c.stream.write_all(&frame).is_ok());
+            }
             true
         }
         Err(nix::errno::Errno::EINTR) => true,

@@ -134,6 +134,12 @@ pub struct ContainerConfig {
     /// host devices
     #[serde(default)]
     pub devices: Vec<Device>,
+    /// keep a stdin pipe open for attach clients
+    #[serde(default)]
+    pub stdin: bool,
+    /// close stdin when the first attach client closes its side
+    #[serde(default)]
+    pub stdin_once: bool,
 }
 
 /// Syscalls the RuntimeDefault profile refuses with EPERM: kernel module, kexec, clock, swap,

@@ -817,3 +817,42 @@ async fn exec_runs_as_the_container_user_and_with_a_tty() {
     assert_eq!(p.wait().await.unwrap(), 3);
     t.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_streams_output_and_feeds_stdin() {
+    let t = TestRuntime::new();
+    let mut cfg = sh("att", "read x; echo got-$x; echo to-err >&2");
+    cfg.stdin = true;
+    cfg.stdin_once = true;
+    let log = t.log("att");
+    let id = t.rt.create(None, cfg, log.clone()).await.unwrap();
+    t.rt.start(&id).await.unwrap();
+    let mut a = t.rt.attach(&id).await.unwrap();
+    a.write_stdin(b"hi\n").await.unwrap();
+    a.close_stdin().await.unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some((which, data)) = tokio::time::timeout(Duration::from_secs(20), a.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        match which {
+            skiff_runtime::AttachStream::Stdout => out.extend(data),
+            skiff_runtime::AttachStream::Stderr => err.extend(data),
+        }
+    }
+    assert_eq!(
+        (
+            String::from_utf8_lossy(&out).as_ref(),
+            String::from_utf8_lossy(&err).as_ref()
+        ),
+        ("got-hi\n", "to-err\n")
+    );
+    let st = t.rt.wait(&id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(st.exit_code, Some(0));
+    assert!(
+        log_lines(&log).iter().any(|l| l.2 == "got-hi"),
+        "the log has it too"
+    );
+    t.teardown().await;
+}
