@@ -516,6 +516,7 @@ impl Runtime {
                 cgroup,
                 stdin: cfg.stdin,
                 stdin_once: cfg.stdin_once,
+                tty: cfg.tty,
             })
         })();
         match res {
@@ -672,6 +673,13 @@ impl Runtime {
             .await
             .map_err(io_err("connect attach socket", &p))?;
         Ok(Attach { stream })
+    }
+
+    /// Sets the terminal size of a container created with `tty`.
+    pub async fn resize(&self, id: &str, rows: u16, cols: u16) -> Result<()> {
+        let me = self.clone();
+        let id = id.to_string();
+        blocking(move || me.send_ctl(&id, &format!("resize {rows} {cols}"))).await
     }
 
     /// Makes the shim continue the log in a new file at the log path (after the caller renamed

@@ -122,6 +122,8 @@ pub struct CreateArgs {
     pub stdin: bool,
     /// close the container's stdin when the first attach client closes its side
     pub stdin_once: bool,
+    /// the container's stdio is a pseudo-terminal (its output is logged as stdout)
+    pub tty: bool,
 }
 
 impl CreateArgs {
@@ -143,6 +145,8 @@ impl CreateArgs {
             if self.stdin { "1" } else { "0" }.into(),
             "--stdin-once".into(),
             if self.stdin_once { "1" } else { "0" }.into(),
+            "--tty".into(),
+            if self.tty { "1" } else { "0" }.into(),
         ]
     }
 }
@@ -244,6 +248,7 @@ pub fn main(args: Vec<String>) -> i32 {
                 cgroup: get("cgroup"),
                 stdin: get("stdin") == "1",
                 stdin_once: get("stdin-once") == "1",
+                tty: get("tty") == "1",
             };
             if a.id.is_empty()
                 || a.dir.as_os_str().is_empty()
@@ -425,7 +430,7 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
     let mut builder = ContainerBuilder::new(a.id.clone(), SyscallType::Linux)
         .with_root_path(&a.root)
         .map_err(|e| Error::Container(e.to_string()))?;
-    if a.stdin {
+    if a.stdin && !a.tty {
         let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| io_err("pipe", &a.dir)(e.into()))?;
         builder = builder.with_stdin(r);
         stdin_w = Some(File::from(w));
@@ -443,14 +448,39 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
         }
     };
     let mut clients: Vec<Client> = Vec::new();
+    let console = a.dir.join("console.sock");
+    let console_listener = if a.tty {
+        // libcontainer hands the terminal's master over this socket; the pipes stay unused
+        // (their write ends are dropped, so they read as closed).
+        drop(out_w);
+        drop(err_w);
+        let l = std::os::unix::net::UnixListener::bind(&console)
+            .map_err(io_err("bind console socket", &console))?;
+        builder = builder.with_console_socket(Some(&console));
+        Some(l)
+    } else {
+        builder = builder.with_stdout(out_w).with_stderr(err_w);
+        None
+    };
     let mut container = builder
-        .with_stdout(out_w)
-        .with_stderr(err_w)
         .as_init(a.dir.join("bundle"))
         .with_systemd(false)
         .with_detach(true)
         .build()
         .map_err(|e| Error::Container(format!("create container {}: {e}", a.id)))?;
+    let out_r = match &console_listener {
+        Some(l) => {
+            let master = receive_master(l, &console);
+            let _ = fs::remove_file(&console);
+            let master = master?;
+            if a.stdin {
+                let w = dup(master.as_fd()).map_err(|e| io_err("dup", &console)(e.into()))?;
+                stdin_w = Some(File::from(w));
+            }
+            master
+        }
+        None => out_r,
+    };
     let pid = container.pid().map(|p| p.as_raw());
     state.pid = pid;
     state.pid_start_ticks = pid.and_then(pid_start_ticks);
@@ -580,6 +610,28 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
                             );
                         }
                         exited_at = Some(Instant::now());
+                    }
+                    c if c.starts_with("resize ") && a.tty => {
+                        let mut it = c
+                            .split_whitespace()
+                            .skip(1)
+                            .filter_map(|x| x.parse::<u16>().ok());
+                        if let (Some(rows), Some(cols)) = (it.next(), it.next()) {
+                            let ws = libc::winsize {
+                                ws_row: rows,
+                                ws_col: cols,
+                                ws_xpixel: 0,
+                                ws_ypixel: 0,
+                            };
+                            // SAFETY: TIOCSWINSZ reads a winsize we own, on the terminal we hold.
+                            unsafe {
+                                libc::ioctl(
+                                    std::os::fd::AsRawFd::as_raw_fd(&out_r),
+                                    libc::TIOCSWINSZ,
+                                    &ws,
+                                )
+                            };
+                        }
                     }
                     "reopen-log" => {
                         // The kubelet rotated the log (renamed it): continue in a fresh file.

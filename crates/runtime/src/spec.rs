@@ -140,6 +140,9 @@ pub struct ContainerConfig {
     /// close stdin when the first attach client closes its side
     #[serde(default)]
     pub stdin_once: bool,
+    /// give the container a pseudo-terminal (output is logged as stdout)
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// Syscalls the RuntimeDefault profile refuses with EPERM: kernel module, kexec, clock, swap,
@@ -691,7 +694,7 @@ pub fn build_spec(
     let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": false,
+            "terminal": cfg.tty,
             "user": {"uid": user.uid, "gid": user.gid, "additionalGids": user.additional_gids},
             "args": argv(cfg, image)?,
             "env": environment(cfg, image),

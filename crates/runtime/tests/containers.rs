@@ -856,3 +856,54 @@ async fn attach_streams_output_and_feeds_stdin() {
     );
     t.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_with_a_tty_logs_attaches_and_resizes() {
+    let t = TestRuntime::new();
+    let mut cfg = sh(
+        "tty",
+        "test -t 1 && echo tty-ok; read x; stty size; echo got-$x",
+    );
+    cfg.tty = true;
+    cfg.stdin = true;
+    let log = t.log("tty");
+    let id = t.rt.create(None, cfg, log.clone()).await.unwrap();
+    t.rt.start(&id).await.unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !log_lines(&log).iter().any(|l| l.2.starts_with("tty-ok"))
+        && std::time::Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        log_lines(&log)
+            .iter()
+            .any(|l| l.0 == "stdout" && l.2.starts_with("tty-ok")),
+        "{:?}",
+        log_lines(&log)
+    );
+    t.rt.resize(&id, 33, 101).await.unwrap();
+    let mut a = t.rt.attach(&id).await.unwrap();
+    a.write_stdin(b"go\n").await.unwrap();
+    let mut out = Vec::new();
+    while let Some((_, data)) = tokio::time::timeout(Duration::from_secs(20), a.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        out.extend(data);
+    }
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("33 101") && text.contains("got-go"),
+        "{text:?}"
+    );
+    assert_eq!(
+        t.rt.wait(&id, Duration::from_secs(20))
+            .await
+            .unwrap()
+            .exit_code,
+        Some(0)
+    );
+    t.teardown().await;
+}
