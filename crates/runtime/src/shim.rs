@@ -893,6 +893,14 @@ fn exec(a: ExecArgs) -> i32 {
 }
 
 fn run_exec(a: &ExecArgs) -> Result<i32> {
+    // The command's stderr is our stderr as given; our own diagnostics (and libcontainer's)
+    // must not mix into it: they go nowhere (errors reach the caller via the result file).
+    let orig_err = dup(std::io::stderr().as_fd()).map_err(|e| io_err("dup", "stderr")(e.into()))?;
+    let null = File::options()
+        .write(true)
+        .open("/dev/null")
+        .map_err(io_err("open", "/dev/null"))?;
+    dup2_stderr(null.as_fd()).map_err(|e| io_err("dup2 stderr", "/dev/null")(e.into()))?;
     let mut b = ContainerBuilder::new(a.id.clone(), SyscallType::Linux)
         .with_root_path(&a.root)
         .map_err(|e| Error::Container(e.to_string()))?;
@@ -906,7 +914,7 @@ fn run_exec(a: &ExecArgs) -> Result<i32> {
         b = b.with_console_socket(Some(sock));
     } else {
         let out = dup(std::io::stdout().as_fd()).map_err(|e| io_err("dup", "stdout")(e.into()))?;
-        let err = dup(std::io::stderr().as_fd()).map_err(|e| io_err("dup", "stderr")(e.into()))?;
+        let err = orig_err;
         let inp = dup(std::io::stdin().as_fd()).map_err(|e| io_err("dup", "stdin")(e.into()))?;
         b = b.with_stdin(inp).with_stdout(out).with_stderr(err);
     }
