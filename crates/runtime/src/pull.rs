@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result, io_err};
 use crate::reference::normalize;
-use crate::store::{ImageStore, MEDIA_OCI_MANIFEST, Manifest, host_arch};
+use crate::store::{ImageStore, Manifest, host_arch};
 
 /// `registries.yaml` as k3s users write it.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -370,9 +370,6 @@ async fn pull_from(
         });
     }
     let (mdigest, _) = store.write_blob(&mut &bytes[..], Some(&digest))?;
-    if manifest.config.media_type.is_empty() {
-        tracing::debug!(media = MEDIA_OCI_MANIFEST, "manifest without media types");
-    }
     Ok(mdigest)
 }
 

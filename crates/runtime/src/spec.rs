@@ -348,7 +348,7 @@ pub fn capabilities(cfg: &ContainerConfig) -> Result<Vec<String>> {
 
 /// The process argv: Kubernetes rules for command/args against entrypoint/cmd.
 pub fn argv(cfg: &ContainerConfig, image: &ImageConfig) -> Result<Vec<String>> {
-    let mut out = if cfg.command.is_empty() {
+    let out = if cfg.command.is_empty() {
         let mut v = image.entrypoint.clone().unwrap_or_default();
         if cfg.args.is_empty() {
             v.extend(image.cmd.clone().unwrap_or_default());
@@ -361,7 +361,6 @@ pub fn argv(cfg: &ContainerConfig, image: &ImageConfig) -> Result<Vec<String>> {
         v.extend(cfg.args.iter().cloned());
         v
     };
-    out.retain(|_| true);
     if out.is_empty() {
         return Err(Error::Spec(format!(
             "container {:?} has no command and its image has no entrypoint or cmd",
