@@ -1,6 +1,7 @@
 //! The `skiff` binary: parses flags and dispatches to the crates that do the work.
 
 mod check_config;
+mod images;
 
 use std::process::ExitCode;
 
@@ -18,6 +19,14 @@ struct Cli {
 enum Command {
     /// Check that this host has what skiff needs (kernel features, tools, data dir).
     CheckConfig(check_config::Args),
+    /// Import and list container images.
+    Images(images::Args),
+    /// Internal: holds one container (re-executed by the runtime).
+    #[command(hide = true)]
+    Shim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -31,6 +40,12 @@ fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::CheckConfig(args) => check_config::run(args),
+        Command::Images(args) => images::run(args),
+        // The shim must stay single-threaded: no async runtime before it.
+        Command::Shim { args } => {
+            let code = skiff_runtime::shim::main(args);
+            return ExitCode::from(u8::try_from(code).unwrap_or(1));
+        }
     };
     match result {
         Ok(code) => code,

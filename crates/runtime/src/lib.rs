@@ -1,0 +1,23 @@
+//! skiff-runtime: images (store, import, unpack), overlay rootfs, and containers held by
+//! per-container shims running youki's libcontainer. Knows no Kubernetes types.
+
+pub mod cgroup;
+pub mod crilog;
+pub mod error;
+pub mod pull;
+pub mod reference;
+pub mod runtime;
+pub mod sandbox;
+pub mod shim;
+pub mod spec;
+pub mod store;
+pub mod unpack;
+
+pub use error::{Error, Result};
+pub use runtime::{
+    Attach, AttachStream, ContainerState, ContainerStatus, ExecOutput, ExecProcess, Runtime,
+    RuntimeConfig,
+};
+pub use sandbox::{Sandbox, SandboxConfig};
+pub use spec::{ContainerConfig, Device, Mount, MountKind, Resources};
+pub use store::{ImageEntry, ImageStore};

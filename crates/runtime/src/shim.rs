@@ -1,0 +1,948 @@
+//! The per-container shim (`skiff shim`): a single-threaded process that creates the container
+//! with libcontainer, survives its parent (double fork + setsid), pumps stdout/stderr into a
+//! CRI-format log, reaps the container, records its exit, and deletes it. Also `shim exec`.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{
+    ForkResult, Pid, dup, dup2_stderr, dup2_stdin, dup2_stdout, fork, pipe2, setsid,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::Cgroups;
+use crate::crilog::LineSplitter;
+use crate::error::{Error, Result, io_err};
+
+/// File name of the shim's state inside the container dir.
+pub const STATE_FILE: &str = "shim.json";
+/// File name of the control FIFO inside the container dir.
+pub const CTL_FIFO: &str = "ctl";
+
+/// Lifecycle of a container as the shim sees it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShimStatus {
+    /// created, waiting for start
+    Created,
+    /// the process runs
+    Running,
+    /// the process ended (or was never started and got deleted)
+    Exited,
+}
+
+/// What the shim records about its container (written atomically).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShimState {
+    /// lifecycle
+    pub status: ShimStatus,
+    /// pid of the shim
+    pub shim_pid: i32,
+    /// pid of the container's init (host pid namespace)
+    pub pid: Option<i32>,
+    /// start time of `pid` in clock ticks since boot (guards against pid reuse)
+    pub pid_start_ticks: Option<u64>,
+    /// creation time (ns since epoch)
+    pub created_at: i64,
+    /// start time (ns since epoch)
+    pub started_at: Option<i64>,
+    /// exit time (ns since epoch)
+    pub finished_at: Option<i64>,
+    /// exit code (128+signal when killed by a signal)
+    pub exit_code: Option<i32>,
+    /// signal that killed it
+    pub signal: Option<i32>,
+    /// the kernel OOM killer killed a process of the container
+    pub oom_killed: bool,
+    /// set when the container was never started and got deleted
+    pub deleted_before_start: bool,
+    /// the libcontainer container has been deleted (cgroup and state removed)
+    pub cleaned_up: bool,
+    /// error from start or delete
+    pub error: Option<String>,
+}
+
+/// Nanoseconds since the epoch.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
+pub fn pid_start_ticks(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    after.split(' ').nth(19)?.parse().ok()
+}
+
+/// Reads a shim state file.
+pub fn read_state(dir: &Path) -> Result<ShimState> {
+    let p = dir.join(STATE_FILE);
+    let b = fs::read(&p).map_err(io_err("read shim state", &p))?;
+    serde_json::from_slice(&b).map_err(|source| Error::Json { path: p, source })
+}
+
+fn write_state(dir: &Path, st: &ShimState) -> Result<()> {
+    let p = dir.join(STATE_FILE);
+    let tmp = dir.join(".shim.json.tmp");
+    let b = serde_json::to_vec_pretty(st).map_err(|source| Error::Json {
+        path: p.clone(),
+        source,
+    })?;
+    fs::write(&tmp, b).map_err(io_err("write", &tmp))?;
+    fs::rename(&tmp, &p).map_err(io_err("rename", &p))
+}
+
+/// Arguments of `shim create`.
+#[derive(Debug, Clone, Default)]
+pub struct CreateArgs {
+    /// container id
+    pub id: String,
+    /// container dir (bundle/, ctl, shim.json)
+    pub dir: PathBuf,
+    /// libcontainer root
+    pub root: PathBuf,
+    /// CRI log file
+    pub log: PathBuf,
+    /// cgroupsPath, for OOM accounting
+    pub cgroup: String,
+    /// the container gets a stdin pipe, fed by attach clients
+    pub stdin: bool,
+    /// close the container's stdin when the first attach client closes its side
+    pub stdin_once: bool,
+    /// the container's stdio is a pseudo-terminal (its output is logged as stdout)
+    pub tty: bool,
+}
+
+impl CreateArgs {
+    /// The command-line form (after `shim`).
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "create".into(),
+            "--id".into(),
+            self.id.clone(),
+            "--dir".into(),
+            self.dir.display().to_string(),
+            "--root".into(),
+            self.root.display().to_string(),
+            "--log".into(),
+            self.log.display().to_string(),
+            "--cgroup".into(),
+            self.cgroup.clone(),
+            "--stdin".into(),
+            if self.stdin { "1" } else { "0" }.into(),
+            "--stdin-once".into(),
+            if self.stdin_once { "1" } else { "0" }.into(),
+            "--tty".into(),
+            if self.tty { "1" } else { "0" }.into(),
+        ]
+    }
+}
+
+/// Arguments of `shim exec`.
+#[derive(Debug, Clone, Default)]
+pub struct ExecArgs {
+    /// container id
+    pub id: String,
+    /// libcontainer root
+    pub root: PathBuf,
+    /// where to write the exit result (JSON)
+    pub result: PathBuf,
+    /// the command
+    pub argv: Vec<String>,
+    /// an OCI process document (user, env, cwd, capabilities, args, terminal)
+    pub process: Option<PathBuf>,
+    /// give the process a pseudo-terminal (relayed over the shim's stdin/stdout)
+    pub tty: bool,
+    /// a FIFO that carries `ROWS COLS` lines to resize the terminal
+    pub resize: Option<PathBuf>,
+}
+
+impl ExecArgs {
+    /// The command-line form (after `shim`).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "exec".into(),
+            "--id".into(),
+            self.id.clone(),
+            "--root".into(),
+            self.root.display().to_string(),
+            "--result".into(),
+            self.result.display().to_string(),
+        ];
+        if let Some(p) = &self.process {
+            v.extend(["--process".into(), p.display().to_string()]);
+        }
+        if self.tty {
+            v.extend(["--tty".into(), "1".into()]);
+        }
+        if let Some(p) = &self.resize {
+            v.extend(["--resize".into(), p.display().to_string()]);
+        }
+        v.push("--".into());
+        v.extend(self.argv.iter().cloned());
+        v
+    }
+}
+
+/// Result of `shim exec`, written to its result file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// exit code of the command (128+signal when killed)
+    pub exit_code: Option<i32>,
+    /// why it could not run
+    pub error: Option<String>,
+}
+
+fn parse_flags(args: &[String]) -> (HashMap<String, String>, Vec<String>) {
+    let mut flags = HashMap::new();
+    let mut rest = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if a == "--" {
+            rest.extend(args[i + 1..].iter().cloned());
+            break;
+        }
+        if let Some(name) = a.strip_prefix("--") {
+            if let Some(v) = args.get(i + 1) {
+                flags.insert(name.to_string(), v.clone());
+            }
+            i += 2;
+        } else {
+            rest.push(a.clone());
+            i += 1;
+        }
+    }
+    (flags, rest)
+}
+
+/// Entry point of `skiff shim ARGS` (args after `shim`). Returns the process exit code. Must be
+/// called before any thread is started.
+pub fn main(args: Vec<String>) -> i32 {
+    let Some((sub, rest)) = args.split_first() else {
+        eprintln!("usage: skiff shim create|exec ...");
+        return 2;
+    };
+    let (flags, argv) = parse_flags(rest);
+    let get = |k: &str| flags.get(k).cloned().unwrap_or_default();
+    match sub.as_str() {
+        "create" => {
+            let a = CreateArgs {
+                id: get("id"),
+                dir: get("dir").into(),
+                root: get("root").into(),
+                log: get("log").into(),
+                cgroup: get("cgroup"),
+                stdin: get("stdin") == "1",
+                stdin_once: get("stdin-once") == "1",
+                tty: get("tty") == "1",
+            };
+            if a.id.is_empty()
+                || a.dir.as_os_str().is_empty()
+                || a.root.as_os_str().is_empty()
+                || a.log.as_os_str().is_empty()
+            {
+                eprintln!("skiff shim create: --id, --dir, --root and --log are required");
+                return 2;
+            }
+            create(a)
+        }
+        "exec" => {
+            let a = ExecArgs {
+                id: get("id"),
+                root: get("root").into(),
+                result: get("result").into(),
+                argv,
+                process: flags.get("process").map(PathBuf::from),
+                tty: get("tty") == "1",
+                resize: flags.get("resize").map(PathBuf::from),
+            };
+            if a.id.is_empty() || a.result.as_os_str().is_empty() || a.argv.is_empty() {
+                eprintln!(
+                    "skiff shim exec: --id, --root, --result and a command after -- are required"
+                );
+                return 2;
+            }
+            exec(a)
+        }
+        other => {
+            eprintln!("skiff shim: unknown subcommand {other:?} (create, exec)");
+            2
+        }
+    }
+}
+
+fn create(a: CreateArgs) -> i32 {
+    let (ready_r, ready_w) = match pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("skiff shim: pipe: {e}");
+            return 1;
+        }
+    };
+    // SAFETY: the shim is single-threaded at this point (called from main before any thread or
+    // async runtime is started), so the child may run arbitrary code after fork.
+    match unsafe { fork() } {
+        Err(e) => {
+            eprintln!("skiff shim: fork: {e}");
+            1
+        }
+        Ok(ForkResult::Parent { .. }) => {
+            drop(ready_w);
+            // Read one line: the container's not-yet-exec'd init also holds the write end, so
+            // end-of-file would only come when the container starts.
+            let mut msg = String::new();
+            let mut f = File::from(ready_r);
+            let mut b = [0u8; 512];
+            while !msg.ends_with('\n') {
+                match f.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => msg.push_str(&String::from_utf8_lossy(&b[..n])),
+                }
+            }
+            let msg = msg.trim_end().to_string();
+            if msg == "ok" {
+                0
+            } else if msg.is_empty() {
+                eprintln!("skiff shim: the shim died before reporting");
+                1
+            } else {
+                eprintln!("{msg}");
+                1
+            }
+        }
+        Ok(ForkResult::Child) => {
+            drop(ready_r);
+            let code = shim_process(&a, ready_w);
+            // Never return into the caller's main (which would run its exit path twice).
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Closes every inherited descriptor above stderr except `keep` (the shim must hold nothing of
+/// its parent's, or the parent's pipes never see end-of-file).
+fn close_inherited(keep: i32) {
+    let fds: Vec<i32> = match fs::read_dir("/proc/self/fd") {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds {
+        if fd > 2 && fd != keep {
+            // SAFETY: closing a descriptor number this process owns no Rust object for (the
+            // shim has opened nothing but `keep` yet); a stale number from read_dir only fails.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+fn detach_stdio(dir: &Path) -> Result<()> {
+    let _ = setsid();
+    let null = File::open("/dev/null").map_err(io_err("open", "/dev/null"))?;
+    let logp = dir.join("shim.log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&logp)
+        .map_err(io_err("open", &logp))?;
+    dup2_stdin(null.as_fd()).map_err(|e| io_err("dup2 stdin", "/dev/null")(e.into()))?;
+    dup2_stdout(log.as_fd()).map_err(|e| io_err("dup2 stdout", &logp)(e.into()))?;
+    dup2_stderr(log.as_fd()).map_err(|e| io_err("dup2 stderr", &logp)(e.into()))?;
+    Ok(())
+}
+
+fn shim_process(a: &CreateArgs, ready: OwnedFd) -> i32 {
+    close_inherited(std::os::fd::AsRawFd::as_raw_fd(&ready));
+    let mut ready = Some(File::from(ready));
+    let report = |ready: &mut Option<File>, msg: &str| {
+        if let Some(mut f) = ready.take() {
+            let _ = f.write_all(format!("{}\n", msg.replace('\n', " ")).as_bytes());
+        }
+    };
+    if let Err(e) = detach_stdio(&a.dir) {
+        report(&mut ready, &format!("skiff shim {}: {e}", a.id));
+        return 1;
+    }
+    match run_shim(a, &mut ready) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(id = %a.id, error = %e, "shim failed");
+            report(&mut ready, &format!("skiff shim {}: {e}", a.id));
+            1
+        }
+    }
+}
+
+fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
+    let created_at = now_ns();
+    let mut state = ShimState {
+        status: ShimStatus::Created,
+        shim_pid: std::process::id() as i32,
+        pid: None,
+        pid_start_ticks: None,
+        created_at,
+        started_at: None,
+        finished_at: None,
+        exit_code: None,
+        signal: None,
+        oom_killed: false,
+        deleted_before_start: false,
+        cleaned_up: false,
+        error: None,
+    };
+    let ctl = a.dir.join(CTL_FIFO);
+    let _ = fs::remove_file(&ctl);
+    nix::unistd::mkfifo(&ctl, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| io_err("mkfifo", &ctl)(e.into()))?;
+    let ctl_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&ctl)
+        .map_err(io_err("open", &ctl))?;
+    if let Some(parent) = a.log.parent() {
+        fs::create_dir_all(parent).map_err(io_err("create log dir", parent))?;
+    }
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&a.log)
+        .map_err(io_err("open container log", &a.log))?;
+    let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| io_err("pipe", &a.dir)(e.into()))?;
+    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| io_err("pipe", &a.dir)(e.into()))?;
+    fs::create_dir_all(&a.root).map_err(io_err("create", &a.root))?;
+    let mut stdin_w: Option<File> = None;
+    let mut builder = ContainerBuilder::new(a.id.clone(), SyscallType::Linux)
+        .with_root_path(&a.root)
+        .map_err(|e| Error::Container(e.to_string()))?;
+    if a.stdin && !a.tty {
+        let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| io_err("pipe", &a.dir)(e.into()))?;
+        builder = builder.with_stdin(r);
+        stdin_w = Some(File::from(w));
+    }
+    // Attach clients connect here; without it (path too long) attach is unavailable.
+    let attach_path = a.dir.join(ATTACH_SOCKET);
+    let listener = match std::os::unix::net::UnixListener::bind(&attach_path) {
+        Ok(l) => {
+            let _ = l.set_nonblocking(true);
+            Some(l)
+        }
+        Err(e) => {
+            tracing::warn!(id = %a.id, error = %e, path = %attach_path.display(), "attach socket unavailable");
+            None
+        }
+    };
+    let mut clients: Vec<Client> = Vec::new();
+    let console = a.dir.join("console.sock");
+    let console_listener = if a.tty {
+        // libcontainer hands the terminal's master over this socket; the pipes stay unused
+        // (their write ends are dropped, so they read as closed).
+        drop(out_w);
+        drop(err_w);
+        let l = std::os::unix::net::UnixListener::bind(&console)
+            .map_err(io_err("bind console socket", &console))?;
+        builder = builder.with_console_socket(Some(&console));
+        Some(l)
+    } else {
+        builder = builder.with_stdout(out_w).with_stderr(err_w);
+        None
+    };
+    let mut container = builder
+        .as_init(a.dir.join("bundle"))
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .map_err(|e| Error::Container(format!("create container {}: {e}", a.id)))?;
+    let out_r = match &console_listener {
+        Some(l) => {
+            let master = receive_master(l, &console);
+            let _ = fs::remove_file(&console);
+            let master = master?;
+            if a.stdin {
+                let w = dup(master.as_fd()).map_err(|e| io_err("dup", &console)(e.into()))?;
+                stdin_w = Some(File::from(w));
+            }
+            master
+        }
+        None => out_r,
+    };
+    let pid = container.pid().map(|p| p.as_raw());
+    state.pid = pid;
+    state.pid_start_ticks = pid.and_then(pid_start_ticks);
+    write_state(&a.dir, &state)?;
+    tracing::info!(id = %a.id, ?pid, "container created");
+    if let Some(mut f) = ready.take() {
+        let _ = f.write_all(b"ok\n");
+    }
+
+    let cgroups = Cgroups::host();
+    let mut out_split = LineSplitter::new("stdout");
+    let mut err_split = LineSplitter::new("stderr");
+    let mut out_open = true;
+    let mut err_open = true;
+    let mut ctl_buf = String::new();
+    let mut exited_at: Option<Instant> = None;
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // Stop pumping once the process is gone and the pipes are drained (or after a grace
+        // period, in case an escaped process holds them open).
+        if let Some(t) = exited_at
+            && ((!out_open && !err_open) || t.elapsed() > Duration::from_secs(2))
+        {
+            break;
+        }
+        let mut fds = vec![PollFd::new(ctl_file.as_fd(), PollFlags::POLLIN)];
+        let mut tags = vec![Tag::Ctl];
+        if out_open {
+            fds.push(PollFd::new(out_r.as_fd(), PollFlags::POLLIN));
+            tags.push(Tag::Out);
+        }
+        if err_open {
+            fds.push(PollFd::new(err_r.as_fd(), PollFlags::POLLIN));
+            tags.push(Tag::Err);
+        }
+        if let Some(l) = &listener {
+            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+            tags.push(Tag::Listener);
+        }
+        for (i, c) in clients.iter().enumerate() {
+            if c.reading {
+                fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
+                tags.push(Tag::Client(i));
+            }
+        }
+        let _ = poll(&mut fds, PollTimeout::from(50u16));
+        let ready: Vec<Tag> = fds
+            .iter()
+            .zip(tags.iter())
+            .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(_, t)| *t)
+            .collect();
+        drop(fds);
+        let ctl_ready = ready.contains(&Tag::Ctl);
+        let mut gone = Vec::new();
+        for t in &ready {
+            match *t {
+                Tag::Ctl => {}
+                Tag::Out => {
+                    out_open = pump(&out_r, &mut buf, &mut out_split, &mut log, 1, &mut clients)
+                }
+                Tag::Err => {
+                    err_open = pump(&err_r, &mut buf, &mut err_split, &mut log, 2, &mut clients)
+                }
+                Tag::Listener => {
+                    if let Some(Ok((c, _))) = listener.as_ref().map(|l| l.accept()) {
+                        let _ = c.set_nonblocking(true);
+                        clients.push(Client {
+                            stream: c,
+                            reading: true,
+                        });
+                    }
+                }
+                Tag::Client(i) => {
+                    let mut b = [0u8; 4096];
+                    match clients.get(i).map(|c| (&c.stream).read(&mut b)) {
+                        Some(Ok(0)) => {
+                            // Half-closed: no more input, but it still gets output.
+                            if let Some(c) = clients.get_mut(i) {
+                                c.reading = false;
+                            }
+                            if a.stdin_once {
+                                stdin_w = None;
+                            }
+                        }
+                        Some(Err(_)) | None => gone.push(i),
+                        Some(Ok(n)) => {
+                            if let Some(w) = stdin_w.as_mut() {
+                                let _ = w.write_all(&b[..n]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        gone.sort_unstable();
+        for i in gone.into_iter().rev() {
+            clients.remove(i);
+        }
+        if ctl_ready {
+            let mut b = [0u8; 256];
+            if let Ok(n) = (&ctl_file).read(&mut b) {
+                ctl_buf.push_str(&String::from_utf8_lossy(&b[..n]));
+            }
+            while let Some(i) = ctl_buf.find('\n') {
+                let cmd = ctl_buf[..i].trim().to_string();
+                ctl_buf.drain(..=i);
+                match cmd.as_str() {
+                    "start" if state.status == ShimStatus::Created => match container.start() {
+                        Ok(()) => {
+                            state.status = ShimStatus::Running;
+                            state.started_at = Some(now_ns());
+                            write_state(&a.dir, &state)?;
+                            tracing::info!(id = %a.id, "container started");
+                        }
+                        Err(e) => {
+                            state.error = Some(format!("start: {e}"));
+                            write_state(&a.dir, &state)?;
+                        }
+                    },
+                    "delete" if state.status == ShimStatus::Created => {
+                        state.deleted_before_start = true;
+                        if let Some(p) = pid {
+                            let _ = nix::sys::signal::kill(
+                                Pid::from_raw(p),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                        exited_at = Some(Instant::now());
+                    }
+                    c if c.starts_with("resize ") && a.tty => {
+                        let mut it = c
+                            .split_whitespace()
+                            .skip(1)
+                            .filter_map(|x| x.parse::<u16>().ok());
+                        if let (Some(rows), Some(cols)) = (it.next(), it.next()) {
+                            let ws = libc::winsize {
+                                ws_row: rows,
+                                ws_col: cols,
+                                ws_xpixel: 0,
+                                ws_ypixel: 0,
+                            };
+                            // SAFETY: TIOCSWINSZ reads a winsize we own, on the terminal we hold.
+                            unsafe {
+                                libc::ioctl(
+                                    std::os::fd::AsRawFd::as_raw_fd(&out_r),
+                                    libc::TIOCSWINSZ,
+                                    &ws,
+                                )
+                            };
+                        }
+                    }
+                    "reopen-log" => {
+                        // The kubelet rotated the log (renamed it): continue in a fresh file.
+                        match OpenOptions::new().create(true).append(true).open(&a.log) {
+                            Ok(f) => log = f,
+                            Err(e) => {
+                                tracing::error!(id = %a.id, error = %e, "reopen container log")
+                            }
+                        }
+                    }
+                    other => {
+                        tracing::warn!(id = %a.id, command = other, status = ?state.status, "ignored shim command")
+                    }
+                }
+            }
+        }
+        // Reap every child; the container's init is one of them.
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(p, code)) => {
+                    if Some(p.as_raw()) == pid {
+                        state.exit_code = Some(code);
+                        exited_at.get_or_insert_with(Instant::now);
+                        state.finished_at.get_or_insert_with(now_ns);
+                    }
+                }
+                Ok(WaitStatus::Signaled(p, sig, _)) => {
+                    if Some(p.as_raw()) == pid {
+                        state.signal = Some(sig as i32);
+                        state.exit_code = Some(128 + sig as i32);
+                        exited_at.get_or_insert_with(Instant::now);
+                        state.finished_at.get_or_insert_with(now_ns);
+                    }
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    // Drain what is left.
+    for (fd, split) in [(&out_r, &mut out_split), (&err_r, &mut err_split)] {
+        let _ = nix::fcntl::fcntl(
+            fd.as_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        let sid = if split.is_stdout() { 1 } else { 2 };
+        while pump(fd, &mut buf, split, &mut log, sid, &mut clients) {}
+        let _ = split.finish(&mut log);
+    }
+    let _ = log.flush();
+    if !a.cgroup.is_empty() {
+        state.oom_killed = cgroups.oom_kills(&a.cgroup).unwrap_or(0) > 0;
+    }
+    state.status = ShimStatus::Exited;
+    state.finished_at.get_or_insert_with(now_ns);
+    // Report the exit first (waiters see it at once), then clean up and report again.
+    write_state(&a.dir, &state)?;
+    if let Err(e) = container.delete(true) {
+        state.error = Some(format!("delete: {e}"));
+    } else {
+        state.cleaned_up = true;
+    }
+    write_state(&a.dir, &state)?;
+    let _ = fs::remove_file(&ctl);
+    drop(clients);
+    let _ = fs::remove_file(&attach_path);
+    tracing::info!(id = %a.id, exit_code = ?state.exit_code, oom_killed = state.oom_killed, "container exited");
+    Ok(())
+}
+
+fn receive_master(l: &std::os::unix::net::UnixListener, sock: &Path) -> Result<OwnedFd> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let (conn, _) = l.accept().map_err(io_err("accept console socket", sock))?;
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .map_err(|e| io_err("receive terminal", sock)(e.into()))?;
+    for c in msg
+        .cmsgs()
+        .map_err(|e| io_err("read terminal message", sock)(e.into()))?
+    {
+        if let ControlMessageOwned::ScmRights(fds) = c
+            && let Some(&fd) = fds.first()
+        {
+            // SAFETY: the kernel just installed this descriptor in our table for us alone.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    Err(Error::Container(format!(
+        "no terminal received on {}",
+        sock.display()
+    )))
+}
+
+/// Copies stdin to the terminal and the terminal to stdout until the process is gone; applies
+/// `ROWS COLS` lines from the resize FIFO.
+fn relay_tty(master: OwnedFd, pid: Pid, resize: Option<&Path>) {
+    let resize_file = resize.and_then(|p| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(p)
+            .ok()
+    });
+    let stdin = std::io::stdin();
+    let mut stdin_open = true;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut exited_at: Option<Instant> = None;
+    loop {
+        if exited_at.is_some_and(|t| t.elapsed() > Duration::from_millis(200)) {
+            break;
+        }
+        let mut fds = vec![PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+        if let Some(f) = &resize_file {
+            fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
+        }
+        if stdin_open {
+            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+        }
+        let _ = poll(&mut fds, PollTimeout::from(50u16));
+        let rev: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if rev[0] {
+            match nix::unistd::read(&master, &mut buf) {
+                Ok(0) | Err(nix::errno::Errno::EIO) => break,
+                Ok(n) => {
+                    let mut out = std::io::stdout();
+                    let _ = out.write_all(&buf[..n]);
+                    let _ = out.flush();
+                }
+                Err(_) => {}
+            }
+        }
+        let mut idx = 1;
+        if let Some(f) = &resize_file {
+            if rev.get(idx).copied().unwrap_or(false) {
+                let mut b = [0u8; 128];
+                if let Ok(n) = nix::unistd::read(f, &mut b) {
+                    for line in String::from_utf8_lossy(&b[..n]).lines() {
+                        let mut it = line
+                            .split_whitespace()
+                            .filter_map(|x| x.parse::<u16>().ok());
+                        if let (Some(rows), Some(cols)) = (it.next(), it.next()) {
+                            let ws = libc::winsize {
+                                ws_row: rows,
+                                ws_col: cols,
+                                ws_xpixel: 0,
+                                ws_ypixel: 0,
+                            };
+                            // SAFETY: TIOCSWINSZ reads a winsize we own, on the terminal we hold.
+                            unsafe {
+                                libc::ioctl(
+                                    std::os::fd::AsRawFd::as_raw_fd(&master),
+                                    libc::TIOCSWINSZ,
+                                    &ws,
+                                )
+                            };
+                        }
+                    }
+                }
+            }
+            idx += 1;
+        }
+        if stdin_open && rev.get(idx).copied().unwrap_or(false) {
+            match nix::unistd::read(&stdin, &mut buf) {
+                Ok(0) | Err(_) => stdin_open = false,
+                Ok(n) => {
+                    let _ = nix::unistd::write(&master, &buf[..n]);
+                }
+            }
+        }
+        if exited_at.is_none() {
+            // Exited but not yet reaped (the caller reaps): a zombie.
+            let stat =
+                fs::read_to_string(format!("/proc/{}/stat", pid.as_raw())).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z ") {
+                exited_at = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// An attach connection.
+struct Client {
+    stream: std::os::unix::net::UnixStream,
+    /// still sending stdin
+    reading: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    Ctl,
+    Out,
+    Err,
+    Listener,
+    Client(usize),
+}
+
+/// File name of the attach socket inside the container dir.
+pub const ATTACH_SOCKET: &str = "attach.sock";
+
+/// Reads once from a pipe into the log and to attach clients (frames: stream byte 1/2, u32
+/// big-endian length, data; a client that cannot keep up is dropped); false at end of stream.
+fn pump(
+    fd: &OwnedFd,
+    buf: &mut [u8],
+    split: &mut LineSplitter,
+    log: &mut File,
+    stream: u8,
+    clients: &mut Vec<Client>,
+) -> bool {
+    match nix::unistd::read(fd, buf) {
+        Ok(0) => false,
+        Ok(n) => {
+            let _ = split.feed(&buf[..n], log);
+            if !clients.is_empty() {
+                let mut frame = Vec::with_capacity(n + 5);
+                frame.push(stream);
+                frame.extend_from_slice(&(n as u32).to_be_bytes());
+                frame.extend_from_slice(&buf[..n]);
+                clients.retain_mut(|c| c.stream.write_all(&frame).is_ok());
+            }
+            true
+        }
+        Err(nix::errno::Errno::EINTR) => true,
+        Err(_) => false,
+    }
+}
+
+fn exec(a: ExecArgs) -> i32 {
+    let res = run_exec(&a);
+    let result = match res {
+        Ok(code) => ExecResult {
+            exit_code: Some(code),
+            error: None,
+        },
+        Err(e) => ExecResult {
+            exit_code: None,
+            error: Some(e.to_string()),
+        },
+    };
+    let body = serde_json::to_vec(&result).unwrap_or_default();
+    if let Err(e) = fs::write(&a.result, body) {
+        eprintln!("skiff shim exec: write {}: {e}", a.result.display());
+        return 1;
+    }
+    0
+}
+
+fn run_exec(a: &ExecArgs) -> Result<i32> {
+    // The command's stderr is our stderr as given; our own diagnostics (and libcontainer's)
+    // must not mix into it: they go nowhere (errors reach the caller via the result file).
+    let orig_err = dup(std::io::stderr().as_fd()).map_err(|e| io_err("dup", "stderr")(e.into()))?;
+    let null = File::options()
+        .write(true)
+        .open("/dev/null")
+        .map_err(io_err("open", "/dev/null"))?;
+    dup2_stderr(null.as_fd()).map_err(|e| io_err("dup2 stderr", "/dev/null")(e.into()))?;
+    let mut b = ContainerBuilder::new(a.id.clone(), SyscallType::Linux)
+        .with_root_path(&a.root)
+        .map_err(|e| Error::Container(e.to_string()))?;
+    let mut listener = None;
+    if a.tty {
+        // libcontainer hands the pseudo-terminal's master over this socket.
+        let sock = a.result.with_extension("sock");
+        let l = std::os::unix::net::UnixListener::bind(&sock)
+            .map_err(io_err("bind console socket", &sock))?;
+        listener = Some((l, sock.clone()));
+        b = b.with_console_socket(Some(sock));
+    } else {
+        let out = dup(std::io::stdout().as_fd()).map_err(|e| io_err("dup", "stdout")(e.into()))?;
+        let err = orig_err;
+        let inp = dup(std::io::stdin().as_fd()).map_err(|e| io_err("dup", "stdin")(e.into()))?;
+        b = b.with_stdin(inp).with_stdout(out).with_stderr(err);
+    }
+    let pid = b
+        .as_tenant()
+        .with_container_args(a.argv.clone())
+        .with_process(a.process.as_ref())
+        .with_detach(a.tty)
+        .build()
+        .map_err(|e| Error::Container(format!("exec in {}: {e}", a.id)))?;
+    let pid = Pid::from_raw(pid.as_raw());
+    if let Some((l, sock)) = listener {
+        let master = receive_master(&l, &sock);
+        let _ = fs::remove_file(&sock);
+        relay_tty(master?, pid, a.resize.as_deref());
+    }
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                return Err(Error::Sys {
+                    op: format!("wait for exec in {}", a.id),
+                    source: e,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Pull tests against Debian's docker-registry on 127.0.0.1 (image pushed with skopeo): by
+//! registry address, and by the unqualified name `busybox` through a docker.io mirror.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+use skiff_runtime::pull::{Credentials, PullProgress, RegistriesConfig, pull};
+use skiff_runtime::{ContainerConfig, ContainerState};
+
+/// A docker-registry process on a free loopback port; killed on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Self {
+        assert!(
+            Path::new("/usr/bin/docker-registry").exists(),
+            "Debian package docker-registry must be installed"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = dir.join("registry.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.join("registry-data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+
+    fn push(&self, archive: &Path, repo: &str) {
+        let out = Command::new("skopeo")
+            .args([
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--insecure-policy",
+            ])
+            .arg(format!("oci-archive:{}", archive.display()))
+            .arg(format!("docker://127.0.0.1:{}/{repo}", self.port))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo push failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_from_local_registry_directly_and_through_a_docker_io_mirror() {
+    let t = TestRuntime::new();
+    let reg = Registry::start(t.dir.path());
+    let archive = t.dir.path().join("push.tar");
+    let layers = [Blob {
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+        data: gzip(&busybox_layer()),
+    }];
+    std::fs::write(&archive, oci_layout("busybox:latest", &layers)).unwrap();
+    reg.push(&archive, "library/busybox:latest");
+
+    // By registry address (loopback registries default to plain http).
+    let store = skiff_runtime::ImageStore::open(t.dir.path().join("pull-store")).unwrap();
+    let events = Mutex::new(Vec::<PullProgress>::new());
+    let record = |p: PullProgress| events.lock().unwrap().push(p);
+    let direct = format!("127.0.0.1:{}/library/busybox:latest", reg.port);
+    let name = pull(
+        &store,
+        &direct,
+        &RegistriesConfig::default(),
+        &Credentials::Anonymous,
+        &record,
+    )
+    .await
+    .unwrap();
+    assert_eq!(name, direct);
+    let ev = events.lock().unwrap().clone();
+    assert_eq!(ev.len(), 2, "config + one layer: {ev:?}");
+    assert!(ev.iter().all(|e| !e.cached && e.bytes > 0));
+
+    // By the unqualified name through a docker.io mirror in registries.yaml.
+    let yaml = format!(
+        "mirrors:\n  docker.io:\n    endpoint:\n      - \"http://127.0.0.1:{}\"\n",
+        reg.port
+    );
+    let regs = RegistriesConfig::from_yaml(&yaml, Path::new("registries.yaml")).unwrap();
+    events.lock().unwrap().clear();
+    let name = pull(&store, "busybox", &regs, &Credentials::Anonymous, &record)
+        .await
+        .unwrap();
+    assert_eq!(name, "docker.io/library/busybox:latest");
+    assert!(
+        events.lock().unwrap().iter().all(|e| e.cached),
+        "blobs are shared with the first pull"
+    );
+    assert_eq!(
+        store.resolve("busybox").unwrap().manifest_digest,
+        store.resolve(&direct).unwrap().manifest_digest
+    );
+    // Into the runtime's own store, then run it by the unqualified name.
+    pull(
+        t.rt.images(),
+        "busybox",
+        &regs,
+        &Credentials::Anonymous,
+        &record,
+    )
+    .await
+    .unwrap();
+
+    // And it runs.
+    let log = t.log("pulled");
+    let cfg = ContainerConfig {
+        name: "pulled".into(),
+        image: "busybox".into(),
+        command: vec!["echo".into(), "hello".into()],
+        ..Default::default()
+    };
+    let id = t.rt.create(None, cfg, log.clone()).await.unwrap();
+    t.rt.start(&id).await.unwrap();
+    let st = t.rt.wait(&id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!((st.state, st.exit_code), (ContainerState::Exited, Some(0)));
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains(" stdout F hello")
+    );
+
+    // Concurrent pulls of one name share the download: one fetches, the other finds it cached.
+    let fresh = skiff_runtime::ImageStore::open(t.dir.path().join("pull-store-2")).unwrap();
+    events.lock().unwrap().clear();
+    let none = RegistriesConfig::default();
+    let (a, b) = tokio::join!(
+        pull(&fresh, &direct, &none, &Credentials::Anonymous, &record),
+        pull(&fresh, &direct, &none, &Credentials::Anonymous, &record)
+    );
+    assert_eq!(a.unwrap(), b.unwrap());
+    let ev = events.lock().unwrap().clone();
+    assert_eq!(
+        ev.iter().filter(|e| !e.cached).count(),
+        2,
+        "each blob downloaded once: {ev:?}"
+    );
+    assert_eq!(ev.iter().filter(|e| e.cached).count(), 2, "{ev:?}");
+
+    // A missing image fails with every endpoint named.
+    let e = pull(
+        &store,
+        &format!("127.0.0.1:{}/nope:latest", reg.port),
+        &RegistriesConfig::default(),
+        &Credentials::Anonymous,
+        &record,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("every endpoint failed") && e.contains(&reg.port.to_string()),
+        "{e}"
+    );
+    t.teardown().await;
+}
