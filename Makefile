@@ -10,7 +10,7 @@ DEB_PACKAGES := protobuf-compiler pkg-config libseccomp-dev etcd-server etcd-cli
 	dnsperf wrk hyperfine jq binutils
 export PATH := $(HOME)/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-.PHONY: deps build release lint fmt images test test-unit bench bench-store run clean
+.PHONY: deps build release lint fmt images test bench bench-store bench-runtime run clean
 
 ## deps: install the Debian packages and cargo tools the build and tests need (idempotent, quiet)
 deps:
@@ -43,11 +43,16 @@ images:
 test: deps lint images
 	$(CARGO) nextest run --workspace --locked --no-fail-fast --run-ignored all
 
-bench: bench-store
+bench: bench-store bench-runtime
 
 ## bench-store: redb vs a real etcd (writes/s at 1/16/64 writers, reads/s, watch latency)
 bench-store: deps
 	$(CARGO) run --profile bench-fast -p skiff-bench -- store --duration-secs 5
+
+## bench-runtime: create+start+wait+delete of /bin/true, skiff (shim included) vs runc on one bundle
+bench-runtime: deps images
+	$(CARGO) build --profile bench-fast -p skiff -p skiff-runtime --example bench-runtime
+	./$${CARGO_TARGET_DIR:-target}/bench-fast/examples/bench-runtime "$$(realpath $${CARGO_TARGET_DIR:-target})/bench-fast/skiff shim" 50
 
 ## run: a single-node cluster in the foreground (from issue #3 on)
 run: deps release
