@@ -1,0 +1,1 @@
+//! End-to-end tests for skiff: they start the real binary and drive it with real kubectl.
