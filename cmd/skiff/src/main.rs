@@ -1,6 +1,7 @@
 //! The `skiff` binary: parses flags and dispatches to the crates that do the work.
 
 mod check_config;
+mod server;
 
 use std::process::ExitCode;
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Check that this host has what skiff needs (kernel features, tools, data dir).
     CheckConfig(check_config::Args),
+    /// Run the control plane (API server) on this machine.
+    Server(server::Args),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::CheckConfig(args) => check_config::run(args),
+        Command::Server(args) => server::run(args),
     };
     match result {
         Ok(code) => code,
