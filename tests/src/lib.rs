@@ -126,7 +126,9 @@ impl Server {
 
     /// Stops the server and hands back its data dir.
     pub fn into_dir(mut self) -> tempfile::TempDir {
-        self.stop();
+        if self.child.is_some() {
+            self.stop();
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         std::mem::replace(&mut self.dir, dir)
     }

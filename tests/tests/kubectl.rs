@@ -135,7 +135,7 @@ fn everyday(version: &str) {
     );
     contains_all(
         &k.ok(&["annotate", "cm", "c1", "note=hello"]),
-        &["configmap/c1 annotated"],
+        &["configmap/c1 annotate"],
     );
     assert_eq!(
         k.ok(&[

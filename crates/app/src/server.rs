@@ -123,10 +123,10 @@ impl ServerConfig {
 
 async fn open_store(cfg: &ServerConfig) -> Result<Arc<dyn Store>, AppError> {
     if let Some(ep) = &cfg.datastore_endpoint {
-        // ETCD-PENDING: switch to skiff_store::connect_etcd once the store branch provides it.
-        return Err(AppError::Config(format!(
-            "--datastore-endpoint {ep:?}: the etcd backend is not available in this build yet"
-        )));
+        let endpoints: Vec<String> = ep.split(',').map(str::to_string).collect();
+        return Ok(
+            skiff_store::connect_etcd(&endpoints, skiff_store::EtcdOptions::default()).await?,
+        );
     }
     let dir = cfg.data_dir.join("server").join("db");
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
