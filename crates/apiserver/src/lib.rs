@@ -41,6 +41,8 @@ pub struct Config {
     pub tokens: HashMap<String, Identity>,
     /// The address clients should use (`host:port`), for `/api` serverAddressByClientCIDRs.
     pub advertise_address: String,
+    /// How often watches that asked for bookmarks get one (zero = 10 s).
+    pub bookmark_interval: std::time::Duration,
 }
 
 /// Shared state of all handlers.

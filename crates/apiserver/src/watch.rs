@@ -308,7 +308,12 @@ pub(crate) async fn serve_watch(
         drop(initial);
         let deadline = tokio::time::sleep(Duration::from_secs(timeout));
         tokio::pin!(deadline);
-        let mut ticker = tokio::time::interval(Duration::from_secs(10));
+        let every = if st.config.bookmark_interval.is_zero() {
+            Duration::from_secs(10)
+        } else {
+            st.config.bookmark_interval
+        };
+        let mut ticker = tokio::time::interval(every);
         ticker.tick().await;
         let mut last_rev = start;
         // Source of events: the watch cache, or the store directly when the cache cannot serve.

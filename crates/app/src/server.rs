@@ -236,6 +236,7 @@ pub async fn run(
     let api_config = skiff_apiserver::Config {
         tokens: load_tokens(&cfg.data_dir)?,
         advertise_address: format!("{host}:{port}"),
+        bookmark_interval: std::time::Duration::from_secs(10),
     };
     let state = ApiState::new(store, api_config).await?;
     let router = skiff_apiserver::router(state);
