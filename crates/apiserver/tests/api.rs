@@ -1,6 +1,6 @@
 //! The API router driven in-process (tower oneshot, memory store): status codes, Status bodies,
-#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions may unwrap too
 //! list/watch semantics, subresources and discovery, as a client sees them.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions may unwrap too
 
 use std::sync::Arc;
 use std::time::Duration;
