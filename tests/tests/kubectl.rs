@@ -336,3 +336,206 @@ fn auth_whoami() {
     let out = k27.ok(&["auth", "whoami"]);
     contains_all(&out, &["system:admin"]);
 }
+
+const WORKLOADS: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: nginx:1.27
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector: {app: web}
+  ports:
+  - port: 80
+    targetPort: 8080
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: p1
+spec:
+  containers:
+  - name: c
+    image: busybox
+"#;
+
+fn more_commands(version: &str) {
+    let server = Server::start();
+    let k = Kubectl::new(Some(version), &server);
+    let file = server.dir.path().join("workloads.yaml");
+    std::fs::write(&file, WORKLOADS).unwrap();
+    let f = file.to_str().unwrap();
+
+    let out = k.ok(&["apply", "--dry-run=server", "-f", f]);
+    contains_all(
+        &out,
+        &[
+            "deployment.apps/web created (server dry run)",
+            "pod/p1 created (server dry run)",
+        ],
+    );
+    assert!(
+        !k.run(&["get", "deploy", "web"]).status.success(),
+        "server dry run must not store"
+    );
+    k.ok(&["apply", "-f", f]);
+
+    let wide = k.ok(&["get", "deploy,svc,pods", "-o", "wide"]);
+    contains_all(
+        &wide,
+        &[
+            "CONTAINERS",
+            "IMAGES",
+            "SELECTOR",
+            "nginx:1.27",
+            "app=web",
+            "ClusterIP",
+            "10.43.",
+            "80/TCP",
+            "Pending",
+            "0/1",
+            "NOMINATED NODE",
+        ],
+    );
+    let pod = k.ok(&["get", "pod", "p1", "-o", "jsonpath={.spec.restartPolicy} {.spec.dnsPolicy} {.spec.terminationGracePeriodSeconds} {.spec.schedulerName} {.spec.containers[0].imagePullPolicy}"]);
+    assert_eq!(pod, "Always ClusterFirst 30 default-scheduler Always");
+    let svc = k.ok(&["get", "svc", "web", "-o", "json"]);
+    let svc: serde_json::Value = serde_json::from_str(&svc).unwrap();
+    assert_eq!(svc["spec"]["type"], "ClusterIP");
+    assert_eq!(svc["spec"]["sessionAffinity"], "None");
+    assert_eq!(svc["spec"]["ports"][0]["protocol"], "TCP");
+
+    let desc = k.ok(&["describe", "deploy", "web"]);
+    contains_all(
+        &desc,
+        &[
+            "Name:",
+            "web",
+            "Replicas:",
+            "2 desired",
+            "StrategyType:",
+            "RollingUpdate",
+            "nginx:1.27",
+        ],
+    );
+
+    // diff exits 1 and shows the change.
+    let changed = WORKLOADS.replace("replicas: 2", "replicas: 3");
+    let file2 = server.dir.path().join("workloads2.yaml");
+    std::fs::write(&file2, changed).unwrap();
+    let out = k.run(&["diff", "-f", file2.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "kubectl diff: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    contains_all(
+        &String::from_utf8_lossy(&out.stdout),
+        &["-  replicas: 2", "+  replicas: 3"],
+    );
+
+    contains_all(
+        &k.ok(&[
+            "wait",
+            "--for=jsonpath={.spec.replicas}=2",
+            "deploy/web",
+            "--timeout=10s",
+        ]),
+        &["condition met"],
+    );
+
+    // edit with a scripted editor.
+    let mut cmd = std::process::Command::new(&k.bin);
+    cmd.arg("--kubeconfig")
+        .arg(&k.kubeconfig)
+        .args(["edit", "deploy", "web"]);
+    cmd.env("KUBE_EDITOR", "sed -i s/nginx:1.27/nginx:1.29/");
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl edit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "custom-columns=NAME:.metadata.name,IMG:.spec.template.spec.containers[0].image",
+            "--no-headers"
+        ])
+        .split_whitespace()
+        .collect::<Vec<_>>(),
+        ["web", "nginx:1.29"]
+    );
+
+    // Secrets from literals and files, strategic patch, json output.
+    let secret_file = server.dir.path().join("token.txt");
+    std::fs::write(&secret_file, "s3cret").unwrap();
+    k.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s1",
+        "--from-literal=user=admin",
+        &format!("--from-file=token={}", secret_file.display()),
+    ]);
+    assert_eq!(
+        k.ok(&["get", "secret", "s1", "-o", "jsonpath={.data.token}"]),
+        "czNjcmV0"
+    );
+    contains_all(&k.ok(&["get", "secrets"]), &["TYPE", "DATA", "Opaque", "2"]);
+    contains_all(
+        &k.ok(&[
+            "patch",
+            "svc",
+            "web",
+            "--type",
+            "strategic",
+            "-p",
+            r#"{"spec":{"ports":[{"port":80,"targetPort":9090}]}}"#,
+        ]),
+        &["patched"],
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.ports[*].targetPort}"
+        ]),
+        "9090"
+    );
+    contains_all(
+        &k.ok(&["delete", "-f", f]),
+        &["deployment.apps \"web\" deleted", "pod \"p1\" deleted"],
+    );
+}
+
+#[test]
+fn kubectl_1_33_more_commands() {
+    more_commands("1.33");
+}
+
+#[test]
+fn kubectl_1_27_more_commands() {
+    more_commands("1.27");
+}

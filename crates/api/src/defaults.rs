@@ -3,7 +3,10 @@
 use serde_json::{Map, Value, json};
 
 fn set_default(m: &mut Map<String, Value>, key: &str, v: Value) {
-    if m.get(key).is_none_or(Value::is_null) {
+    // Kubernetes defaulting treats an empty string like an unset field.
+    if m.get(key)
+        .is_none_or(|x| x.is_null() || x.as_str() == Some(""))
+    {
         m.insert(key.to_string(), v);
     }
 }
