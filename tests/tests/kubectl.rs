@@ -1,4 +1,5 @@
 //! Real kubectl (1.27 and 1.33) against a real `skiff server`: the everyday commands.
+#![allow(clippy::unwrap_used)] // scenario helpers outside #[test] functions may unwrap
 
 use std::time::Duration;
 
