@@ -205,7 +205,9 @@ async fn handle(
 
     match (method.clone(), t.name.clone()) {
         (Method::GET, None) => {
-            let watching = q.get("watch").is_some_and(|w| w == "1" || w == "true");
+            let watching = q
+                .get("watch")
+                .is_some_and(|w| w == "1" || w.eq_ignore_ascii_case("true"));
             if watching {
                 if !verb_ok("watch") {
                     return Err(ApiError::method_not_allowed());
@@ -221,7 +223,9 @@ async fn handle(
         }
         (Method::GET, Some(name)) => {
             let out = negotiate(&req)?;
-            if q.get("watch").is_some_and(|w| w == "1" || w == "true") {
+            if q.get("watch")
+                .is_some_and(|w| w == "1" || w.eq_ignore_ascii_case("true"))
+            {
                 let mut q2 = q.clone();
                 q2.insert("fieldSelector".into(), format!("metadata.name={name}"));
                 let t2 = Target {

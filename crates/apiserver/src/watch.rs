@@ -238,7 +238,9 @@ pub(crate) async fn serve_watch(
 ) -> Result<Response, ApiError> {
     let opts = list_opts(t.r, q)?;
     let rv = q.get("resourceVersion").cloned().unwrap_or_default();
-    let send_initial = q.get("sendInitialEvents").is_some_and(|v| v == "true");
+    let send_initial = q
+        .get("sendInitialEvents")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let bookmarks = q
         .get("allowWatchBookmarks")
         .is_some_and(|v| v == "true" || v == "1");
