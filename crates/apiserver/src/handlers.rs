@@ -432,9 +432,14 @@ async fn create(st: &ApiState, t: &Target, mut obj: Value, q: &Q) -> Result<Valu
         ensure_namespace(st, ns, r, &given).await?;
     }
     prepare_new(r, &mut obj, t.ns.as_deref());
-    if r.kind == "Service" {
-        crate::handlers::allocate_service(st, &mut obj).await?;
-    }
+    // Held until the create is stored, so two services never get the same address.
+    let _alloc = if r.kind == "Service" {
+        let guard = st.alloc_lock.lock().await;
+        allocate_service(st, &mut obj).await?;
+        Some(guard)
+    } else {
+        None
+    };
     for attempt in 0..5 {
         if given.is_empty()
             && !generate.is_empty()
@@ -1286,7 +1291,7 @@ async fn subresource(
     }
 }
 
-/// Assigns `spec.clusterIP` (10.43.0.0/16) and node ports (30000-32767) to a new Service.
+/// Assigns `spec.clusterIP` (from the service CIDR) and node ports (30000-32767) to a new Service.
 pub(crate) async fn allocate_service(st: &ApiState, svc: &mut Value) -> Result<(), ApiError> {
     let Some(r) = find("", "v1", "services") else {
         return Ok(());
@@ -1333,11 +1338,13 @@ pub(crate) async fn allocate_service(st: &ApiState, svc: &mut Value) -> Result<(
         .to_string();
     if want.is_empty() {
         let mut chosen = None;
-        for i in 2u32..65534 {
+        for i in 2u32.. {
             if i == 10 {
                 continue;
             }
-            let ip = format!("10.43.{}.{}", i >> 8, i & 0xff);
+            let Some(ip) = st.config.service_ip(i) else {
+                break;
+            };
             if !used_ips.contains(&ip) {
                 chosen = Some(ip);
                 break;

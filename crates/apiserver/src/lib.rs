@@ -43,6 +43,24 @@ pub struct Config {
     pub advertise_address: String,
     /// How often watches that asked for bookmarks get one (zero = 10 s).
     pub bookmark_interval: std::time::Duration,
+    /// Service CIDR (IPv4 network, prefix length); None = 10.43.0.0/16.
+    pub service_cidr: Option<(std::net::Ipv4Addr, u8)>,
+    /// Port of the API server, for the `kubernetes` Service's targetPort (0 = 6443).
+    pub api_port: u16,
+}
+
+impl Config {
+    /// The `i`-th address of the service CIDR (1 = the `kubernetes` Service), if in range.
+    pub fn service_ip(&self, i: u32) -> Option<String> {
+        let (base, prefix) = self
+            .service_cidr
+            .unwrap_or((std::net::Ipv4Addr::new(10, 43, 0, 0), 16));
+        let size = 1u64 << (32 - u32::from(prefix.min(32)));
+        if u64::from(i) + 1 >= size {
+            return None;
+        }
+        Some(std::net::Ipv4Addr::from(u32::from(base).wrapping_add(i)).to_string())
+    }
 }
 
 /// Shared state of all handlers.
@@ -50,6 +68,8 @@ pub struct ApiState {
     store: Arc<dyn Store>,
     config: Config,
     hub: watch::Hub,
+    /// Serializes service IP / node port allocation with the create that records it.
+    alloc_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -67,6 +87,7 @@ impl ApiState {
     pub async fn new(store: Arc<dyn Store>, config: Config) -> Result<Arc<Self>, ApiServerError> {
         let state = Arc::new(ApiState {
             hub: watch::Hub::new(store.clone()),
+            alloc_lock: tokio::sync::Mutex::new(()),
             store,
             config,
         });
@@ -101,7 +122,44 @@ impl ApiState {
                 }
             }
         }
+        state.bootstrap_kubernetes_service().await?;
         Ok(state)
+    }
+
+    /// Creates `default/kubernetes` (the first service IP, port 443 → the API port) if missing.
+    async fn bootstrap_kubernetes_service(&self) -> Result<(), ApiServerError> {
+        let Some(svc) = find("", "v1", "services") else {
+            return Ok(());
+        };
+        let key = svc.key(Some("default"), "kubernetes");
+        let err = |source| ApiServerError::Bootstrap {
+            what: "service default/kubernetes".into(),
+            source,
+        };
+        if self.store.get(&key).await.map_err(err)?.is_some() {
+            return Ok(());
+        }
+        let ip = self
+            .config
+            .service_ip(1)
+            .unwrap_or_else(|| "10.43.0.1".into());
+        let port = if self.config.api_port == 0 {
+            6443
+        } else {
+            self.config.api_port
+        };
+        let mut obj = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip], "type": "ClusterIP", "sessionAffinity": "None",
+                     "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]},
+        });
+        handlers::prepare_new(svc, &mut obj, Some("default"));
+        let bytes = bytes::Bytes::from(serde_json::to_vec(&obj).unwrap_or_default());
+        match self.store.create(&key, bytes).await {
+            Ok(_) | Err(skiff_store::StoreError::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(err(e)),
+        }
     }
 }
 

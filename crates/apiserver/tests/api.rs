@@ -710,3 +710,53 @@ async fn discovery_documents() {
         .await;
     assert_eq!(review["status"]["userInfo"]["username"], "system:admin");
 }
+
+#[tokio::test]
+async fn services_get_cluster_ips_and_node_ports() {
+    let a = api().await;
+    let svcs = "/api/v1/namespaces/default/services";
+    let (code, k) = a
+        .call(Method::GET, &format!("{svcs}/kubernetes"), None)
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(k["spec"]["clusterIP"], "10.43.0.1");
+    assert_eq!(k["spec"]["ports"][0]["port"], 443);
+    let svc = |name: &str, extra: Value| {
+        let mut s = json!({"metadata": {"name": name}, "spec": {"selector": {"app": name}, "ports": [{"port": 80}]}});
+        if let (Some(spec), Some(extra)) = (s["spec"].as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        s
+    };
+    let (code, s1) = a
+        .call(Method::POST, svcs, Some(svc("one", json!({}))))
+        .await;
+    assert_eq!(code, 201);
+    assert_eq!(s1["spec"]["clusterIP"], "10.43.0.2");
+    assert_eq!(s1["spec"]["ports"][0]["targetPort"], 80);
+    let (code, s2) = a
+        .call(
+            Method::POST,
+            svcs,
+            Some(svc("two", json!({"type": "NodePort"}))),
+        )
+        .await;
+    assert_eq!(code, 201);
+    assert_eq!(s2["spec"]["clusterIP"], "10.43.0.3");
+    let np = s2["spec"]["ports"][0]["nodePort"].as_i64().unwrap();
+    assert!((30000..=32767).contains(&np));
+    let (code, st) = a
+        .call(
+            Method::POST,
+            svcs,
+            Some(svc("dup", json!({"clusterIP": "10.43.0.2"}))),
+        )
+        .await;
+    assert_eq!((code, st["reason"].as_str()), (422, Some("Invalid")));
+    // Released on delete: the address is handed out again.
+    a.call(Method::DELETE, &format!("{svcs}/one"), None).await;
+    let (_, s3) = a
+        .call(Method::POST, svcs, Some(svc("three", json!({}))))
+        .await;
+    assert_eq!(s3["spec"]["clusterIP"], "10.43.0.2");
+}

@@ -138,6 +138,22 @@ async fn open_store(cfg: &ServerConfig) -> Result<Arc<dyn Store>, AppError> {
     }
 }
 
+/// Parses an IPv4 CIDR (`10.43.0.0/16`).
+fn parse_v4_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), AppError> {
+    let bad = || {
+        AppError::Config(format!(
+            "--service-cidr {s:?} is not an IPv4 CIDR (expected e.g. 10.43.0.0/16)"
+        ))
+    };
+    let (ip, len) = s.split_once('/').ok_or_else(bad)?;
+    let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if !(8..=30).contains(&len) {
+        return Err(bad());
+    }
+    Ok((ip, len))
+}
+
 fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -195,6 +211,7 @@ pub async fn run(
     ready: impl FnOnce(&Path, &str),
 ) -> Result<(), AppError> {
     cfg.validate()?;
+    let service_net = parse_v4_cidr(&cfg.service_cidr)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(io(format!("creating {}", cfg.data_dir.display())))?;
     let store = open_store(&cfg).await?;
@@ -220,6 +237,7 @@ pub async fn run(
     if !cfg.bind_address.is_unspecified() {
         sans.push(cfg.bind_address.to_string());
     }
+    sans.push(std::net::Ipv4Addr::from(u32::from(service_net.0).wrapping_add(1)).to_string());
     let pki = skiff_pki::ensure_server_pki(&cfg.data_dir.join("server").join("tls"), &sans)?;
     let host = if cfg.bind_address.is_unspecified() || cfg.bind_address.is_loopback() {
         "127.0.0.1".to_string()
@@ -237,6 +255,8 @@ pub async fn run(
         tokens: load_tokens(&cfg.data_dir)?,
         advertise_address: format!("{host}:{port}"),
         bookmark_interval: std::time::Duration::from_secs(10),
+        service_cidr: Some(service_net),
+        api_port: port,
     };
     let state = ApiState::new(store, api_config).await?;
     let router = skiff_apiserver::router(state);
