@@ -421,6 +421,19 @@ fn more_commands(version: &str) {
     assert_eq!(svc["spec"]["sessionAffinity"], "None");
     assert_eq!(svc["spec"]["ports"][0]["protocol"], "TCP");
 
+    let explain = k.ok(&["explain", "pod.spec.containers.resources"]);
+    contains_all(
+        &explain,
+        &[
+            "KIND:",
+            "Pod",
+            "FIELD: resources <ResourceRequirements>",
+            "Compute Resources required by this container",
+        ],
+    );
+    let explain = k.ok(&["explain", "deployments.spec.strategy"]);
+    contains_all(&explain, &["GROUP:", "apps", "rollingUpdate"]);
+
     let desc = k.ok(&["describe", "deploy", "web"]);
     contains_all(
         &desc,

@@ -277,8 +277,8 @@ fn gv_path(g: &str, v: &str) -> String {
 }
 
 fn openapi_gv(g: &str, v: &str) -> Value {
+    let (defs, roots) = crate::schemas::components();
     let mut paths = serde_json::Map::new();
-    let mut schemas = serde_json::Map::new();
     for r in resources_of(g, v) {
         let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
         let base = if r.namespaced {
@@ -291,58 +291,42 @@ fn openapi_gv(g: &str, v: &str) -> Value {
             {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
             {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
         ]);
-        let schema_name = format!(
-            "io.k8s.api.{}.{}.{}",
-            if g.is_empty() {
-                "core"
-            } else {
-                g.split('.').next().unwrap_or(g)
-            },
-            v,
-            r.kind
-        );
-        let ref_ = json!({"$ref": format!("#/components/schemas/{schema_name}")});
-        let op = |verb: &str| {
+        let schema = match crate::schemas::schema_name(&roots, r.group, r.version, r.kind) {
+            Some(n) => json!({"$ref": format!("#/components/schemas/{n}")}),
+            None => json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        };
+        let op = |verb: &str, content: &[&str]| {
+            let mut body = serde_json::Map::new();
+            for c in content {
+                body.insert((*c).to_string(), json!({"schema": schema}));
+            }
             json!({
                 "operationId": format!("{verb}{}", r.kind),
                 "parameters": params,
-                "requestBody": {"content": {"application/json": {"schema": ref_}}},
-                "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": ref_}}}},
+                "requestBody": {"content": body},
+                "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": schema}}}},
                 "x-kubernetes-action": verb,
                 "x-kubernetes-group-version-kind": gvk,
             })
         };
+        let json_only = ["application/json"];
         if r.is_persisted() {
-            paths.insert(base.clone(), json!({"post": op("post")}));
+            paths.insert(base.clone(), json!({"post": op("post", &json_only)}));
+            // Strategic merge patch is not advertised here: clients then compute it from their
+            // compiled-in type information, which carries the list merge keys.
             paths.insert(
                 format!("{base}/{{name}}"),
-                json!({"put": op("put"), "patch": op("patch")}),
+                json!({"put": op("put", &json_only), "patch": op("patch", &["application/json-patch+json", "application/merge-patch+json"])}),
             );
         } else {
-            paths.insert(base, json!({"post": op("post")}));
+            paths.insert(base, json!({"post": op("post", &json_only)}));
         }
-        schemas.insert(
-            schema_name,
-            json!({
-                "type": "object",
-                "description": format!("{} ({})", r.kind, r.api_version()),
-                "x-kubernetes-group-version-kind": [gvk],
-                "x-kubernetes-preserve-unknown-fields": true,
-                "properties": {
-                    "apiVersion": {"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."},
-                    "kind": {"type": "string", "description": "Kind is a string value representing the REST resource this object represents."},
-                    "metadata": {"type": "object", "description": "Standard object's metadata.", "x-kubernetes-preserve-unknown-fields": true},
-                    "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-                },
-            }),
-        );
     }
     json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": format!("v{K8S_MAJOR}.{K8S_MINOR}.0+skiff")},
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {"schemas": defs},
     })
 }
 

@@ -6,6 +6,7 @@ mod discovery;
 mod handlers;
 mod http_util;
 mod proto;
+mod schemas;
 mod watch;
 
 use std::collections::HashMap;
