@@ -421,6 +421,15 @@ fn more_commands(version: &str) {
     assert_eq!(svc["spec"]["sessionAffinity"], "None");
     assert_eq!(svc["spec"]["ports"][0]["protocol"], "TCP");
 
+    // Server-side field validation: a typo is refused (kubectl sends fieldValidation=Strict).
+    let typo = WORKLOADS.replace("replicas: 2", "replicaz: 2");
+    let out = k.run_stdin(&["apply", "-f", "-"], Some(&typo));
+    assert!(!out.status.success());
+    contains_all(
+        &String::from_utf8_lossy(&out.stderr),
+        &["strict decoding error: unknown field \"spec.replicaz\""],
+    );
+
     let explain = k.ok(&["explain", "pod.spec.containers.resources"]);
     contains_all(
         &explain,

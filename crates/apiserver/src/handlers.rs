@@ -245,19 +245,23 @@ async fn handle(
             }
             let (ct, body) = read_body(req).await?;
             let obj = parse_object(&ct, &body)?;
+            let warnings = field_validation(r, &obj, &q)?;
             let created = create(&st, &t, obj, &q).await?;
-            Ok(json_response(201, &created))
+            Ok(with_warnings(json_response(201, &created), &warnings))
         }
         (Method::PUT, Some(name)) => {
             let (ct, body) = read_body(req).await?;
             let obj = parse_object(&ct, &body)?;
+            let warnings = field_validation(r, &obj, &q)?;
             let (code, obj) = update(&st, &t, &name, obj, &q, Mode::Main).await?;
-            Ok(json_response(code, &obj))
+            Ok(with_warnings(json_response(code, &obj), &warnings))
         }
         (Method::PATCH, Some(name)) => {
             let (ct, body) = read_body(req).await?;
+            let current = get_obj(&st, &t, &name).await?;
+            let warnings = field_validation(r, &apply_patch(&ct, &body, &current)?, &q)?;
             let obj = patch(&st, &t, &name, &ct, &body, &q, Mode::Main).await?;
-            Ok(json_response(200, &obj))
+            Ok(with_warnings(json_response(200, &obj), &warnings))
         }
         (Method::DELETE, Some(name)) => {
             let (_, body) = read_body(req).await?;
@@ -277,6 +281,47 @@ async fn handle(
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// `fieldValidation`: Strict rejects unknown fields (400), Warn (the default) reports them in
+/// `Warning` headers, Ignore skips the check.
+fn field_validation(r: &ResourceInfo, obj: &Value, q: &Q) -> Result<Vec<String>, ApiError> {
+    let mode = q
+        .get("fieldValidation")
+        .map(String::as_str)
+        .unwrap_or("Warn");
+    if mode.eq_ignore_ascii_case("Ignore") {
+        return Ok(Vec::new());
+    }
+    let unknown: Vec<String> = crate::schemas::unknown_fields(&r.api_version(), r.kind, obj)
+        .into_iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(unknown);
+    }
+    match mode {
+        "Strict" => Err(ApiError::bad_request(format!(
+            "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+            unknown.join(", "),
+            kind = r.kind,
+            version = r.version,
+        ))),
+        "Warn" => Ok(unknown),
+        other => Err(ApiError::bad_request(format!(
+            "fieldValidation must be one of Ignore, Warn or Strict, not {other:?}"
+        ))),
+    }
+}
+
+fn with_warnings(mut resp: Response, warnings: &[String]) -> Response {
+    for w in warnings {
+        let text = format!("299 - {}", serde_json::Value::String(w.clone()));
+        if let Ok(h) = http::HeaderValue::from_str(&text) {
+            resp.headers_mut().append("Warning", h);
+        }
+    }
+    resp
 }
 
 fn reviews(

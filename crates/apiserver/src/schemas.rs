@@ -2,6 +2,9 @@
 //! schemas (feature `schemars`) and tagged with `x-kubernetes-group-version-kind`, so that
 //! `kubectl explain` works. Generated on demand (a few MB) rather than kept in memory.
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
 use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
@@ -98,8 +101,164 @@ pub fn schema_name(roots: &[Root], group: &str, version: &str, kind: &str) -> Op
         .map(|(_, _, _, n)| n.clone())
 }
 
+/// A compact field index for unknown-field checks (built once; the full schemas are dropped).
+#[derive(Debug)]
+enum Node {
+    /// A definition by index.
+    Def(usize),
+    /// Known properties (name → node); `rest` for additionalProperties alongside.
+    Object(HashMap<String, Node>, Option<Box<Node>>),
+    /// A map with value schema.
+    Map(Box<Node>),
+    /// A list with item schema.
+    Array(Box<Node>),
+    /// Anything goes (scalars, preserve-unknown-fields, free-form objects).
+    Any,
+}
+
+struct Index {
+    defs: Vec<Node>,
+    roots: HashMap<(String, String), usize>,
+}
+
+fn def_ref(schema: &Value) -> Option<&str> {
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        return r.strip_prefix("#/components/schemas/");
+    }
+    match schema
+        .get("allOf")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+    {
+        Some([one]) => def_ref(one),
+        _ => None,
+    }
+}
+
+fn to_node(schema: &Value, names: &HashMap<String, usize>) -> Node {
+    if let Some(name) = def_ref(schema) {
+        return names.get(name).map_or(Node::Any, |i| Node::Def(*i));
+    }
+    if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
+        return Node::Any;
+    }
+    if let Some(items) = schema.get("items") {
+        return Node::Array(Box::new(to_node(items, names)));
+    }
+    let extra = schema
+        .get("additionalProperties")
+        .filter(|a| a.is_object())
+        .map(|a| Box::new(to_node(a, names)));
+    match schema.get("properties").and_then(Value::as_object) {
+        Some(props) => Node::Object(
+            props
+                .iter()
+                .map(|(k, v)| (k.clone(), to_node(v, names)))
+                .collect(),
+            extra,
+        ),
+        None => match extra {
+            Some(e) => Node::Map(e),
+            None => Node::Any,
+        },
+    }
+}
+
+fn index() -> &'static Index {
+    static INDEX: OnceLock<Index> = OnceLock::new();
+    INDEX.get_or_init(|| {
+        let (defs, roots) = components();
+        let names: HashMap<String, usize> = defs
+            .keys()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i))
+            .collect();
+        let nodes = defs.values().map(|v| to_node(v, &names)).collect();
+        let roots = roots
+            .into_iter()
+            .filter_map(|(g, v, k, n)| {
+                let av = if g.is_empty() {
+                    v.to_string()
+                } else {
+                    format!("{g}/{v}")
+                };
+                names.get(&n).map(|i| ((av, k.to_string()), *i))
+            })
+            .collect();
+        Index { defs: nodes, roots }
+    })
+}
+
+fn walk(ix: &Index, node: &Node, v: &Value, path: &str, out: &mut Vec<String>) {
+    let node = match node {
+        Node::Def(i) => match ix.defs.get(*i) {
+            Some(n) => n,
+            None => return,
+        },
+        n => n,
+    };
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match (node, v) {
+        (Node::Def(_), _) => walk(ix, node, v, path, out),
+        (Node::Object(props, extra), Value::Object(m)) => {
+            for (k, val) in m {
+                match props.get(k) {
+                    Some(n) => walk(ix, n, val, &join(k), out),
+                    None => match extra {
+                        Some(e) => walk(ix, e, val, &join(k), out),
+                        None => out.push(join(k)),
+                    },
+                }
+            }
+        }
+        (Node::Map(e), Value::Object(m)) => {
+            for (k, val) in m {
+                walk(ix, e, val, &join(k), out);
+            }
+        }
+        (Node::Array(e), Value::Array(a)) => {
+            for (i, val) in a.iter().enumerate() {
+                walk(ix, e, val, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Field paths of `obj` (an `apiVersion`/`kind` object) that its schema does not know.
+pub fn unknown_fields(api_version: &str, kind: &str, obj: &Value) -> Vec<String> {
+    let ix = index();
+    let Some(root) = ix.roots.get(&(api_version.to_string(), kind.to_string())) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    walk(ix, &Node::Def(*root), obj, "", &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unknown_fields_are_found_with_paths() {
+        let d = serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x", "labels": {"a": "b"}, "bogus": 1},
+            "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "c", "image": "i", "imagee": "typo", "resources": {"limits": {"cpu": "1"}}}]}}}});
+        assert_eq!(
+            super::unknown_fields("apps/v1", "Deployment", &d),
+            vec![
+                "metadata.bogus".to_string(),
+                "spec.template.spec.containers[0].imagee".to_string()
+            ]
+        );
+        let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"any-key": "v"}});
+        assert!(super::unknown_fields("v1", "ConfigMap", &cm).is_empty());
+    }
+
     use super::*;
 
     #[test]

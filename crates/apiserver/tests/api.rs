@@ -760,3 +760,58 @@ async fn services_get_cluster_ips_and_node_ports() {
         .await;
     assert_eq!(s3["spec"]["clusterIP"], "10.43.0.2");
 }
+
+#[tokio::test]
+async fn field_validation_strict_warn_ignore() {
+    let a = api().await;
+    let mut obj = cm("fv", json!({}));
+    obj["spec"] = json!({"oops": 1});
+    let body = serde_json::to_vec(&obj).unwrap();
+    let (code, _, b) = a
+        .send(
+            Method::POST,
+            &format!("{CMS}?fieldValidation=Strict"),
+            "application/json",
+            "",
+            body.clone(),
+        )
+        .await;
+    assert_eq!(code, 400);
+    let st: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        st["message"],
+        "ConfigMap in version \"v1\" cannot be handled as a ConfigMap: strict decoding error: unknown field \"spec\""
+    );
+    let (code, headers, _) = a
+        .send(Method::POST, CMS, "application/json", "", body.clone())
+        .await;
+    assert_eq!(code, 201);
+    assert_eq!(headers["warning"], "299 - \"unknown field \\\"spec\\\"\"");
+    let (code, headers, _) = a
+        .send(
+            Method::PUT,
+            &format!("{CMS}/fv?fieldValidation=Ignore"),
+            "application/json",
+            "",
+            body,
+        )
+        .await;
+    assert_eq!(code, 200);
+    assert!(headers.get("warning").is_none());
+    let (code, st) = a
+        .patch(
+            &format!("{CMS}/fv?fieldValidation=Strict"),
+            "application/merge-patch+json",
+            json!({"metadata": {"labelz": {"a": "b"}}}),
+        )
+        .await;
+    assert_eq!(
+        (code, st["message"].as_str()),
+        (
+            400,
+            Some(
+                "ConfigMap in version \"v1\" cannot be handled as a ConfigMap: strict decoding error: unknown field \"metadata.labelz\", unknown field \"spec\""
+            )
+        )
+    );
+}
