@@ -21,10 +21,11 @@ mod history;
 pub mod memory;
 pub mod redb_store;
 pub mod testing;
+mod wal;
 
 pub use etcd::{EtcdOptions, EtcdStore, EtcdTls, connect_etcd};
 pub use memory::{MemoryOptions, MemoryStore, memory_with};
-pub use redb_store::{FORMAT_VERSION, RedbOptions, RedbStore, open_redb};
+pub use redb_store::{FORMAT_VERSION, RedbOptions, RedbStats, RedbStore, open_redb, wal_path};
 
 /// One global, strictly increasing revision, incremented per write; 0 means "none".
 pub type Revision = i64;

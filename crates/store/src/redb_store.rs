@@ -1,10 +1,20 @@
-//! The redb backend, skiff's embedded default: durable (a write is acknowledged only after its
-//! commit is on disk), group-committed (one writer thread drains all queued writes into one
-//! transaction, so one fsync serves many writers), with history kept in a redb table.
+//! The redb backend, skiff's embedded default: durable (a write is acknowledged only after it is
+//! on disk), group-committed (one writer thread drains all queued writes into one transaction,
+//! so one fsync serves many writers), with history kept in a redb table.
 //!
-//! Tables: `skiff_meta` (format version, current revision, compaction point), `skiff_kv`
-//! (key → current value) and `skiff_history` (revision → event with the previous value).
-//! The revision is written in the same transaction as the data it numbers.
+//! Durability works like etcd's WAL + backend: the writer thread commits each batch to redb
+//! without an fsync and hands it to the logger thread, which appends everything waiting to a
+//! write-ahead log (`<file>.wal`: one sequential write + one fdatasync for possibly several
+//! batches) and only then publishes the batch and answers its writers; meanwhile the writer
+//! already applies the next batch. Every 200 ms (or 1024 batches, or 6 MiB of log) a batch is
+//! committed with `Durability::Immediate` instead — a checkpoint — after which the log starts
+//! over. Opening the store replays the log records newer than redb's durable revision.
+//! Reads are served at the last durable revision: a write committed to redb but not yet logged
+//! is reconstructed away from history, so nobody sees a write that a crash could still lose.
+//!
+//! Tables: `skiff_meta` (format version, store id, current revision, compaction point),
+//! `skiff_kv` (key → current value) and `skiff_history` (revision → event with the previous
+//! value). The revision is written in the same transaction as the data it numbers.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -23,6 +33,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::codec;
 use crate::history::{self, Batch, HistorySource};
+use crate::wal::Wal;
 use crate::{
     DEFAULT_COMPACTION_WINDOW, Event, KeyValue, RangeRequest, RangeResponse, Revision, Store,
     StoreError, WatchStream, check_key, compactor,
@@ -38,6 +49,14 @@ const HISTORY: TableDefinition<'_, i64, &[u8]> = TableDefinition::new("skiff_his
 const META_FORMAT: &str = "format_version";
 const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted";
+const META_STORE_ID: &str = "store_id";
+
+/// A checkpoint (durable redb commit, after which the log starts over) happens at least this often.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+/// ... or after this many logged batches ...
+const CHECKPOINT_BATCHES: u32 = 1024;
+/// ... or when the log holds this many bytes.
+const CHECKPOINT_BYTES: u64 = 6 << 20;
 
 /// Options of the redb store.
 #[derive(Clone, Debug)]
@@ -67,9 +86,41 @@ impl Default for RedbOptions {
 struct ReadSide {
     db: Arc<Database>,
     path: PathBuf,
+    /// The last DURABLE revision (published to readers and watchers).
     revision: AtomicI64,
+    /// The last revision committed to redb (may be ahead of `revision` while its log record
+    /// is being synced; reads never show those writes).
+    applied: AtomicI64,
+    /// The log failed: the store accepts no more writes (reopen to recover).
+    failed: std::sync::atomic::AtomicBool,
+    /// The log has grown past CHECKPOINT_BYTES: the writer should checkpoint soon.
+    checkpoint_wanted: std::sync::atomic::AtomicBool,
     compacted: AtomicI64,
     commits: AtomicU64,
+    /// Total nanoseconds the writer spent applying + committing batches.
+    commit_nanos: AtomicU64,
+    /// Writes recovered from the write-ahead log when the store was opened.
+    replayed: AtomicU64,
+    /// Nanoseconds spent appending + syncing the log.
+    wal_nanos: AtomicU64,
+    /// Checkpoints (durable redb commits) and the nanoseconds they took.
+    checkpoints: AtomicU64,
+    checkpoint_nanos: AtomicU64,
+}
+
+/// Counters of the redb writer since the store was opened (for benchmarks and metrics).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RedbStats {
+    /// Batches committed (each answered many writes).
+    pub commits: u64,
+    /// Time spent applying and committing batches, including log and redb syncs.
+    pub commit_time: Duration,
+    /// Time spent appending to and syncing the write-ahead log.
+    pub wal_time: Duration,
+    /// Checkpoints (durable redb commits).
+    pub checkpoints: u64,
+    /// Time the checkpoint batches took.
+    pub checkpoint_time: Duration,
 }
 
 enum Op {
@@ -96,9 +147,11 @@ enum Done {
     Compacted,
 }
 
+type Reply = oneshot::Sender<Result<Done, StoreError>>;
+
 struct Request {
     op: Op,
-    reply: oneshot::Sender<Result<Done, StoreError>>,
+    reply: Reply,
 }
 
 /// The redb store. Open it with [`open_redb`].
@@ -165,13 +218,47 @@ impl RedbStore {
     pub fn commit_count(&self) -> u64 {
         self.read.commits.load(Ordering::Relaxed)
     }
+
+    /// The writer's counters.
+    pub fn stats(&self) -> RedbStats {
+        let r = &self.read;
+        let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        RedbStats {
+            commits: r.commits.load(Ordering::Relaxed),
+            commit_time: d(&r.commit_nanos),
+            wal_time: d(&r.wal_nanos),
+            checkpoints: r.checkpoints.load(Ordering::Relaxed),
+            checkpoint_time: d(&r.checkpoint_nanos),
+        }
+    }
+
+    /// How many writes were recovered from the write-ahead log when the store was opened.
+    pub fn replayed_on_open(&self) -> u64 {
+        self.read.replayed.load(Ordering::Relaxed)
+    }
+
+    /// Total time the writer spent applying and committing batches (including fsync).
+    pub fn commit_time(&self) -> Duration {
+        Duration::from_nanos(self.read.commit_nanos.load(Ordering::Relaxed))
+    }
 }
 
 async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, StoreError> {
     let owned = path.to_path_buf();
     let cache = opts.cache_size;
-    let opened = tokio::task::spawn_blocking(move || open_blocking(&owned, cache)).await;
-    let (db, revision, compacted) = match opened {
+    let opened = tokio::task::spawn_blocking(move || {
+        let (db, durable, compacted, store_id) = open_blocking(&owned, cache)?;
+        let (wal, revision) = recover(&db, &owned, store_id, durable)?;
+        Ok::<_, StoreError>((
+            db,
+            revision,
+            compacted,
+            wal,
+            u64::try_from(revision - durable).unwrap_or(0),
+        ))
+    })
+    .await;
+    let (db, revision, compacted, wal, replayed) = match opened {
         Ok(r) => r?,
         // redb's debug builds assert on some impossible-by-construction states; a damaged file
         // can reach them. Never let that take the process down.
@@ -186,8 +273,16 @@ async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, St
         db: Arc::new(db),
         path: path.to_path_buf(),
         revision: AtomicI64::new(revision),
+        applied: AtomicI64::new(revision),
+        failed: std::sync::atomic::AtomicBool::new(false),
+        checkpoint_wanted: std::sync::atomic::AtomicBool::new(false),
         compacted: AtomicI64::new(compacted),
         commits: AtomicU64::new(0),
+        commit_nanos: AtomicU64::new(0),
+        replayed: AtomicU64::new(replayed),
+        wal_nanos: AtomicU64::new(0),
+        checkpoints: AtomicU64::new(0),
+        checkpoint_nanos: AtomicU64::new(0),
     });
     let (events, _) = broadcast::channel(opts.watch_buffer.max(1));
     let (tx, rx) = mpsc::channel();
@@ -195,9 +290,11 @@ async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, St
         let read = read.clone();
         let events = events.clone();
         let max_batch = opts.max_batch.max(1);
+        let mut writer = Writer::new(read.clone(), revision, compacted);
+        let logger = Logger { read, wal, events };
         std::thread::Builder::new()
             .name("skiff-store-writer".into())
-            .spawn(move || writer_loop(&read, &rx, &events, max_batch))?
+            .spawn(move || writer.run(&rx, logger, max_batch))?
     };
     tracing::info!(path = %path.display(), revision, compacted, "opened redb store");
     let store = Arc::new(RedbStore {
@@ -213,7 +310,10 @@ async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, St
     Ok(store)
 }
 
-fn open_blocking(path: &Path, cache: usize) -> Result<(Database, Revision, Revision), StoreError> {
+/// What opening the file found: the database, its durable revision, compaction point, store id.
+type Opened = (Database, Revision, Revision, u64);
+
+fn open_blocking(path: &Path, cache: usize) -> Result<Opened, StoreError> {
     if let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
     {
@@ -258,8 +358,9 @@ fn open_blocking(path: &Path, cache: usize) -> Result<(Database, Revision, Revis
         .collect();
     drop(rtxn);
     if names.is_empty() {
-        init_tables(&db, path)?;
-        return Ok((db, 0, 0));
+        let id = new_store_id();
+        init_tables(&db, path, id)?;
+        return Ok((db, 0, 0, id));
     }
     if !names.iter().any(|n| n == META.name()) {
         return Err(corrupt(
@@ -298,6 +399,7 @@ fn open_blocking(path: &Path, cache: usize) -> Result<(Database, Revision, Revis
     }
     let revision = get(META_REVISION)?.ok_or_else(|| corrupt(path, "no revision recorded"))?;
     let compacted = get(META_COMPACTED)?.ok_or_else(|| corrupt(path, "no compaction point"))?;
+    let store_id = get(META_STORE_ID)?.ok_or_else(|| corrupt(path, "no store id recorded"))?;
     rtxn.open_table(KV).map_err(bad_table)?;
     let hist = rtxn.open_table(HISTORY).map_err(bad_table)?;
     if let Some((last, _)) = hist
@@ -322,10 +424,71 @@ fn open_blocking(path: &Path, cache: usize) -> Result<(Database, Revision, Revis
     drop(hist);
     drop(meta);
     drop(rtxn);
-    Ok((db, revision, compacted))
+    Ok((db, revision, compacted, store_id as u64))
 }
 
-fn init_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
+/// A random id tying the write-ahead log to its store file.
+fn new_store_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(now);
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// The write-ahead log next to the store file: `<file>.wal`.
+pub fn wal_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".wal");
+    PathBuf::from(p)
+}
+
+/// Replays the write-ahead log into redb (one durable transaction) and returns the log, ready for
+/// appends, and the recovered revision.
+fn recover(
+    db: &Database,
+    path: &Path,
+    store_id: u64,
+    durable: Revision,
+) -> Result<(Wal, Revision), StoreError> {
+    let mut wal = Wal::open(&wal_path(path), store_id)?;
+    let events = wal.replay(durable)?;
+    let mut revision = durable;
+    if let Some(last) = events.last().map(Event::revision) {
+        let n = events.len();
+        let txn = db
+            .begin_write()
+            .map_err(|e| backend(path, "cannot start a write to", e))?;
+        {
+            let open = |e| backend(path, "cannot open a table of", e);
+            let mut kv = txn.open_table(KV).map_err(open)?;
+            let mut hist = txn.open_table(HISTORY).map_err(open)?;
+            let mut meta = txn.open_table(META).map_err(open)?;
+            let mut ap = Applied {
+                results: Vec::new(),
+                events: Vec::new(),
+                revision: durable,
+                compacted: 0,
+            };
+            for ev in events {
+                record(path, &mut kv, &mut hist, &mut ap, ev)?;
+            }
+            meta.insert(META_REVISION, last)
+                .map_err(|e| storage(path, "cannot write metadata of", e))?;
+        }
+        txn.commit()
+            .map_err(|e| backend(path, "cannot commit to", e))?;
+        revision = last;
+        tracing::info!(path = %path.display(), writes = n, revision, "replayed the write-ahead log");
+    }
+    wal.rewind();
+    Ok((wal, revision))
+}
+
+fn init_tables(db: &Database, path: &Path, store_id: u64) -> Result<(), StoreError> {
     let txn = db
         .begin_write()
         .map_err(|e| backend(path, "cannot write store file", e))?;
@@ -337,6 +500,7 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
             (META_FORMAT, FORMAT_VERSION),
             (META_REVISION, 0),
             (META_COMPACTED, 0),
+            (META_STORE_ID, store_id as i64),
         ] {
             meta.insert(k, v)
                 .map_err(|e| storage(path, "cannot write metadata of", e))?;
@@ -353,22 +517,251 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), StoreError> {
 
 // ---------------------------------------------------------------- the writer (group commit)
 
-fn writer_loop(
-    read: &ReadSide,
-    rx: &mpsc::Receiver<Request>,
-    events: &broadcast::Sender<Batch>,
-    max_batch: usize,
-) {
-    let mut batch = Vec::with_capacity(max_batch);
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+/// A batch committed to redb, on its way through the log to its writers and watchers.
+struct Staged {
+    events: Vec<Event>,
+    replies: Vec<(Reply, Result<Done, StoreError>)>,
+    revision: Revision,
+    compacted: Revision,
+    /// Committed with `Durability::Immediate`: redb holds it (and all before it) durably, so it
+    /// needs no log record and the log starts over after it.
+    checkpoint: bool,
+}
+
+/// The writer thread: applies batches to redb (without fsync, or durably for a checkpoint) and
+/// hands them to the logger thread, which makes them durable in the log, publishes and answers.
+/// The two overlap: while one batch is being synced, the next is already applied.
+struct Writer {
+    read: Arc<ReadSide>,
+    revision: Revision,
+    compacted: Revision,
+    since_checkpoint: u32,
+    last_checkpoint: std::time::Instant,
+}
+
+impl Writer {
+    fn new(read: Arc<ReadSide>, revision: Revision, compacted: Revision) -> Writer {
+        Writer {
+            read,
+            revision,
+            compacted,
+            since_checkpoint: 0,
+            last_checkpoint: std::time::Instant::now(),
+        }
+    }
+
+    fn run(&mut self, rx: &mpsc::Receiver<Request>, mut logger: Logger, max_batch: usize) {
+        let (stx, srx) = mpsc::channel::<Staged>();
+        let logger_thread = std::thread::Builder::new()
+            .name("skiff-store-log".into())
+            .spawn(move || logger.run(&srx));
+        let logger_thread = match logger_thread {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the store log thread");
+                return;
+            }
+        };
+        let mut batch = Vec::with_capacity(max_batch);
+        while let Ok(first) = rx.recv() {
+            batch.push(first);
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            if let Some(staged) = self.stage(&mut batch, false)
+                && stx.send(staged).is_err()
+            {
+                break;
             }
         }
-        commit_batch(read, &mut batch, events);
+        // The store is closing: make everything durable in redb so the log is not needed.
+        if let Some(staged) = self.stage(&mut Vec::new(), true) {
+            let _ = stx.send(staged);
+        }
+        drop(stx);
+        if logger_thread.join().is_err() {
+            tracing::error!("store log thread panicked");
+        }
+    }
+
+    /// Applies one batch in one redb transaction and commits it. Each write gets its own
+    /// revision; a failed condition fails only that write and is evaluated against the state
+    /// including earlier writes of the batch. Returns the batch for the logger, or `None` when
+    /// it failed as a whole (its writers are answered here).
+    fn stage(&mut self, batch: &mut Vec<Request>, force_checkpoint: bool) -> Option<Staged> {
+        if self.read.failed.load(Ordering::Acquire) {
+            for req in batch.drain(..) {
+                let _ = req.reply.send(Err(StoreError::Unavailable(format!(
+                    "store {} stopped after a write-ahead log failure: restart to recover",
+                    self.read.path.display()
+                ))));
+            }
+            return None;
+        }
+        let checkpoint = force_checkpoint
+            || batch.iter().any(|r| matches!(r.op, Op::Compact(_)))
+            || self.since_checkpoint >= CHECKPOINT_BATCHES
+            || self.read.checkpoint_wanted.swap(false, Ordering::AcqRel)
+            || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL;
+        let started = std::time::Instant::now();
+        let outcome = self.apply_and_commit(batch, checkpoint);
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let read = &self.read;
+        read.commit_nanos.fetch_add(nanos, Ordering::Relaxed);
+        if checkpoint {
+            read.checkpoints.fetch_add(1, Ordering::Relaxed);
+            read.checkpoint_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
+        match outcome {
+            Ok(applied) => {
+                self.revision = applied.revision;
+                self.compacted = applied.compacted;
+                read.applied.store(applied.revision, Ordering::Release);
+                if checkpoint {
+                    self.since_checkpoint = 0;
+                    self.last_checkpoint = std::time::Instant::now();
+                } else {
+                    self.since_checkpoint += 1;
+                }
+                let replies = batch
+                    .drain(..)
+                    .map(|r| r.reply)
+                    .zip(applied.results)
+                    .collect();
+                Some(Staged {
+                    events: applied.events,
+                    replies,
+                    revision: applied.revision,
+                    compacted: applied.compacted,
+                    checkpoint,
+                })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, path = %read.path.display(), writes = batch.len(),
+                    "store commit failed; failing every write of the batch");
+                let msg = e.to_string();
+                for req in batch.drain(..) {
+                    let _ = req.reply.send(Err(StoreError::Backend(msg.clone())));
+                }
+                None
+            }
+        }
+    }
+
+    fn apply_and_commit(
+        &mut self,
+        batch: &[Request],
+        checkpoint: bool,
+    ) -> Result<Applied, StoreError> {
+        let read = &self.read;
+        let path = read.path.as_path();
+        let mut txn = read
+            .db
+            .begin_write()
+            .map_err(|e| backend(path, "cannot start a write to", e))?;
+        let durability = if checkpoint {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        txn.set_durability(durability)
+            .map_err(|e| backend(path, "cannot set durability of", e))?;
+        let mut ap = Applied {
+            results: Vec::with_capacity(batch.len()),
+            events: Vec::with_capacity(batch.len()),
+            revision: self.revision,
+            compacted: self.compacted,
+        };
+        {
+            let open = |e| backend(path, "cannot open a table of", e);
+            let mut kv = txn.open_table(KV).map_err(open)?;
+            let mut hist = txn.open_table(HISTORY).map_err(open)?;
+            let mut meta = txn.open_table(META).map_err(open)?;
+            for req in batch {
+                let res = apply_one(path, &mut kv, &mut hist, &mut ap, &req.op)?;
+                ap.results.push(res);
+            }
+            meta.insert(META_REVISION, ap.revision)
+                .map_err(|e| storage(path, "cannot write metadata of", e))?;
+            meta.insert(META_COMPACTED, ap.compacted)
+                .map_err(|e| storage(path, "cannot write metadata of", e))?;
+        }
+        txn.commit()
+            .map_err(|e| backend(path, "cannot commit to", e))?;
+        Ok(ap)
+    }
+}
+
+/// The logger thread: appends staged batches to the write-ahead log (all that are waiting, in
+/// one record and one fdatasync), then publishes them and answers their writers, in order.
+struct Logger {
+    read: Arc<ReadSide>,
+    wal: Wal,
+    events: broadcast::Sender<Batch>,
+}
+
+impl Logger {
+    fn run(&mut self, rx: &mpsc::Receiver<Staged>) {
+        let mut staged = Vec::new();
+        while let Ok(first) = rx.recv() {
+            staged.push(first);
+            while let Ok(s) = rx.try_recv() {
+                staged.push(s);
+            }
+            self.log(&mut staged);
+        }
+    }
+
+    fn log(&mut self, staged: &mut Vec<Staged>) {
+        // Batches up to the last checkpoint are durable in redb; only later ones need the log.
+        let start = match staged.iter().rposition(|s| s.checkpoint) {
+            Some(k) => {
+                self.wal.rewind();
+                k + 1
+            }
+            None => 0,
+        };
+        let mut events: Vec<Event> = Vec::new();
+        for s in &staged[start..] {
+            events.extend(s.events.iter().cloned());
+        }
+        let t = std::time::Instant::now();
+        let res = self.wal.append(&events);
+        if self.wal.len() >= CHECKPOINT_BYTES {
+            self.read.checkpoint_wanted.store(true, Ordering::Release);
+        }
+        let nanos = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let read = &self.read;
+        read.wal_nanos.fetch_add(nanos, Ordering::Relaxed);
+        if let Err(e) = res {
+            // redb already holds these batches (not durably); nothing after them can be
+            // trusted to be logged in order, so stop taking writes.
+            read.failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, path = %read.path.display(),
+                "write-ahead log failed; the store stops taking writes");
+            let msg = e.to_string();
+            for s in staged.drain(..) {
+                for (reply, _) in s.replies {
+                    let _ = reply.send(Err(StoreError::Backend(msg.clone())));
+                }
+            }
+            return;
+        }
+        for s in staged.drain(..) {
+            read.revision.store(s.revision, Ordering::Release);
+            read.compacted.store(s.compacted, Ordering::Release);
+            read.commits.fetch_add(1, Ordering::Relaxed);
+            if !s.events.is_empty() {
+                // No receivers is fine: nobody watches.
+                let _ = self.events.send(Arc::new(s.events));
+            }
+            for (reply, res) in s.replies {
+                let _ = reply.send(res);
+            }
+        }
     }
 }
 
@@ -378,68 +771,6 @@ struct Applied {
     events: Vec<Event>,
     revision: Revision,
     compacted: Revision,
-}
-
-/// Applies and commits one batch, then answers every request in it. Each write gets its own
-/// revision; a failed condition fails only that write and is evaluated against the state
-/// including earlier writes of the batch. Watchers hear about the batch only after the commit.
-fn commit_batch(read: &ReadSide, batch: &mut Vec<Request>, events: &broadcast::Sender<Batch>) {
-    let outcome = apply_and_commit(read, batch);
-    match outcome {
-        Ok(applied) => {
-            read.revision.store(applied.revision, Ordering::Release);
-            read.compacted.store(applied.compacted, Ordering::Release);
-            read.commits.fetch_add(1, Ordering::Relaxed);
-            if !applied.events.is_empty() {
-                // No receivers is fine: nobody watches.
-                let _ = events.send(Arc::new(applied.events));
-            }
-            for (req, res) in batch.drain(..).zip(applied.results) {
-                let _ = req.reply.send(res);
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, path = %read.path.display(), writes = batch.len(),
-                "store commit failed; failing every write of the batch");
-            let msg = e.to_string();
-            for req in batch.drain(..) {
-                let _ = req.reply.send(Err(StoreError::Backend(msg.clone())));
-            }
-        }
-    }
-}
-
-fn apply_and_commit(read: &ReadSide, batch: &[Request]) -> Result<Applied, StoreError> {
-    let path = read.path.as_path();
-    let mut txn = read
-        .db
-        .begin_write()
-        .map_err(|e| backend(path, "cannot start a write to", e))?;
-    txn.set_durability(Durability::Immediate)
-        .map_err(|e| backend(path, "cannot set durability of", e))?;
-    let mut ap = Applied {
-        results: Vec::with_capacity(batch.len()),
-        events: Vec::with_capacity(batch.len()),
-        revision: read.revision.load(Ordering::Acquire),
-        compacted: read.compacted.load(Ordering::Acquire),
-    };
-    {
-        let open = |e| backend(path, "cannot open a table of", e);
-        let mut kv = txn.open_table(KV).map_err(open)?;
-        let mut hist = txn.open_table(HISTORY).map_err(open)?;
-        let mut meta = txn.open_table(META).map_err(open)?;
-        for req in batch {
-            let res = apply_one(path, &mut kv, &mut hist, &mut ap, &req.op)?;
-            ap.results.push(res);
-        }
-        meta.insert(META_REVISION, ap.revision)
-            .map_err(|e| storage(path, "cannot write metadata of", e))?;
-        meta.insert(META_COMPACTED, ap.compacted)
-            .map_err(|e| storage(path, "cannot write metadata of", e))?;
-    }
-    txn.commit()
-        .map_err(|e| backend(path, "cannot commit to", e))?;
-    Ok(ap)
 }
 
 type KvTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
@@ -601,16 +932,36 @@ impl ReadSide {
     }
 
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        // The durable revision first, then the snapshot: the snapshot is at or after it.
+        let durable = self.revision.load(Ordering::Acquire);
         let rtxn = self.begin()?;
         let t = rtxn
             .open_table(KV)
             .map_err(|e| backend(&self.path, "cannot open a table of", e))?;
-        match t.get(key).map_err(self.st())? {
-            Some(g) => Ok(Some(
-                codec::decode_value(key, g.value()).map_err(|e| decode_err(&self.path, e))?,
-            )),
-            None => Ok(None),
+        let current = match t.get(key).map_err(self.st())? {
+            Some(g) => {
+                Some(codec::decode_value(key, g.value()).map_err(|e| decode_err(&self.path, e))?)
+            }
+            None => None,
+        };
+        if self.applied.load(Ordering::Acquire) == durable {
+            return Ok(current); // nothing committed beyond the durable revision
         }
+        // Writes after `durable` may be in the snapshot while their log record is synced:
+        // answer with the value as of `durable`.
+        let hist = rtxn
+            .open_table(HISTORY)
+            .map_err(|e| backend(&self.path, "cannot open a table of", e))?;
+        for item in hist.range(durable + 1..).map_err(self.st())? {
+            let (rev, raw) = item.map_err(self.st())?;
+            let raw = raw.value();
+            if codec::event_key(raw).map_err(|e| decode_err(&self.path, e))? == key {
+                let ev =
+                    codec::decode_event(rev.value(), raw).map_err(|e| decode_err(&self.path, e))?;
+                return Ok(ev.prev().cloned());
+            }
+        }
+        Ok(current)
     }
 
     /// (revision, compacted) as recorded in this read transaction's snapshot.
@@ -631,9 +982,10 @@ impl ReadSide {
     }
 
     fn range(&self, req: &RangeRequest) -> Result<RangeResponse, StoreError> {
+        let durable = self.revision.load(Ordering::Acquire);
         let rtxn = self.begin()?;
         let (revision, compacted) = self.snapshot_meta(&rtxn)?;
-        let at = history::resolve_read_revision(req.revision, revision, compacted)?;
+        let at = history::resolve_read_revision(req.revision, durable, compacted)?;
         let kv = rtxn
             .open_table(KV)
             .map_err(|e| backend(&self.path, "cannot open a table of", e))?;
@@ -680,8 +1032,9 @@ impl ReadSide {
         from: Revision,
         max: usize,
     ) -> Result<(Vec<Event>, Revision), StoreError> {
+        let durable = self.revision.load(Ordering::Acquire);
         let rtxn = self.begin()?;
-        let (revision, compacted) = self.snapshot_meta(&rtxn)?;
+        let (_, compacted) = self.snapshot_meta(&rtxn)?;
         if from < compacted {
             return Err(StoreError::Compacted {
                 requested: from,
@@ -692,7 +1045,7 @@ impl ReadSide {
             .open_table(HISTORY)
             .map_err(|e| backend(&self.path, "cannot open a table of", e))?;
         let mut out = Vec::new();
-        for item in hist.range(from..).map_err(self.st())? {
+        for item in hist.range(from..=durable).map_err(self.st())? {
             let (rev, raw) = item.map_err(self.st())?;
             let raw = raw.value();
             let key = codec::event_key(raw).map_err(|e| decode_err(&self.path, e))?;
@@ -705,7 +1058,7 @@ impl ReadSide {
                 }
             }
         }
-        Ok((out, revision))
+        Ok((out, durable))
     }
 }
 
@@ -860,6 +1213,41 @@ mod tests {
         Bytes::from(s.to_string())
     }
 
+    fn writer(path: &Path) -> (Writer, Logger, broadcast::Receiver<Batch>) {
+        let (db, durable, compacted, id) = open_blocking(path, 1 << 20).unwrap();
+        assert_eq!((durable, compacted), (0, 0));
+        let (wal, revision) = recover(&db, path, id, durable).unwrap();
+        let read = Arc::new(ReadSide {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+            revision: AtomicI64::new(revision),
+            applied: AtomicI64::new(revision),
+            failed: std::sync::atomic::AtomicBool::new(false),
+            checkpoint_wanted: std::sync::atomic::AtomicBool::new(false),
+            compacted: AtomicI64::new(compacted),
+            commits: AtomicU64::new(0),
+            commit_nanos: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            wal_nanos: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            checkpoint_nanos: AtomicU64::new(0),
+        });
+        let (events, rx) = broadcast::channel(8);
+        let logger = Logger {
+            read: read.clone(),
+            wal,
+            events,
+        };
+        (Writer::new(read, revision, compacted), logger, rx)
+    }
+
+    /// Runs one batch through both stages synchronously.
+    fn commit(w: &mut Writer, l: &mut Logger, batch: &mut Vec<Request>) {
+        if let Some(staged) = w.stage(batch, false) {
+            l.log(&mut vec![staged]);
+        }
+    }
+
     /// One batch: every write gets its own revision, conditions see earlier writes of the same
     /// batch, a failed condition fails only its own write, and watchers get one batch after
     /// the commit.
@@ -867,16 +1255,8 @@ mod tests {
     async fn group_commit_batch_semantics() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let (db, rev, compacted) = open_blocking(&path, 1 << 20).unwrap();
-        assert_eq!((rev, compacted), (0, 0));
-        let read = ReadSide {
-            db: Arc::new(db),
-            path: path.clone(),
-            revision: AtomicI64::new(0),
-            compacted: AtomicI64::new(0),
-            commits: AtomicU64::new(0),
-        };
-        let (events, mut rx) = broadcast::channel(8);
+        let (mut w, mut l, mut rx) = writer(&path);
+        let read = w.read.clone();
         let k = || "/k".to_string();
         let ops = vec![
             Op::Create {
@@ -912,7 +1292,7 @@ mod tests {
             },
         ];
         let (mut batch, mut replies): (Vec<_>, Vec<_>) = ops.into_iter().map(req).unzip();
-        commit_batch(&read, &mut batch, &events);
+        commit(&mut w, &mut l, &mut batch);
         assert!(batch.is_empty());
         let mut results = Vec::new();
         for r in replies.iter_mut() {
@@ -953,28 +1333,71 @@ mod tests {
     async fn failed_writes_use_no_revision() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let (db, _, _) = open_blocking(&path, 1 << 20).unwrap();
-        let read = ReadSide {
-            db: Arc::new(db),
-            path,
-            revision: AtomicI64::new(0),
-            compacted: AtomicI64::new(0),
-            commits: AtomicU64::new(0),
-        };
-        let (events, mut rx) = broadcast::channel(8);
+        let (mut w, mut l, mut rx) = writer(&path);
+        let read = w.read.clone();
         let (r, mut reply) = req(Op::Update {
             key: "/nope".into(),
             value: b("1"),
             expected: 5,
         });
         let mut batch = vec![r];
-        commit_batch(&read, &mut batch, &events);
+        commit(&mut w, &mut l, &mut batch);
         assert!(matches!(
             reply.try_recv().unwrap(),
             Err(StoreError::NotFound { .. })
         ));
         assert_eq!(read.revision.load(Ordering::Acquire), 0);
         assert!(rx.try_recv().is_err());
+    }
+
+    /// A batch committed to redb but not yet durable in the log is invisible to get, range and
+    /// watch catch-up; once logged it is visible everywhere.
+    #[tokio::test]
+    async fn reads_never_show_writes_before_they_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, mut l, mut rx) = writer(&dir.path().join("s.redb"));
+        let read = w.read.clone();
+        let (r1, _) = req(Op::Create {
+            key: "/a".into(),
+            value: b("1"),
+        });
+        commit(&mut w, &mut l, &mut vec![r1]);
+        rx.try_recv().unwrap();
+        // stage (commit to redb) without logging
+        let (r2, mut reply2) = req(Op::Update {
+            key: "/a".into(),
+            value: b("2"),
+            expected: 1,
+        });
+        let (r3, _) = req(Op::Create {
+            key: "/b".into(),
+            value: b("new"),
+        });
+        let staged = w.stage(&mut vec![r2, r3], false).unwrap();
+        assert_eq!(read.applied.load(Ordering::Acquire), 3);
+        assert_eq!(read.revision.load(Ordering::Acquire), 1);
+        assert_eq!(read.get("/a").unwrap().unwrap().value, b("1"));
+        assert_eq!(read.get("/b").unwrap(), None);
+        let all = read.range(&RangeRequest::default()).unwrap();
+        assert_eq!(all.revision, 1);
+        assert_eq!(all.kvs.len(), 1);
+        assert_eq!(all.kvs[0].value, b("1"));
+        let (evs, covered) = read.history_from("", 1, 100).unwrap();
+        assert_eq!((evs.len(), covered), (1, 1));
+        assert!(
+            reply2.try_recv().is_err(),
+            "not answered before it is durable"
+        );
+        assert!(rx.try_recv().is_err(), "not published before it is durable");
+
+        l.log(&mut vec![staged]);
+        assert!(matches!(reply2.try_recv().unwrap(), Ok(Done::Put(kv)) if kv.mod_revision == 2));
+        assert_eq!(rx.try_recv().unwrap().len(), 2);
+        assert_eq!(read.get("/a").unwrap().unwrap().value, b("2"));
+        assert_eq!(read.get("/b").unwrap().unwrap().value, b("new"));
+        assert_eq!(read.range(&RangeRequest::default()).unwrap().kvs.len(), 2);
+        let (evs, covered) = read.history_from("", 1, 100).unwrap();
+        assert_eq!((evs.len(), covered), (3, 3));
     }
 
     /// Many concurrent writers really share transactions (group commit).

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rand::Rng;
-use skiff_store::{Event, KeyValue, RangeRequest, RedbOptions, open_redb};
+use skiff_store::{Event, KeyValue, RangeRequest, RedbOptions, RedbStore, Store};
 
 const RUNS: usize = 20;
 const WRITERS: &str = "8";
@@ -89,6 +89,7 @@ async fn acknowledged_writes_survive_sigkill() {
     // every acknowledged write over all runs, and the latest per key
     let mut all_acks: Vec<Ack> = Vec::new();
     let mut latest: BTreeMap<String, Ack> = BTreeMap::new();
+    let mut replayed = 0;
     for run in 0..RUNS {
         let acks = tokio::task::spawn_blocking({
             let path = path.clone();
@@ -104,7 +105,7 @@ async fn acknowledged_writes_survive_sigkill() {
         }
         all_acks.extend(acks);
 
-        let store = open_redb(
+        let store = RedbStore::open(
             &path,
             RedbOptions {
                 compaction_window: None,
@@ -113,6 +114,7 @@ async fn acknowledged_writes_survive_sigkill() {
         )
         .await
         .unwrap_or_else(|e| panic!("run {run}: store does not open after SIGKILL: {e}"));
+        replayed += store.replayed_on_open();
         let current = store.current_revision().await.unwrap();
         let max_ack = all_acks.iter().map(|a| a.rev).max().unwrap();
         assert!(
@@ -193,7 +195,11 @@ async fn acknowledged_writes_survive_sigkill() {
         drop(store);
     }
     eprintln!(
-        "crash test: {RUNS} SIGKILLs, {} acknowledged writes checked",
+        "crash test: {RUNS} SIGKILLs, {} acknowledged writes checked, {replayed} recovered from the write-ahead log",
         all_acks.len()
+    );
+    assert!(
+        replayed > 0,
+        "no run needed the write-ahead log: the test did not exercise recovery"
     );
 }
