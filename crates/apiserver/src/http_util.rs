@@ -130,6 +130,18 @@ pub fn parse_object(ct: &str, body: &[u8]) -> Result<Value, ApiError> {
             ))),
         };
     }
+    if media == "application/yaml" {
+        let text = std::str::from_utf8(body)
+            .map_err(|_| ApiError::bad_request("the YAML body is not valid UTF-8"))?;
+        let v: Value = serde_saphyr::from_str(text)
+            .map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(ApiError::bad_request(
+                "the object provided is unrecognized (must be a YAML mapping)",
+            ));
+        }
+        return Ok(v);
+    }
     if media != "application/json"
         && media != "*/*"
         && !media.is_empty()

@@ -815,3 +815,45 @@ async fn field_validation_strict_warn_ignore() {
         )
     );
 }
+
+#[tokio::test]
+async fn yaml_bodies_and_unsupported_media_types() {
+    let a = api().await;
+    let yaml =
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-yaml\ndata:\n  k: \"1\"\n"
+            .to_vec();
+    let (code, _, body) = a
+        .send(Method::POST, CMS, "application/yaml", "", yaml)
+        .await;
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    let obj: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(obj["data"]["k"], "1");
+    let (code, _, body) = a
+        .send(
+            Method::POST,
+            CMS,
+            "application/yaml",
+            "",
+            b"a: [unclosed".to_vec(),
+        )
+        .await;
+    assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
+    let (code, _, body) = a
+        .send(Method::POST, CMS, "text/plain", "", b"x".to_vec())
+        .await;
+    assert_eq!(code, 415);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["reason"],
+        "UnsupportedMediaType"
+    );
+    let (code, _, _) = a
+        .send(
+            Method::PATCH,
+            &format!("{CMS}/from-yaml"),
+            "application/apply-patch+yaml",
+            "",
+            b"{}".to_vec(),
+        )
+        .await;
+    assert_eq!(code, 415);
+}
