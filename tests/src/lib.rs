@@ -59,6 +59,11 @@ impl Server {
 
     /// Starts a server on an existing data dir.
     pub fn start_in(dir: tempfile::TempDir) -> Server {
+        Self::start_with(dir, &[])
+    }
+
+    /// Starts a server on an existing data dir with extra flags.
+    pub fn start_with(dir: tempfile::TempDir, extra: &[&str]) -> Server {
         let bin = skiff_binary();
         let mut child = Command::new(bin)
             .args([
@@ -68,8 +73,9 @@ impl Server {
                 "--bind-address",
                 "127.0.0.1",
                 "--disable-agent",
-                "--data-dir",
             ])
+            .args(extra)
+            .arg("--data-dir")
             .arg(dir.path())
             .env("SKIFF_LOG", "warn")
             .stdout(Stdio::piped())
@@ -288,5 +294,65 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A free loopback TCP port (bound and released; good enough for a test-owned etcd).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A throwaway etcd (Debian's etcd-server) on loopback, killed on drop.
+pub struct Etcd {
+    _child: ChildGuard,
+    _dir: tempfile::TempDir,
+    /// Client URL.
+    pub url: String,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path().join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (Debian package etcd-server) is needed by this test");
+        let guard = ChildGuard(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
+                return Etcd {
+                    _child: guard,
+                    _dir: dir,
+                    url,
+                };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("etcd did not listen on {url} within 10 s");
     }
 }

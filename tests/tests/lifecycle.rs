@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use skiff_e2e::{Kubectl, Server, skiff_binary};
+use skiff_e2e::{Etcd, Kubectl, Server, skiff_binary};
 
 #[test]
 fn restart_keeps_objects_and_certificates() {
@@ -141,5 +141,35 @@ fn anonymous_gets_401_and_tokens_authenticate() {
         err.contains("Unauthorized") || err.contains("provide credentials"),
         "stderr: {err} stdout: {}",
         String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn etcd_datastore_holds_objects_under_registry_keys() {
+    let etcd = Etcd::start();
+    let server = Server::start_with(
+        tempfile::tempdir().unwrap(),
+        &["--datastore-endpoint", &etcd.url],
+    );
+    let k = Kubectl::new(None, &server);
+    let ns = k.ok(&["get", "ns", "-o", "name"]);
+    assert!(ns.contains("namespace/kube-system"), "{ns}");
+    k.ok(&["create", "configmap", "in-etcd", "--from-literal=a=b"]);
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &etcd.url,
+            "get",
+            "--prefix",
+            "/registry/configmaps/",
+            "--keys-only",
+        ])
+        .output()
+        .expect("etcdctl (Debian package etcd-client) is needed by this test");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/registry/configmaps/default/in-etcd"));
+    assert_eq!(
+        k.ok(&["get", "cm", "in-etcd", "-o", "jsonpath={.data.a}"]),
+        "b"
     );
 }
