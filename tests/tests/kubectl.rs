@@ -551,6 +551,54 @@ fn more_commands(version: &str) {
         &k.ok(&["delete", "-f", f]),
         &["deployment.apps \"web\" deleted", "pod \"p1\" deleted"],
     );
+
+    // Server-side apply: create, re-apply, a conflict between managers that --force-conflicts resolves.
+    let ssa = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  level: \"1\"\n";
+    contains_all(
+        &k.ok_stdin(&["apply", "--server-side", "-f", "-"], ssa),
+        &["configmap/ssa serverside-applied"],
+    );
+    contains_all(
+        &k.ok_stdin(&["apply", "--server-side", "-f", "-"], ssa),
+        &["configmap/ssa serverside-applied"],
+    );
+    let other = ssa.replace("\"1\"", "\"2\"");
+    let out = k.run_stdin(
+        &["apply", "--server-side", "--field-manager=other", "-f", "-"],
+        Some(&other),
+    );
+    assert!(!out.status.success(), "a conflicting apply must fail");
+    contains_all(
+        &String::from_utf8_lossy(&out.stderr),
+        &["Apply failed with 1 conflict: conflict with \"kubectl\" using v1: .data.level"],
+    );
+    k.ok_stdin(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=other",
+            "--force-conflicts",
+            "-f",
+            "-",
+        ],
+        &other,
+    );
+    assert_eq!(
+        k.ok(&["get", "cm", "ssa", "-o", "jsonpath={.data.level}"]),
+        "2"
+    );
+    let managers = k.ok(&[
+        "get",
+        "cm",
+        "ssa",
+        "--show-managed-fields",
+        "-o",
+        "jsonpath={.metadata.managedFields[*].manager}",
+    ]);
+    assert_eq!(managers, "other");
+    // Re-applying workloads server-side does not conflict with itself.
+    k.ok(&["apply", "--server-side", "-f", f]);
+    k.ok(&["apply", "--server-side", "-f", f]);
 }
 
 #[test]

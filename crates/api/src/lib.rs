@@ -6,6 +6,7 @@ pub mod meta;
 pub mod resources;
 pub mod selector;
 pub mod smp;
+pub mod ssa;
 pub mod status;
 pub mod table;
 pub mod validation;

@@ -17,7 +17,7 @@ pub enum SmpError {
 
 /// How a list field is merged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ListStrategy {
+pub(crate) enum ListStrategy {
     /// Merge elements by this key.
     MergeKey(&'static str),
     /// Primitive list merged as a set.
@@ -29,7 +29,7 @@ enum ListStrategy {
 const POD_SPEC_LISTS: &[&str] = &["containers", "initContainers", "ephemeralContainers"];
 
 /// The merge strategy of the list at `path` (field names from the object root, no indices).
-fn list_strategy(path: &[String]) -> ListStrategy {
+pub(crate) fn list_strategy(path: &[String]) -> ListStrategy {
     let Some(last) = path.last().map(String::as_str) else {
         return ListStrategy::Replace;
     };

@@ -258,6 +258,9 @@ async fn handle(
         }
         (Method::PATCH, Some(name)) => {
             let (ct, body) = read_body(req).await?;
+            if ct.split(';').next().unwrap_or("").trim() == "application/apply-patch+yaml" {
+                return server_side_apply(&st, &t, &name, &body, &q).await;
+            }
             let current = get_obj(&st, &t, &name).await?;
             let warnings = field_validation(r, &apply_patch(&ct, &body, &current)?, &q)?;
             let obj = patch(&st, &t, &name, &ct, &body, &q, Mode::Main).await?;
@@ -281,6 +284,109 @@ async fn handle(
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// Server-side apply (`application/apply-patch+yaml`): creates the object if missing, else merges
+/// the applied configuration with field ownership per manager (see `skiff_api::ssa`).
+async fn server_side_apply(
+    st: &ApiState,
+    t: &Target,
+    name: &str,
+    body: &[u8],
+    q: &Q,
+) -> Result<Response, ApiError> {
+    let r = t.r;
+    let manager = q
+        .get("fieldManager")
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "PATCH, application/apply-patch+yaml requires fieldManager parameter",
+            )
+        })?
+        .clone();
+    let force = q
+        .get("force")
+        .is_some_and(|f| f.eq_ignore_ascii_case("true"));
+    let applied = crate::http_util::parse_object("application/yaml", body)?;
+    check_kind(r, &applied)?;
+    let body_name = meta::name(&applied);
+    if !body_name.is_empty() && body_name != name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({body_name}) does not match the name on the URL ({name})"
+        )));
+    }
+    let warnings = field_validation(r, &applied, q)?;
+    let conflict_err = |conflicts: Vec<skiff_api::ssa::Conflict>| {
+        let n = conflicts.len();
+        let message = if n == 1 {
+            let (m, v, f) = &conflicts[0];
+            format!("Apply failed with 1 conflict: conflict with \"{m}\" using {v}: {f}")
+        } else {
+            let lines: Vec<String> = conflicts
+                .iter()
+                .map(|(m, v, f)| format!("conflict with \"{m}\" using {v}: {f}"))
+                .collect();
+            format!("Apply failed with {n} conflicts: {}", lines.join("\n"))
+        };
+        let causes: Vec<Value> = conflicts
+            .iter()
+            .map(|(m, v, f)| json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{m}\" using {v}"), "field": f}))
+            .collect();
+        ApiError {
+            code: 409,
+            reason: "Conflict",
+            message,
+            details: Some(
+                json!({"name": name, "kind": r.resource, "group": r.group, "causes": causes}),
+            ),
+        }
+    };
+    let now = meta::now_rfc3339();
+    for _ in 0..5 {
+        let live = match get_kv(st, t, name).await {
+            Ok(kv) => Some(decode(&kv)?),
+            Err(e) if e.code == 404 => None,
+            Err(e) => return Err(e),
+        };
+        let mut obj = skiff_api::ssa::apply(
+            live.as_ref(),
+            &applied,
+            &manager,
+            force,
+            &r.api_version(),
+            &now,
+        )
+        .map_err(conflict_err)?;
+        match live {
+            None => {
+                if let Some(m) = meta::metadata_mut(&mut obj) {
+                    m.insert("name".into(), json!(name));
+                }
+                match create(st, t, obj, q).await {
+                    Ok(created) => {
+                        return Ok(with_warnings(json_response(201, &created), &warnings));
+                    }
+                    Err(e) if e.reason == "AlreadyExists" => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Some(live) => {
+                if let Some(m) = meta::metadata_mut(&mut obj) {
+                    m.insert(
+                        "resourceVersion".into(),
+                        json!(meta::resource_version(&live).unwrap_or("")),
+                    );
+                }
+                match update(st, t, name, obj, q, Mode::Main).await {
+                    Ok((code, v)) => return Ok(with_warnings(json_response(code, &v), &warnings)),
+                    Err(e) if e.reason == "Conflict" => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Err(ApiError::conflict(r, name))
 }
 
 /// `fieldValidation`: Strict rejects unknown fields (400), Warn (the default) reports them in

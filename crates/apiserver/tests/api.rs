@@ -846,14 +846,86 @@ async fn yaml_bodies_and_unsupported_media_types() {
         serde_json::from_slice::<Value>(&body).unwrap()["reason"],
         "UnsupportedMediaType"
     );
+}
+
+#[tokio::test]
+async fn server_side_apply_creates_updates_and_conflicts() {
+    let a = api().await;
+    let ssa = |data: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: s\ndata:\n{data}").into_bytes()
+    };
+    let url = |mgr: &str, force: bool| format!("{CMS}/s?fieldManager={mgr}&force={force}");
+    let ct = "application/apply-patch+yaml";
+    let (code, _, body) = a
+        .send(
+            Method::PATCH,
+            &url("alice", false),
+            ct,
+            "",
+            ssa("  a: \"1\"\n  b: \"2\"\n"),
+        )
+        .await;
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    let obj: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(obj["metadata"]["managedFields"][0]["manager"], "alice");
+    assert_eq!(
+        obj["metadata"]["managedFields"][0]["fieldsV1"]["f:data"]["f:a"],
+        json!({})
+    );
+    // Dropping b from alice's configuration removes it.
+    let (code, _, body) = a
+        .send(
+            Method::PATCH,
+            &url("alice", false),
+            ct,
+            "",
+            ssa("  a: \"1\"\n"),
+        )
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["data"],
+        json!({"a": "1"})
+    );
+    // bob changing alice's field conflicts, unless forced.
+    let (code, _, body) = a
+        .send(
+            Method::PATCH,
+            &url("bob", false),
+            ct,
+            "",
+            ssa("  a: \"9\"\n"),
+        )
+        .await;
+    assert_eq!(code, 409);
+    let st: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        st["message"],
+        "Apply failed with 1 conflict: conflict with \"alice\" using v1: .data.a"
+    );
+    assert_eq!(st["details"]["causes"][0]["field"], ".data.a");
+    let (code, _, body) = a
+        .send(
+            Method::PATCH,
+            &url("bob", true),
+            ct,
+            "",
+            ssa("  a: \"9\"\n"),
+        )
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["data"]["a"],
+        "9"
+    );
     let (code, _, _) = a
         .send(
             Method::PATCH,
-            &format!("{CMS}/from-yaml"),
-            "application/apply-patch+yaml",
+            &format!("{CMS}/s"),
+            ct,
             "",
-            b"{}".to_vec(),
+            ssa("  a: \"1\"\n"),
         )
         .await;
-    assert_eq!(code, 415);
+    assert_eq!(code, 400, "fieldManager is required");
 }
