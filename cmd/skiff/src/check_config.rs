@@ -21,36 +21,12 @@ struct Check {
 /// Runs every check, prints one line per check, and exits 1 when a required one fails.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let checks = vec![
-        fs_check(
-            "cgroups mounted",
-            "/sys/fs/cgroup",
-            true,
-            "mount cgroup v1 controllers or cgroup2 at /sys/fs/cgroup; on a Raspberry Pi add `cgroup_memory=1 cgroup_enable=memory` to the kernel command line",
-        ),
+        fs_check("cgroups mounted", "/sys/fs/cgroup", true, "mount cgroup v1 controllers or cgroup2 at /sys/fs/cgroup; on a Raspberry Pi add `cgroup_memory=1 cgroup_enable=memory` to the kernel command line"),
         memory_cgroup(),
-        proc_filesystem(
-            "overlay",
-            "overlayfs",
-            true,
-            "load the overlay module: `modprobe overlay`",
-        ),
-        fs_check(
-            "network namespaces",
-            "/proc/self/ns/net",
-            true,
-            "the kernel needs CONFIG_NET_NS",
-        ),
-        fs_check(
-            "pid namespaces",
-            "/proc/self/ns/pid",
-            true,
-            "the kernel needs CONFIG_PID_NS",
-        ),
-        tool(
-            "nft",
-            true,
-            "install nftables (`apt-get install nftables`): skiff programs service rules with it",
-        ),
+        proc_filesystem("overlay", "overlayfs", true, "load the overlay module: `modprobe overlay`"),
+        fs_check("network namespaces", "/proc/self/ns/net", true, "the kernel needs CONFIG_NET_NS"),
+        fs_check("pid namespaces", "/proc/self/ns/pid", true, "the kernel needs CONFIG_PID_NS"),
+        tool("nft", true, "install nftables (`apt-get install nftables`): skiff programs service rules with it"),
         vxlan_module(),
     ];
     let mut failed = false;

@@ -216,7 +216,7 @@ impl EtcdStore {
     }
 }
 
-fn tls_options(tls: &EtcdTls) -> Result<etcd_client::TlsOptions, StoreError> {
+pub(crate) fn tls_options(tls: &EtcdTls) -> Result<etcd_client::TlsOptions, StoreError> {
     let read = |p: &PathBuf, what: &str| {
         std::fs::read(p).map_err(|e| {
             StoreError::Io(std::io::Error::new(

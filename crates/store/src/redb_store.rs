@@ -65,7 +65,7 @@ pub struct RedbOptions {
     pub compaction_window: Option<Duration>,
     /// How many committed batches a watcher may fall behind before it re-reads from history.
     pub watch_buffer: usize,
-    /// The most writes one transaction (one fsync) takes.
+    /// The most writes one redb transaction takes (one log fdatasync may cover several).
     pub max_batch: usize,
     /// redb's page cache size in bytes.
     pub cache_size: usize,
@@ -101,8 +101,9 @@ struct ReadSide {
     commit_nanos: AtomicU64,
     /// Writes recovered from the write-ahead log when the store was opened.
     replayed: AtomicU64,
-    /// Nanoseconds spent appending + syncing the log.
+    /// Nanoseconds spent appending + syncing the log, and how many syncs.
     wal_nanos: AtomicU64,
+    wal_syncs: AtomicU64,
     /// Checkpoints (durable redb commits) and the nanoseconds they took.
     checkpoints: AtomicU64,
     checkpoint_nanos: AtomicU64,
@@ -117,6 +118,8 @@ pub struct RedbStats {
     pub commit_time: Duration,
     /// Time spent appending to and syncing the write-ahead log.
     pub wal_time: Duration,
+    /// Appends + fdatasyncs of the write-ahead log (each covers one or more batches).
+    pub wal_syncs: u64,
     /// Checkpoints (durable redb commits).
     pub checkpoints: u64,
     /// Time the checkpoint batches took.
@@ -227,6 +230,7 @@ impl RedbStore {
             commits: r.commits.load(Ordering::Relaxed),
             commit_time: d(&r.commit_nanos),
             wal_time: d(&r.wal_nanos),
+            wal_syncs: r.wal_syncs.load(Ordering::Relaxed),
             checkpoints: r.checkpoints.load(Ordering::Relaxed),
             checkpoint_time: d(&r.checkpoint_nanos),
         }
@@ -281,6 +285,7 @@ async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, St
         commit_nanos: AtomicU64::new(0),
         replayed: AtomicU64::new(replayed),
         wal_nanos: AtomicU64::new(0),
+        wal_syncs: AtomicU64::new(0),
         checkpoints: AtomicU64::new(0),
         checkpoint_nanos: AtomicU64::new(0),
     });
@@ -472,6 +477,7 @@ fn recover(
                 events: Vec::new(),
                 revision: durable,
                 compacted: 0,
+                durable,
             };
             for ev in events {
                 record(path, &mut kv, &mut hist, &mut ap, ev)?;
@@ -674,6 +680,7 @@ impl Writer {
             events: Vec::with_capacity(batch.len()),
             revision: self.revision,
             compacted: self.compacted,
+            durable: read.revision.load(Ordering::Acquire),
         };
         {
             let open = |e| backend(path, "cannot open a table of", e);
@@ -736,6 +743,9 @@ impl Logger {
         let nanos = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let read = &self.read;
         read.wal_nanos.fetch_add(nanos, Ordering::Relaxed);
+        if !events.is_empty() {
+            read.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(e) = res {
             // redb already holds these batches (not durably); nothing after them can be
             // trusted to be logged in order, so stop taking writes.
@@ -771,6 +781,9 @@ struct Applied {
     events: Vec<Event>,
     revision: Revision,
     compacted: Revision,
+    /// The last durable revision when the batch started (compaction may not pass it: reads at
+    /// the durable revision need the history after it).
+    durable: Revision,
 }
 
 type KvTable<'t> = redb::Table<'t, &'static str, &'static [u8]>;
@@ -879,10 +892,10 @@ fn apply_one(
             Ok(Done::Deleted(rev, prev))
         }
         Op::Compact(to) => {
-            if *to > ap.revision {
+            if *to > ap.durable {
                 return Ok(Err(StoreError::FutureRevision {
                     requested: *to,
-                    current: ap.revision,
+                    current: ap.durable,
                 }));
             }
             if *to > ap.compacted {
@@ -1229,6 +1242,7 @@ mod tests {
             commit_nanos: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             wal_nanos: AtomicU64::new(0),
+            wal_syncs: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             checkpoint_nanos: AtomicU64::new(0),
         });

@@ -10,6 +10,22 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions};
 
+use crate::EtcdTls;
+
+/// Server-side TLS for a test etcd (PEM files): clients must present a certificate signed by
+/// `ca_file` (`--client-cert-auth`).
+#[derive(Clone, Debug)]
+pub struct EtcdServerTls {
+    /// The CA that signs client certificates (and, in tests, the server certificate).
+    pub ca_file: PathBuf,
+    /// The server certificate (must name 127.0.0.1).
+    pub cert_file: PathBuf,
+    /// The server key.
+    pub key_file: PathBuf,
+    /// What the fixture itself uses to check that etcd answers.
+    pub client: EtcdTls,
+}
+
 /// Where Debian's `etcd-server` package installs etcd.
 pub const DEFAULT_ETCD_BIN: &str = "/usr/bin/etcd";
 
@@ -55,13 +71,25 @@ impl EtcdServer {
 
     /// Starts the etcd binary at `bin` and waits until it answers.
     pub async fn start_with(bin: &Path) -> Result<EtcdServer, EtcdFixtureError> {
+        Self::start_inner(bin, None).await
+    }
+
+    /// Starts `/usr/bin/etcd` serving clients over TLS with client-certificate authentication.
+    pub async fn start_tls(tls: &EtcdServerTls) -> Result<EtcdServer, EtcdFixtureError> {
+        Self::start_inner(Path::new(DEFAULT_ETCD_BIN), Some(tls)).await
+    }
+
+    async fn start_inner(
+        bin: &Path,
+        tls: Option<&EtcdServerTls>,
+    ) -> Result<EtcdServer, EtcdFixtureError> {
         if !bin.is_file() {
             return Err(EtcdFixtureError::NotInstalled(bin.to_path_buf()));
         }
         let mut last = String::new();
         // A free port can be taken by someone else before etcd binds it: retry with new ones.
         for _ in 0..3 {
-            match Self::try_start(bin).await {
+            match Self::try_start(bin, tls).await {
                 Ok(s) => return Ok(s),
                 Err(EtcdFixtureError::NotReady(e)) => last = e,
                 Err(e) => return Err(e),
@@ -70,14 +98,18 @@ impl EtcdServer {
         Err(EtcdFixtureError::NotReady(last))
     }
 
-    async fn try_start(bin: &Path) -> Result<EtcdServer, EtcdFixtureError> {
+    async fn try_start(
+        bin: &Path,
+        tls: Option<&EtcdServerTls>,
+    ) -> Result<EtcdServer, EtcdFixtureError> {
         let io = |e| EtcdFixtureError::Io(bin.to_path_buf(), e);
         let dir = tempfile::Builder::new()
             .prefix("skiff-etcd-")
             .tempdir()
             .map_err(io)?;
         let (client_port, peer_port) = (free_port().map_err(io)?, free_port().map_err(io)?);
-        let client_url = format!("http://127.0.0.1:{client_port}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let log_path = dir.path().join("etcd.log");
         let log = File::create(&log_path).map_err(io)?;
@@ -99,6 +131,17 @@ impl EtcdServer {
             .arg(format!("skiff-test={peer_url}"))
             .arg("--initial-cluster-state")
             .arg("new")
+            .args(tls.map_or_else(Vec::new, |t| {
+                vec![
+                    "--cert-file".into(),
+                    t.cert_file.clone().into_os_string(),
+                    "--key-file".into(),
+                    t.key_file.clone().into_os_string(),
+                    "--trusted-ca-file".into(),
+                    t.ca_file.clone().into_os_string(),
+                    "--client-cert-auth".into(),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2));
@@ -128,7 +171,7 @@ impl EtcdServer {
                     "etcd exited with {status}: {tail}"
                 )));
             }
-            if server.answers().await {
+            if server.answers(tls.map(|t| &t.client)).await {
                 return Ok(server);
             }
             if Instant::now() > deadline {
@@ -142,8 +185,14 @@ impl EtcdServer {
         }
     }
 
-    async fn answers(&self) -> bool {
-        let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(1));
+    async fn answers(&self, tls: Option<&EtcdTls>) -> bool {
+        let mut opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(1));
+        if let Some(t) = tls {
+            match crate::etcd::tls_options(t) {
+                Ok(o) => opts = opts.with_tls(o),
+                Err(_) => return false,
+            }
+        }
         let Ok(Ok(mut c)) = tokio::time::timeout(
             Duration::from_secs(2),
             Client::connect([self.endpoint.as_str()], Some(opts)),

@@ -101,16 +101,8 @@ async fn truncated_file_is_corrupt() {
         let f = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
         f.set_len(keep).unwrap();
         drop(f);
-        match open_redb(&copy, RedbOptions::default()).await {
-            Err(StoreError::Corrupt { path: p, .. }) => assert_eq!(p, copy),
-            Err(e) => panic!("truncated to {keep} of {len}: expected Corrupt, got {e:?}"),
-            // redb may recover a consistent older state from what is left; that is fine as
-            // long as it is a consistent skiff store.
-            Ok(s) => {
-                let r = s.range(Default::default()).await.unwrap();
-                assert!(r.kvs.len() <= 200, "truncated to {keep}");
-            }
-        }
+        let msg = expect_corrupt(&copy, &format!("truncated to {keep} of {len} bytes")).await;
+        eprintln!("{msg}");
     }
 }
 
