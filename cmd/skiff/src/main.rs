@@ -2,6 +2,7 @@
 
 mod check_config;
 mod images;
+mod server;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Check that this host has what skiff needs (kernel features, tools, data dir).
     CheckConfig(check_config::Args),
+    /// Run the control plane (API server) on this machine.
+    Server(server::Args),
     /// Import and list container images.
     Images(images::Args),
     /// Internal: holds one container (re-executed by the runtime).
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::CheckConfig(args) => check_config::run(args),
+        Command::Server(args) => server::run(args),
         Command::Images(args) => images::run(args),
         // The shim must stay single-threaded: no async runtime before it.
         Command::Shim { args } => {

@@ -1,0 +1,5 @@
+//! Wiring of skiff's processes: server configuration, start-up order, serving and shutdown.
+
+pub mod server;
+
+pub use server::{AppError, ServerConfig};

@@ -1,0 +1,358 @@
+//! End-to-end test harness: builds and starts the real `skiff` binary with a temporary data dir
+//! and a free port, and runs the machine's real kubectl binaries against it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The target directory and profile directory the test binary was built into.
+fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // <target>/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in <target>/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Builds `skiff` (a no-op when fresh) and returns its path.
+pub fn skiff_binary() -> PathBuf {
+    let profile_dir = target_profile_dir();
+    let target = profile_dir.parent().expect("target dir").to_path_buf();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("Cargo.toml");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "skiff", "--manifest-path"])
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", &target);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("running cargo build -p skiff");
+    assert!(status.success(), "cargo build -p skiff failed");
+    let bin = profile_dir.join("skiff");
+    assert!(bin.exists(), "{} missing after cargo build", bin.display());
+    bin
+}
+
+/// A running `skiff server`, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Server {
+    child: Option<Child>,
+    /// Temporary data dir (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// Path of the admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// Server URL.
+    pub url: String,
+}
+
+impl Server {
+    /// Starts a server with `--https-listen-port 0` and waits for its ready line.
+    pub fn start() -> Server {
+        Self::start_in(tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// Starts a server on an existing data dir.
+    pub fn start_in(dir: tempfile::TempDir) -> Server {
+        Self::start_with(dir, &[])
+    }
+
+    /// Starts a server on an existing data dir with extra flags.
+    pub fn start_with(dir: tempfile::TempDir, extra: &[&str]) -> Server {
+        let bin = skiff_binary();
+        let mut child = Command::new(bin)
+            .args([
+                "server",
+                "--https-listen-port",
+                "0",
+                "--bind-address",
+                "127.0.0.1",
+                "--disable-agent",
+            ])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("SKIFF_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting skiff server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Server {
+            child: Some(child),
+            kubeconfig: PathBuf::new(),
+            url: String::new(),
+            dir,
+        };
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("skiff server printed no ready line within 120 s");
+        assert!(line.contains("ready"), "unexpected first line: {line}");
+        let kc = line
+            .rsplit("kubeconfig: ")
+            .next()
+            .expect("kubeconfig path in ready line");
+        server.kubeconfig = PathBuf::from(kc.trim());
+        server.url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("https://"))
+            .map(|w| w.trim_end_matches(';').to_string())
+            .unwrap_or_default();
+        assert_eq!(server.kubeconfig, server.dir.path().join("kubeconfig.yaml"));
+        server
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        for _ in 0..100 {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        panic!("skiff server did not stop within 10 s of SIGTERM");
+    }
+
+    /// Stops the server and hands back its data dir.
+    pub fn into_dir(mut self) -> tempfile::TempDir {
+        if self.child.is_some() {
+            self.stop();
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One kubectl binary.
+#[derive(Debug, Clone)]
+pub struct Kubectl {
+    /// Path of the binary.
+    pub bin: PathBuf,
+    /// Kubeconfig to use.
+    pub kubeconfig: PathBuf,
+}
+
+/// Finds `kubectl` on PATH and the versioned `kubectl.<v>` beside its real path.
+pub fn kubectl_path(version: Option<&str>) -> PathBuf {
+    let out = Command::new("sh")
+        .args(["-c", "readlink -f \"$(command -v kubectl)\""])
+        .output()
+        .expect("sh");
+    let real = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        !real.is_empty(),
+        "kubectl is not on PATH: the end-to-end tests need it"
+    );
+    let real = PathBuf::from(real);
+    match version {
+        None => real,
+        Some(v) => {
+            let p = real
+                .parent()
+                .expect("kubectl dir")
+                .join(format!("kubectl.{v}"));
+            assert!(
+                p.exists(),
+                "{} is missing: the end-to-end tests need kubectl {v}",
+                p.display()
+            );
+            p
+        }
+    }
+}
+
+impl Kubectl {
+    /// kubectl `version` for `server`.
+    pub fn new(version: Option<&str>, server: &Server) -> Self {
+        Kubectl {
+            bin: kubectl_path(version),
+            kubeconfig: server.kubeconfig.clone(),
+        }
+    }
+
+    /// Runs kubectl with `args`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_stdin(args, None)
+    }
+
+    /// Runs kubectl with `args` and optional stdin.
+    pub fn run_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        cmd.env("HOME", self.kubeconfig.parent().expect("dir"));
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning kubectl");
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("writing stdin");
+        }
+        child.wait_with_output().expect("kubectl output")
+    }
+
+    /// Runs kubectl, asserts success and returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed ({}):\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs kubectl with stdin, asserts success and returns stdout.
+    pub fn ok_stdin(&self, args: &[&str], stdin: &str) -> String {
+        let out = self.run_stdin(args, Some(stdin));
+        assert!(
+            out.status.success(),
+            "kubectl {} failed ({}):\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs kubectl, asserts failure and returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "kubectl {} unexpectedly succeeded",
+            args.join(" ")
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Starts a long-running kubectl (e.g. `get -w`), streaming stdout lines.
+    pub fn spawn_lines(&self, args: &[&str]) -> (ChildGuard, mpsc::Receiver<String>) {
+        let mut child = Command::new(&self.bin)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning kubectl");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (ChildGuard(child), rx)
+    }
+}
+
+/// Kills a child process when dropped.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free loopback TCP port (bound and released; good enough for a test-owned etcd).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A throwaway etcd (Debian's etcd-server) on loopback, killed on drop.
+pub struct Etcd {
+    _child: ChildGuard,
+    _dir: tempfile::TempDir,
+    /// Client URL.
+    pub url: String,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path().join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (Debian package etcd-server) is needed by this test");
+        let guard = ChildGuard(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
+                return Etcd {
+                    _child: guard,
+                    _dir: dir,
+                    url,
+                };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("etcd did not listen on {url} within 10 s");
+    }
+}
