@@ -7,7 +7,7 @@ DATA_DIR ?= /var/lib/skiff
 # Debian packages that building and testing need (the machine reaches Debian's mirrors only).
 DEB_PACKAGES := protobuf-compiler pkg-config libseccomp-dev etcd-server etcd-client umoci skopeo \
 	busybox-static nftables iproute2 docker-registry runc crun containerd containernetworking-plugins \
-	dnsperf wrk hyperfine jq binutils
+	dnsperf wrk hyperfine jq binutils curl
 export PATH := $(HOME)/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 .PHONY: deps build release lint fmt images test bench bench-store bench-runtime run clean
@@ -20,6 +20,7 @@ deps:
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+	@python3 -c 'import kubernetes' 2>/dev/null || { echo "deps: installing the python kubernetes client"; python3 -m pip install -q kubernetes; }
 	@command -v cargo-nextest >/dev/null || { echo "deps: installing cargo-nextest"; $(CARGO) install --locked -q cargo-nextest; }
 
 build:
