@@ -7,7 +7,11 @@ DATA_DIR ?= /var/lib/skiff
 # Debian packages that building and testing need (the machine reaches Debian's mirrors only).
 DEB_PACKAGES := protobuf-compiler pkg-config libseccomp-dev etcd-server etcd-client umoci skopeo \
 	busybox-static nftables iproute2 docker-registry runc crun containerd containernetworking-plugins \
-	dnsperf wrk hyperfine jq binutils curl
+	dnsperf wrk hyperfine jq binutils curl python3-venv
+# The official Python client for the e2e tests lives in a venv of the build dir (Debian's Python
+# is externally managed); the tests find it through SKIFF_E2E_PYTHON.
+PYVENV := $(CURDIR)/build/pyvenv
+export SKIFF_E2E_PYTHON := $(PYVENV)/bin/python3
 export PATH := $(HOME)/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 .PHONY: deps build release lint fmt images test bench bench-store bench-runtime run clean
@@ -20,7 +24,8 @@ deps:
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
-	@python3 -c 'import kubernetes' 2>/dev/null || { echo "deps: installing the python kubernetes client"; python3 -m pip install -q kubernetes; }
+	@$(PYVENV)/bin/python3 -c 'import kubernetes' 2>/dev/null || { echo "deps: installing the python kubernetes client into $(PYVENV)"; \
+		/usr/bin/python3 -m venv $(PYVENV) && $(PYVENV)/bin/pip install -q kubernetes; }
 	@command -v cargo-nextest >/dev/null || { echo "deps: installing cargo-nextest"; $(CARGO) install --locked -q cargo-nextest; }
 
 build:
