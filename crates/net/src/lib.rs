@@ -1,0 +1,20 @@
+//! Pod network primitives for skiff, with no Kubernetes types: the node bridge, one veth pair per
+//! pod sandbox, host-local IPAM persisted on disk, the service-CIDR route, and nftables tables
+//! built from a small typed model and applied atomically.
+//!
+//! The kubelet calls [`Network::attach`]/[`Network::detach`] with a sandbox's netns path; the
+//! service proxy builds a [`nft::Table`] and calls [`nft::Table::apply`].
+
+mod cidr;
+mod error;
+mod ipam;
+mod netlink;
+mod network;
+pub mod nft;
+
+pub use cidr::Ipv4Cidr;
+pub use error::NetError;
+pub use ipam::Ipam;
+pub use network::{
+    DEFAULT_BRIDGE, FALLBACK_MTU, Network, NetworkConfig, PodInterface, host_veth_name,
+};

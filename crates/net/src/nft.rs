@@ -1,0 +1,1 @@
+//! nftables model (in progress).
