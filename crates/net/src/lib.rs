@@ -11,6 +11,7 @@ mod ipam;
 mod netlink;
 mod network;
 pub mod nft;
+mod overlay;
 
 pub use cidr::Ipv4Cidr;
 pub use error::NetError;
@@ -18,3 +19,4 @@ pub use ipam::Ipam;
 pub use network::{
     DEFAULT_BRIDGE, FALLBACK_MTU, Network, NetworkConfig, PodInterface, host_veth_name,
 };
+pub use overlay::{VXLAN_OVERHEAD, VxlanConfig, VxlanPeer};

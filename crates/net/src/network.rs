@@ -126,6 +126,10 @@ impl Network {
         &self.cfg.bridge_name
     }
 
+    pub(crate) fn host_netns_fd(&self) -> Option<&OwnedFd> {
+        self.host_netns.as_ref()
+    }
+
     /// The address allocator.
     pub fn ipam(&self) -> &Ipam {
         &self.ipam
