@@ -159,3 +159,49 @@ fn vxlan_carries_pod_traffic_between_nodes() {
     a.net.delete_vxlan(&va).unwrap();
     b.net.delete_vxlan(&vb).unwrap();
 }
+
+#[test]
+fn masquerade_hides_pod_addresses_leaving_the_cluster() {
+    use skiff_net::nft::{Family, Nft, Table, pod_masquerade_chain};
+    let (bridge, prefix) = underlay(253);
+    let a = side(&bridge, prefix, 1, None);
+    // An "outside" machine on the underlay: no route back to any pod CIDR.
+    let outside_ip = Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 30);
+    let mut sleep = Command::new("sleep");
+    sleep.arg("infinity");
+    let outside = Node::builder("outside")
+        .link(Link::new(bridge.name(), format!("{outside_ip}/24")))
+        .spawn(sleep)
+        .unwrap();
+    let listener = in_netns(&outside, || TcpListener::bind((outside_ip, 0)).unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (_, peer) = listener.accept().unwrap();
+        peer
+    });
+    let connect = |timeout| {
+        in_netns(&a.pod, || {
+            TcpStream::connect_timeout(&SocketAddr::from((outside_ip, port)), timeout)
+        })
+    };
+    // Without masquerade the answer cannot find its way back to the pod.
+    assert!(connect(Duration::from_millis(500)).is_err());
+
+    let name = skiff_lab::unique_name("skiff_test").replace('-', "_");
+    let nft = Nft::in_netns(&a.node.netns_path()).unwrap();
+    let mut table = Table::new(Family::Inet, &name);
+    table.chains.push(pod_masquerade_chain(
+        "nat-postrouting",
+        a.pod_cidr,
+        "10.42.0.0/16".parse().unwrap(),
+        None,
+    ));
+    nft.apply(&table).unwrap();
+    connect(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        server.join().unwrap().ip(),
+        std::net::IpAddr::V4(a.node_ip),
+        "the outside sees the node address, not the pod's"
+    );
+    nft.delete_table(Family::Inet, &name).unwrap();
+}
