@@ -113,10 +113,11 @@ impl Network {
 
     /// Creates the VXLAN device if absent (learning off, UDP checksums on), gives it
     /// `<pod-cidr network>/32`, sets it up with the network's MTU, and returns its MAC (peers
-    /// need it). Harmless to call again. With vxlan, configure [`crate::NetworkConfig::mtu`] as
-    /// the underlay MTU minus [`VXLAN_OVERHEAD`], so pods never send frames the tunnel cannot
-    /// carry. Not done here: turning off TX checksum offload on the device (the k3s#2013 quirk,
-    /// an ethtool ioctl).
+    /// need it). TX checksum offload is turned off on the device, as flannel does since k3s#2013
+    /// (offloaded checksums of VXLAN-encapsulated packets came out wrong on some kernels/NICs,
+    /// so cross-node traffic silently died). Harmless to call again. With vxlan, configure
+    /// [`crate::NetworkConfig::mtu`] as the underlay MTU minus [`VXLAN_OVERHEAD`], so pods never
+    /// send frames the tunnel cannot carry.
     pub fn ensure_vxlan(&self, cfg: &VxlanConfig) -> Result<[u8; 6], NetError> {
         crate::network::check_ifname(&cfg.name)?;
         let vtep = self.ipam().cidr().network();
@@ -155,8 +156,18 @@ impl Network {
                 netlink::add_addr(&h, index, vtep, 32, name).await?;
             }
             netlink::set_up(&h, index, name).await?;
+            ethtool_tx_csum(name, Some(false))?;
             netlink::link_mac(&link)
                 .ok_or_else(|| NetError::invalid(name, "the vxlan device has no MAC address"))
+        })
+    }
+
+    /// Whether TX checksum offload is on for the VXLAN device ([`Network::ensure_vxlan`] turns it
+    /// off).
+    pub fn vxlan_tx_checksum_offload(&self, cfg: &VxlanConfig) -> Result<bool, NetError> {
+        let name = cfg.name.as_str();
+        netlink::run(self.host_netns_fd(), |_| async move {
+            ethtool_tx_csum(name, None)
         })
     }
 
@@ -268,4 +279,58 @@ fn ignore_missing(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Erro
         }
         other => other,
     }
+}
+
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+const ETHTOOL_STXCSUM: u32 = 0x17;
+
+/// `struct ethtool_value` of linux/ethtool.h.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// Reads (`set` None) or sets TX checksum offload of interface `name` in the calling thread's
+/// network namespace, with the SIOCETHTOOL ioctl; returns the state read (or the one set).
+fn ethtool_tx_csum(name: &str, set: Option<bool>) -> Result<bool, NetError> {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| NetError::io("open a socket for ethtool", e))?;
+    let mut value = EthtoolValue {
+        cmd: if set.is_some() {
+            ETHTOOL_STXCSUM
+        } else {
+            ETHTOOL_GTXCSUM
+        },
+        data: u32::from(set.unwrap_or(false)),
+    };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(NetError::invalid(
+            name,
+            "an interface name has at most 15 bytes",
+        ));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+    // SAFETY: SIOCETHTOOL reads the NUL-terminated name and the ethtool_value that ifru_data
+    // points at (both live for the call) and writes only into that ethtool_value.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL as _, &mut req) };
+    if rc != 0 {
+        return Err(NetError::io(
+            format!("ethtool tx checksum on {name}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(set.unwrap_or(value.data != 0))
 }

@@ -123,6 +123,10 @@ fn vxlan_carries_pod_traffic_between_nodes() {
     let (va, vb) = (VxlanConfig::new(a.node_ip), VxlanConfig::new(b.node_ip));
     let mac_a = a.net.ensure_vxlan(&va).unwrap();
     assert_eq!(a.net.ensure_vxlan(&va).unwrap(), mac_a, "idempotent");
+    assert!(
+        !a.net.vxlan_tx_checksum_offload(&va).unwrap(),
+        "tx checksum offload must be off on the vxlan device (k3s#2013)"
+    );
     let mac_b = b.net.ensure_vxlan(&vb).unwrap();
     let peer_b = VxlanPeer {
         pod_cidr: b.pod_cidr,
