@@ -361,7 +361,9 @@ impl Network {
     }
 
     /// Removes sandbox `sandbox_id`'s veth pair and releases its address. Harmless when already
-    /// detached, and when the namespace at `netns_path` is gone.
+    /// detached, and when the namespace at `netns_path` is gone. The pair is removed from the host
+    /// side (which removes the pod end too), so `netns_path` is only logged; it is taken to keep
+    /// the call shaped like CNI DEL.
     pub fn detach(&self, sandbox_id: &str, netns_path: &Path) -> Result<(), NetError> {
         let host = host_veth_name(sandbox_id);
         let peer = peer_veth_name(sandbox_id);
@@ -372,13 +374,8 @@ impl Network {
             netlink::delete_link(&h, peerr).await?;
             Ok(())
         })?;
-        if netns_path.exists() {
-            // The pair is gone with its host end; a peer never moved is removed above. Nothing
-            // else of ours lives in the sandbox, so it needs no visit.
-            tracing::trace!(sandbox = sandbox_id, netns = %netns_path.display(), "sandbox netns still present");
-        }
         let released = self.ipam.release(sandbox_id)?;
-        tracing::debug!(sandbox = sandbox_id, ip = ?released, "pod detached");
+        tracing::debug!(sandbox = sandbox_id, netns = %netns_path.display(), ip = ?released, "pod detached");
         Ok(())
     }
 }

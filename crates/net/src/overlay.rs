@@ -61,9 +61,25 @@ impl Network {
     /// Turns on IPv4 forwarding in the network's namespace (pods reach other nodes and VIPs
     /// through it).
     pub fn enable_ip_forwarding(&self) -> Result<(), NetError> {
-        let path = "/proc/sys/net/ipv4/ip_forward";
-        let write =
-            || std::fs::write(path, "1").map_err(|e| NetError::io(format!("write 1 to {path}"), e));
+        self.sysctl_on("/proc/sys/net/ipv4/ip_forward", "")
+    }
+
+    /// Makes bridged IPv4 traffic pass the IP netfilter hooks (`bridge-nf-call-iptables`), so
+    /// that a pod reaching a service whose endpoint sits on the same bridge gets its replies
+    /// un-DNATed (the reply travels pod to pod over the bridge, never through the routing path).
+    pub fn enable_bridge_netfilter(&self) -> Result<(), NetError> {
+        self.sysctl_on(
+            "/proc/sys/net/bridge/bridge-nf-call-iptables",
+            " (is the br_netfilter module loaded? modprobe br_netfilter)",
+        )
+    }
+
+    /// Writes 1 to the sysctl file `path` inside the network's namespace.
+    fn sysctl_on(&self, path: &str, hint: &str) -> Result<(), NetError> {
+        let write = || {
+            std::fs::write(path, "1")
+                .map_err(|e| NetError::io(format!("write 1 to {path}{hint}"), e))
+        };
         match self.host_netns_fd() {
             None => write(),
             Some(fd) => std::thread::scope(|s| {

@@ -333,6 +333,44 @@ fn vip_dnat_reaches_backends_and_reject_is_fast() {
         "refusal took {refused_in:?}"
     );
 
+    // Hairpin: the backend reaches itself through its service (masqueraded via the mark).
+    net.enable_ip_forwarding().unwrap();
+    let hairpin = in_netns(&pod, || {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from(([10, 43, 0, 10], 80)),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).unwrap();
+        buf
+    });
+    assert!(hairpin.starts_with("backend-"), "{hairpin}");
+    // Another pod on the same bridge reaches the service (replies cross the bridge directly,
+    // so they must pass netfilter to be un-DNATed).
+    net.enable_bridge_netfilter().unwrap();
+    let brnf = in_netns(&host, || {
+        std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables").unwrap()
+    });
+    assert_eq!(brnf.trim(), "1");
+    let client = netns_node("client");
+    net.attach("client", &client.netns_path(), "eth0").unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    in_netns(&client, || {
+        for _ in 0..20 {
+            let mut s = TcpStream::connect_timeout(
+                &SocketAddr::from(([10, 43, 0, 10], 80)),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).unwrap();
+            seen.insert(buf);
+        }
+    });
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    net.detach("client", &client.netns_path()).unwrap();
+
     nft.delete_table(Family::Inet, &name).unwrap();
     net.delete_service_route(service_cidr).unwrap();
     net.delete_service_route(service_cidr).unwrap();
