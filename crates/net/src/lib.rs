@@ -3,7 +3,8 @@
 //! built from a small typed model and applied atomically.
 //!
 //! The kubelet calls [`Network::attach`]/[`Network::detach`] with a sandbox's netns path; the
-//! service proxy builds a [`nft::Table`] and calls [`nft::Table::apply`].
+//! service proxy builds a [`nft::Table`] and hands it to [`nft::Nft::apply`]; cross-node traffic
+//! uses [`Network::add_host_gw_route`] or [`Network::ensure_vxlan`] + [`Network::set_vxlan_peer`].
 
 mod cidr;
 mod error;
