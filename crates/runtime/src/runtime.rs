@@ -822,7 +822,19 @@ impl BuiltinRuntime {
     /// The log file is left to its owner.
     pub async fn remove(&self, id: &str) -> Result<()> {
         self.stop(id, Duration::ZERO).await?;
-        // Let the shim finish its clean-up and exit.
+        // Let the shim finish its clean-up and exit: woken by its pidfd when the kernel has
+        // them, else (and as a backstop) by polling its state.
+        if let Ok(st) = read_state(&self.ctr_dir(id))
+            && Self::shim_alive(&st)
+            && let Some(fd) = crate::shim::pidfd_open(st.shim_pid)
+            // SAFETY: the AsyncFd owns this OwnedFd, which stays open and the same descriptor
+            // until the AsyncFd is dropped.
+            && let Ok(fd) = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            }
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(10), fd.readable()).await;
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut pause = Duration::from_millis(1);
         while let Ok(st) = read_state(&self.ctr_dir(id)) {
