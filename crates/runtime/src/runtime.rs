@@ -418,10 +418,19 @@ impl BuiltinRuntime {
         cmd.args(&self.cfg.shim_command[1..])
             .args(args.to_args())
             .stdin(std::process::Stdio::null());
-        let out = cmd
-            .output()
-            .await
-            .map_err(io_err("run shim", PathBuf::from(&self.cfg.shim_command[0])))?;
+        let out = match cmd.output().await {
+            Ok(out) => out,
+            Err(e) => {
+                // No shim ran: undo the prepared rootfs mount and dirs.
+                let me = self.clone();
+                let id2 = id.clone();
+                let _ = blocking(move || me.cleanup_dir(&id2)).await;
+                return Err(io_err(
+                    "run shim (check the shim command)",
+                    PathBuf::from(&self.cfg.shim_command[0]),
+                )(e));
+            }
+        };
         if !out.status.success() {
             let mut message = String::from_utf8_lossy(&out.stderr).trim().to_string();
             // The shim's own log says what libcontainer did; keep its tail in the error.

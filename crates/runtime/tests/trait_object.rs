@@ -140,3 +140,33 @@ async fn builtin_runtime_through_the_trait_object() {
     assert_eq!(rt.image_status(TEST_IMAGE).await.unwrap(), None);
     t.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_shim_fails_create_and_leaves_no_mount() {
+    let t = TestRuntime::new();
+    let rt: Arc<dyn Runtime> = Arc::new(
+        skiff_runtime::BuiltinRuntime::new(skiff_runtime::RuntimeConfig {
+            state_dir: t.dir.path().join("rt"),
+            images: skiff_runtime::ImageStore::open(t.dir.path().join("images")).unwrap(),
+            shim_command: vec!["/nonexistent/skiff-shim".into()],
+            cgroup_parent: t.cgroup_parent.clone(),
+        })
+        .unwrap(),
+    );
+    let cfg = ContainerConfig {
+        name: "noshim".into(),
+        image: TEST_IMAGE.into(),
+        ..Default::default()
+    };
+    let err = rt
+        .create_container(None, cfg, t.log("noshim"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/skiff-shim"), "{err}");
+    assert!(rt.list_containers().await.unwrap().is_empty());
+    assert!(
+        skiff_runtime::sandbox::mounts_under(t.dir.path()).is_empty(),
+        "rootfs mount left behind"
+    );
+    t.teardown().await;
+}
