@@ -57,7 +57,8 @@ bench-store: deps
 
 ## bench-runtime: create+start+wait+delete of /bin/true, skiff (shim included) vs runc on one bundle
 bench-runtime: deps images
-	$(CARGO) build --profile bench-fast -p skiff -p skiff-runtime --example bench-runtime
+	$(CARGO) build --profile bench-fast -p skiff --bin skiff
+	$(CARGO) build --profile bench-fast -p skiff-runtime --example bench-runtime
 	./$${CARGO_TARGET_DIR:-target}/bench-fast/examples/bench-runtime "$$(realpath $${CARGO_TARGET_DIR:-target})/bench-fast/skiff shim" 50
 
 ## bench-net: pod attach time (veth + IPAM) and nft apply time for 1,000 services x 10 endpoints

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use skiff_runtime::spec::{Placement, build_spec};
-use skiff_runtime::{ContainerConfig, ImageStore, Runtime, RuntimeConfig};
+use skiff_runtime::{BuiltinRuntime, ContainerConfig, ImageStore, RuntimeConfig};
 
 fn hdr() -> tar::Header {
     let mut h = tar::Header::new_gnu();
@@ -128,7 +128,7 @@ fn main() {
     );
 
     let cgroup = format!("skiff-bench-{}", std::process::id());
-    let rt = Runtime::new(RuntimeConfig {
+    let rt = BuiltinRuntime::new(RuntimeConfig {
         state_dir: dir.path().join("rt"),
         images: store.clone(),
         shim_command: shim,

@@ -1,6 +1,7 @@
 //! skiff-runtime: images (store, import, unpack), overlay rootfs, and containers held by
 //! per-container shims running youki's libcontainer. Knows no Kubernetes types.
 
+pub mod api;
 pub mod cgroup;
 pub mod crilog;
 pub mod error;
@@ -13,9 +14,12 @@ pub mod spec;
 pub mod store;
 pub mod unpack;
 
+pub use api::{
+    AttachSession, DuplexStream, ExecSession, ImageInfo, Runtime, SandboxState, SandboxStatus,
+};
 pub use error::{Error, Result};
 pub use runtime::{
-    Attach, AttachStream, ContainerState, ContainerStatus, ExecOutput, ExecProcess, Runtime,
+    Attach, AttachStream, BuiltinRuntime, ContainerState, ContainerStatus, ExecOutput, ExecProcess,
     RuntimeConfig,
 };
 pub use sandbox::{Sandbox, SandboxConfig};

@@ -1,5 +1,5 @@
 //! The runtime API used from async code: sandboxes and containers whose processes are held by
-//! per-container shims; all state lives on disk, so a new `Runtime` re-adopts running containers.
+//! per-container shims; all state lives on disk, so a new `BuiltinRuntime` re-adopts running containers.
 
 use std::ffi::OsString;
 use std::fs;
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{CgroupStats, Cgroups};
 use crate::error::{Error, Result, io_err, sys_err};
+use crate::pull::RegistriesConfig;
 use crate::sandbox::{Sandbox, SandboxConfig, is_mounted, pin_namespaces, unpin};
 use crate::shim::{
     CTL_FIFO, CreateArgs, ExecArgs, ExecResult, ShimState, ShimStatus, now_ns, pid_start_ticks,
@@ -228,9 +229,10 @@ struct ContainerRecord {
 
 /// The built-in container runtime. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Runtime {
+pub struct BuiltinRuntime {
     cfg: Arc<RuntimeConfig>,
     cgroups: Cgroups,
+    registries: Arc<RegistriesConfig>,
 }
 
 fn random_hex(n: usize) -> String {
@@ -260,7 +262,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::InvalidState(format!("runtime task failed: {e}")))?
 }
 
-impl Runtime {
+impl BuiltinRuntime {
     /// Opens a runtime on its state dir; containers already there (held by running shims) are
     /// adopted as they are.
     pub fn new(cfg: RuntimeConfig) -> Result<Self> {
@@ -276,7 +278,27 @@ impl Runtime {
         Ok(Self {
             cfg: Arc::new(cfg),
             cgroups: Cgroups::host(),
+            registries: Arc::new(RegistriesConfig::default()),
         })
+    }
+
+    /// Uses `registries` (mirrors, auth, TLS from `registries.yaml`) for pulls.
+    pub fn with_registries(mut self, registries: RegistriesConfig) -> Self {
+        self.registries = Arc::new(registries);
+        self
+    }
+
+    /// The registry configuration pulls use.
+    pub fn registries(&self) -> &RegistriesConfig {
+        &self.registries
+    }
+
+    /// Bytes of an image's blobs (config and layers, compressed) as stored.
+    pub fn image_size(&self, manifest_digest: &str) -> u64 {
+        let Ok(image) = self.cfg.images.resolve(manifest_digest) else {
+            return 0;
+        };
+        image.manifest.layers.iter().map(|l| l.size).sum::<u64>() + image.manifest.config.size
     }
 
     /// The image store.
@@ -382,7 +404,7 @@ impl Runtime {
     // ---------------------------------------------------------------- containers
 
     /// Creates a container (in a sandbox, or standalone with its own namespaces) and its shim.
-    /// The process waits for [`Runtime::start`].
+    /// The process waits for [`BuiltinRuntime::start`].
     pub async fn create(
         &self,
         sandbox_id: Option<&str>,
@@ -396,10 +418,19 @@ impl Runtime {
         cmd.args(&self.cfg.shim_command[1..])
             .args(args.to_args())
             .stdin(std::process::Stdio::null());
-        let out = cmd
-            .output()
-            .await
-            .map_err(io_err("run shim", PathBuf::from(&self.cfg.shim_command[0])))?;
+        let out = match cmd.output().await {
+            Ok(out) => out,
+            Err(e) => {
+                // No shim ran: undo the prepared rootfs mount and dirs.
+                let me = self.clone();
+                let id2 = id.clone();
+                let _ = blocking(move || me.cleanup_dir(&id2)).await;
+                return Err(io_err(
+                    "run shim (check the shim command)",
+                    PathBuf::from(&self.cfg.shim_command[0]),
+                )(e));
+            }
+        };
         if !out.status.success() {
             let mut message = String::from_utf8_lossy(&out.stderr).trim().to_string();
             // The shim's own log says what libcontainer did; keep its tail in the error.
@@ -800,7 +831,19 @@ impl Runtime {
     /// The log file is left to its owner.
     pub async fn remove(&self, id: &str) -> Result<()> {
         self.stop(id, Duration::ZERO).await?;
-        // Let the shim finish its clean-up and exit.
+        // Let the shim finish its clean-up and exit: woken by its pidfd when the kernel has
+        // them, else (and as a backstop) by polling its state.
+        if let Ok(st) = read_state(&self.ctr_dir(id))
+            && Self::shim_alive(&st)
+            && let Some(fd) = crate::shim::pidfd_open(st.shim_pid)
+            // SAFETY: the AsyncFd owns this OwnedFd, which stays open and the same descriptor
+            // until the AsyncFd is dropped.
+            && let Ok(fd) = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            }
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(10), fd.readable()).await;
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut pause = Duration::from_millis(1);
         while let Ok(st) = read_state(&self.ctr_dir(id)) {

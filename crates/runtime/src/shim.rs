@@ -490,6 +490,9 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
         let _ = f.write_all(b"ok\n");
     }
 
+    // A pidfd turns readable when the init exits: poll wakes at once instead of at its timeout
+    // (output pipes can close before the exit is reapable).
+    let exit_fd = pid.and_then(pidfd_open);
     let cgroups = Cgroups::host();
     let mut out_split = LineSplitter::new("stdout");
     let mut err_split = LineSplitter::new("stderr");
@@ -520,6 +523,10 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
             fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
             tags.push(Tag::Listener);
         }
+        if let (Some(f), None) = (&exit_fd, exited_at) {
+            fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
+            tags.push(Tag::Exit);
+        }
         for (i, c) in clients.iter().enumerate() {
             if c.reading {
                 fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
@@ -545,6 +552,8 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
                 Tag::Err => {
                     err_open = pump(&err_r, &mut buf, &mut err_split, &mut log, 2, &mut clients)
                 }
+                // The init exited: reaped below.
+                Tag::Exit => {}
                 Tag::Listener => {
                     if let Some(Ok((c, _))) = listener.as_ref().map(|l| l.accept()) {
                         let _ = c.set_nonblocking(true);
@@ -834,11 +843,25 @@ struct Client {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tag {
+    Exit,
     Ctl,
     Out,
     Err,
     Listener,
     Client(usize),
+}
+
+/// A pollable descriptor for `pid` (readable once it exits); None where the kernel has no
+/// `pidfd_open` (before 5.3): the loop then notices the exit at its poll timeout.
+pub(crate) fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// File name of the attach socket inside the container dir.

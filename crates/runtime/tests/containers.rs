@@ -356,7 +356,7 @@ fn runtime_child_process() {
     let state = std::path::PathBuf::from(state);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let runtime = skiff_runtime::Runtime::new(skiff_runtime::RuntimeConfig {
+        let runtime = skiff_runtime::BuiltinRuntime::new(skiff_runtime::RuntimeConfig {
             state_dir: state.join("rt"),
             images: skiff_runtime::ImageStore::open(state.join("images")).unwrap(),
             shim_command: shim_command(),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use skiff_runtime::{ImageStore, Runtime, RuntimeConfig};
+use skiff_runtime::{BuiltinRuntime, ImageStore, RuntimeConfig};
 
 pub const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "hostname", "id", "touch", "ls", "grep", "head", "dd", "true",
@@ -243,7 +243,7 @@ pub fn store_with_busybox(root: &Path) -> ImageStore {
 
 /// A runtime in a temp dir with a unique cgroup parent; cleans up on drop.
 pub struct TestRuntime {
-    pub rt: Runtime,
+    pub rt: BuiltinRuntime,
     pub dir: tempfile::TempDir,
     pub cgroup_parent: String,
 }
@@ -271,7 +271,7 @@ impl TestRuntime {
             .unwrap();
         let store = store_with_busybox(&dir.path().join("images"));
         let cgroup_parent = unique("skiff-test");
-        let rt = Runtime::new(RuntimeConfig {
+        let rt = BuiltinRuntime::new(RuntimeConfig {
             state_dir: dir.path().join("rt"),
             images: store,
             shim_command: shim_command(),
@@ -286,8 +286,8 @@ impl TestRuntime {
     }
 
     /// A second runtime instance on the same state (as after a restart).
-    pub fn reopen(&self) -> Runtime {
-        Runtime::new(RuntimeConfig {
+    pub fn reopen(&self) -> BuiltinRuntime {
+        BuiltinRuntime::new(RuntimeConfig {
             state_dir: self.dir.path().join("rt"),
             images: ImageStore::open(self.dir.path().join("images")).unwrap(),
             shim_command: shim_command(),
