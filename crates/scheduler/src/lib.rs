@@ -2,6 +2,7 @@
 //! queues unbound pods, filters and scores nodes, binds through `pods/binding`, and reports
 //! `Scheduled` / `FailedScheduling` events and the `PodScheduled` condition.
 
+pub mod interpod;
 pub mod plugins;
 pub mod queue;
 pub mod resources;
@@ -485,6 +486,26 @@ impl Scheduler {
             return;
         }
         let to_find = Self::feasible_to_find(total);
+        let any_anti = self
+            .node_list
+            .iter()
+            .filter_map(|n| self.nodes.get(n))
+            .any(|n| n.anti_affinity_pods > 0);
+        let empty = std::collections::BTreeMap::new();
+        let inter = interpod::relevant(&pod, any_anti).then(|| {
+            interpod::prepare(
+                &pod,
+                self.node_list
+                    .iter()
+                    .filter_map(|n| self.nodes.get(n))
+                    .map(|n| {
+                        (
+                            n.labels().unwrap_or(&empty),
+                            n.pods.values().map(|p| p.as_ref()).collect(),
+                        )
+                    }),
+            )
+        });
         let mut feasible: Vec<&NodeInfo> = Vec::new();
         let mut failures: Vec<Vec<Failure>> = Vec::new();
         let mut processed = 0;
@@ -494,7 +515,13 @@ impl Scheduler {
             let Some(n) = self.nodes.get(name) else {
                 continue;
             };
-            let f = plugins::filter(&info, n);
+            let mut f = plugins::filter(&info, n);
+            if f.is_empty()
+                && let Some(st) = inter.as_ref()
+                && let Some(fail) = interpod::filter(st, n.labels().unwrap_or(&empty))
+            {
+                f.push(fail);
+            }
             if f.is_empty() {
                 feasible.push(n);
                 if feasible.len() >= to_find {

@@ -70,6 +70,10 @@ pub struct NodeInfo {
     pub pod_count: i64,
     /// Host ports in use, with a use count.
     pub ports: HashMap<HostPort, u32>,
+    /// The pods on the node by namespace/name (for inter-pod affinity).
+    pub pods: HashMap<String, Arc<Pod>>,
+    /// How many of them have required anti-affinity terms.
+    pub anti_affinity_pods: usize,
 }
 
 impl NodeInfo {
@@ -84,6 +88,8 @@ impl NodeInfo {
             non_zero: (0, 0),
             pod_count: 0,
             ports: HashMap::new(),
+            pods: HashMap::new(),
+            anti_affinity_pods: 0,
         }
     }
 
@@ -101,6 +107,11 @@ impl NodeInfo {
         self.non_zero.0 += p.non_zero.0;
         self.non_zero.1 += p.non_zero.1;
         self.pod_count += 1;
+        if self.pods.insert(p.key(), p.pod.clone()).is_none()
+            && crate::interpod::has_required_anti_affinity(&p.pod)
+        {
+            self.anti_affinity_pods += 1;
+        }
         for hp in &p.host_ports {
             *self.ports.entry(hp.clone()).or_default() += 1;
         }
@@ -112,6 +123,11 @@ impl NodeInfo {
         self.non_zero.0 -= p.non_zero.0;
         self.non_zero.1 -= p.non_zero.1;
         self.pod_count -= 1;
+        if self.pods.remove(&p.key()).is_some()
+            && crate::interpod::has_required_anti_affinity(&p.pod)
+        {
+            self.anti_affinity_pods -= 1;
+        }
         for hp in &p.host_ports {
             if let Some(n) = self.ports.get_mut(hp) {
                 *n -= 1;
@@ -122,11 +138,13 @@ impl NodeInfo {
         }
     }
 
-    fn name(&self) -> &str {
+    /// The node's name.
+    pub fn name(&self) -> &str {
         self.node.metadata.name.as_deref().unwrap_or("")
     }
 
-    fn labels(&self) -> Option<&BTreeMap<String, String>> {
+    /// The node's labels.
+    pub fn labels(&self) -> Option<&BTreeMap<String, String>> {
         self.node.metadata.labels.as_ref()
     }
 
@@ -184,6 +202,15 @@ impl PodInfo {
             non_zero,
             host_ports,
         }
+    }
+
+    /// namespace/name of the pod.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.pod.metadata.namespace.as_deref().unwrap_or(""),
+            self.pod.metadata.name.as_deref().unwrap_or("")
+        )
     }
 
     fn tolerations(&self) -> &[Toleration] {

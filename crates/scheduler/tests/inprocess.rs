@@ -438,3 +438,35 @@ async fn throughput_1000_pods_100_nodes() {
         "{per_node:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_pod_anti_affinity_spreads_replicas() {
+    let c = cluster().await;
+    for n in ["n1", "n2"] {
+        c.node(n, "4", "4Gi", json!({})).await;
+    }
+    let anti = json!({"metadata": {"labels": {"app": "web"}}, "spec": {"affinity": {"podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": {"matchLabels": {"app": "web"}},
+            "topologyKey": "kubernetes.io/hostname"}]}}}});
+    c.pod("web-0", "100m", anti.clone()).await;
+    let first = c
+        .wait_node_name("web-0", Duration::from_secs(10))
+        .await
+        .unwrap();
+    c.pod("web-1", "100m", anti.clone()).await;
+    let second = c
+        .wait_node_name("web-1", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_ne!(first, second);
+    c.pod("web-2", "100m", anti).await;
+    let ev = c.wait_event("web-2", "FailedScheduling").await;
+    assert!(
+        ev.message.as_deref().unwrap().starts_with(
+            "0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules."
+        ),
+        "{:?}",
+        ev.message
+    );
+}
