@@ -6,6 +6,7 @@ pub mod interpod;
 pub mod plugins;
 pub mod queue;
 pub mod resources;
+pub mod spread;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -506,6 +507,20 @@ impl Scheduler {
                     }),
             )
         });
+        let spread_state = spread::relevant(&pod).then(|| {
+            spread::prepare(
+                &pod,
+                self.node_list
+                    .iter()
+                    .filter_map(|n| self.nodes.get(n))
+                    .map(|n| {
+                        (
+                            n.node.as_ref(),
+                            n.pods.values().map(|p| p.as_ref()).collect(),
+                        )
+                    }),
+            )
+        });
         let mut feasible: Vec<&NodeInfo> = Vec::new();
         let mut failures: Vec<Vec<Failure>> = Vec::new();
         let mut processed = 0;
@@ -516,6 +531,12 @@ impl Scheduler {
                 continue;
             };
             let mut f = plugins::filter(&info, n);
+            if f.is_empty()
+                && let Some(st) = spread_state.as_ref()
+                && let Some(fail) = spread::filter(st, n.labels().unwrap_or(&empty))
+            {
+                f.push(fail);
+            }
             if f.is_empty()
                 && let Some(st) = inter.as_ref()
                 && let Some(fail) = interpod::filter(st, n.labels().unwrap_or(&empty))

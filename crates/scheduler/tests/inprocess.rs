@@ -470,3 +470,47 @@ async fn required_pod_anti_affinity_spreads_replicas() {
         ev.message
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_topology_spread_balances_zones() {
+    let c = cluster().await;
+    c.node(
+        "a1",
+        "8",
+        "8Gi",
+        json!({"metadata": {"labels": {"zone": "a"}}}),
+    )
+    .await;
+    c.node(
+        "a2",
+        "8",
+        "8Gi",
+        json!({"metadata": {"labels": {"zone": "a"}}}),
+    )
+    .await;
+    c.node(
+        "b1",
+        "1",
+        "1Gi",
+        json!({"metadata": {"labels": {"zone": "b"}}}),
+    )
+    .await;
+    let spread = json!({"metadata": {"labels": {"app": "s"}}, "spec": {"topologySpreadConstraints": [{
+        "maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule",
+        "labelSelector": {"matchLabels": {"app": "s"}}}]}});
+    let mut zones = BTreeMap::<String, usize>::new();
+    for i in 0..4 {
+        let name = format!("s-{i}");
+        c.pod(&name, "100m", spread.clone()).await;
+        let node = c
+            .wait_node_name(&name, Duration::from_secs(10))
+            .await
+            .unwrap();
+        *zones.entry(node[..1].to_string()).or_default() += 1;
+    }
+    // Least-allocated alone would put most pods in zone a (bigger nodes); the constraint keeps 2/2.
+    assert_eq!(
+        zones,
+        BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 2)])
+    );
+}
