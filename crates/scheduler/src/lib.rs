@@ -761,3 +761,20 @@ async fn emit_event(
         tracing::warn!(pod = %name, namespace = %ns, reason, error = %e, "could not record event");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feasible_nodes_to_find_is_adaptive() {
+        assert_eq!(Scheduler::feasible_to_find(3), 3);
+        assert_eq!(
+            Scheduler::feasible_to_find(100),
+            100,
+            "50% of 100, floor 100"
+        );
+        assert_eq!(Scheduler::feasible_to_find(1000), 420, "(50 - 8)% of 1000");
+        assert_eq!(Scheduler::feasible_to_find(10_000), 500, "5% floor");
+    }
+}
