@@ -523,6 +523,7 @@ impl Scheduler {
         });
         let mut feasible: Vec<&NodeInfo> = Vec::new();
         let mut failures: Vec<Vec<Failure>> = Vec::new();
+        let mut failed_nodes: Vec<&str> = Vec::new();
         let mut processed = 0;
         for i in 0..total {
             let name = &self.node_list[(self.next_start + i) % total];
@@ -550,6 +551,7 @@ impl Scheduler {
                 }
             } else {
                 failures.push(f);
+                failed_nodes.push(name);
             }
         }
         self.next_start = (self.next_start + processed) % total;
@@ -559,6 +561,19 @@ impl Scheduler {
                 .as_ref()
                 .and_then(|s| s.preemption_policy.as_deref())
                 == Some("Never");
+            let candidate = if never {
+                None
+            } else {
+                self.find_victims(&info, &failed_nodes, &failures)
+            };
+            if let Some((node, victims)) = candidate {
+                let msg = plugins::fit_error_message(total, &failures, "");
+                tracing::info!(pod = %key, node = %node, victims = victims.len(), "preempting");
+                self.queue.unschedulable(&key, now);
+                self.report_unschedulable(&pod, msg);
+                self.spawn_preemption(&pod, node, victims);
+                return;
+            }
             let pre = plugins::preemption_message(total, &failures, never);
             let msg = plugins::fit_error_message(total, &failures, &pre);
             tracing::debug!(pod = %key, message = %msg, "unschedulable");
@@ -600,6 +615,103 @@ impl Scheduler {
             },
         );
         self.spawn_bind(key, pod, node);
+    }
+
+    /// Default preemption, simplified: on each node whose failures eviction could fix, remove
+    /// every lower-priority pod, check the pod fits, then give back victims (highest priority
+    /// first) while it still fits. Picks the node whose victims have the lowest top priority,
+    /// then the fewest victims. No candidate while lower-priority pods on the nominated node are
+    /// still terminating (an earlier preemption is in progress).
+    fn find_victims(
+        &self,
+        info: &PodInfo,
+        failed_nodes: &[&str],
+        failures: &[Vec<Failure>],
+    ) -> Option<(String, Vec<Arc<Pod>>)> {
+        let prio = |p: &Pod| p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
+        let mine = prio(&info.pod);
+        if let Some(nominated) = info
+            .pod
+            .status
+            .as_ref()
+            .and_then(|s| s.nominated_node_name.as_deref())
+            && let Some(n) = self.nodes.get(nominated)
+            && n.pods
+                .values()
+                .any(|p| prio(p) < mine && p.metadata.deletion_timestamp.is_some())
+        {
+            return None;
+        }
+        let mut best: Option<(i32, usize, String, Vec<Arc<Pod>>)> = None;
+        for (name, fs) in failed_nodes.iter().zip(failures) {
+            if fs.is_empty() || !fs.iter().all(|f| f.resolvable) {
+                continue;
+            }
+            let Some(node) = self.nodes.get(*name) else {
+                continue;
+            };
+            let mut sim = node.clone();
+            let mut victims: Vec<PodInfo> = node
+                .pods
+                .values()
+                .filter(|p| prio(p) < mine && p.metadata.deletion_timestamp.is_none())
+                .map(|p| PodInfo::new(p.clone()))
+                .collect();
+            if victims.is_empty() {
+                continue;
+            }
+            for v in &victims {
+                sim.remove_pod(v);
+            }
+            if !plugins::filter(info, &sim).is_empty() {
+                continue;
+            }
+            victims.sort_by_key(|v| std::cmp::Reverse(prio(&v.pod)));
+            let mut chosen = Vec::new();
+            for v in victims {
+                sim.add_pod(&v);
+                if !plugins::filter(info, &sim).is_empty() {
+                    sim.remove_pod(&v);
+                    chosen.push(v.pod);
+                }
+            }
+            let top = chosen.iter().map(|p| prio(p)).max().unwrap_or(i32::MIN);
+            let better = best
+                .as_ref()
+                .is_none_or(|(t, n, _, _)| (top, chosen.len()) < (*t, *n));
+            if better {
+                best = Some((top, chosen.len(), (*name).to_string(), chosen));
+            }
+        }
+        best.map(|(_, _, node, victims)| (node, victims))
+    }
+
+    fn spawn_preemption(&self, pod: &Arc<Pod>, node: String, victims: Vec<Arc<Pod>>) {
+        let client = self.client.clone();
+        let pod = pod.clone();
+        tokio::spawn(async move {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            for v in victims {
+                let ns = v.metadata.namespace.clone().unwrap_or_default();
+                let name = v.metadata.name.clone().unwrap_or_default();
+                let msg = format!("Preempted by pod {uid} on node {node}");
+                emit_event(&client, &v, "Normal", "Preempted", "Preempting", &msg).await;
+                let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+                if let Err(e) = api.delete(&name, &Default::default()).await {
+                    tracing::warn!(pod = %name, namespace = %ns, error = %e, "could not evict a preemption victim");
+                }
+            }
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let api: Api<Pod> = Api::namespaced(client, &ns);
+            let patch = serde_json::json!({"status": {"nominatedNodeName": node}});
+            if let Err(e) = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                tracing::warn!(pod = %name, namespace = %ns, error = %e, "could not set nominatedNodeName");
+            }
+        });
     }
 
     fn spawn_bind(&self, key: String, pod: Arc<Pod>, node: String) {

@@ -514,3 +514,52 @@ async fn hard_topology_spread_balances_zones() {
         BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 2)])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_pod_preempts_a_lower_one() {
+    let c = cluster().await;
+    c.node("n1", "1", "1Gi", json!({})).await;
+    c.pod("low-a", "400m", json!({"spec": {"priority": 1}}))
+        .await;
+    c.pod("low-b", "400m", json!({"spec": {"priority": 2}}))
+        .await;
+    let t = Duration::from_secs(10);
+    assert!(c.wait_node_name("low-a", t).await.is_some());
+    assert!(c.wait_node_name("low-b", t).await.is_some());
+    c.pod("high", "500m", json!({"spec": {"priority": 1000}}))
+        .await;
+    // The lowest-priority pod that frees enough is evicted (graceful: it gets a deletionTimestamp).
+    let ev = c.wait_event("low-a", "Preempted").await;
+    assert!(ev.message.unwrap().ends_with("on node n1"));
+    let api = Api::<Pod>::namespaced(c.client.clone(), "default");
+    let deadline = Instant::now() + t;
+    loop {
+        let p = api.get("high").await.unwrap();
+        if p.status.and_then(|s| s.nominated_node_name).as_deref() == Some("n1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no nominatedNodeName");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let low_a = api.get("low-a").await.unwrap();
+    assert!(low_a.metadata.deletion_timestamp.is_some());
+    assert!(
+        api.get("low-b")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_none()
+    );
+    // The kubelet would finish the deletion; do it here. Then the pod lands.
+    api.delete(
+        "low-a",
+        &kube::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.wait_node_name("high", t).await.as_deref(), Some("n1"));
+}
