@@ -507,20 +507,25 @@ impl Scheduler {
                     }),
             )
         });
-        let spread_state = spread::relevant(&pod).then(|| {
-            spread::prepare(
-                &pod,
-                self.node_list
-                    .iter()
-                    .filter_map(|n| self.nodes.get(n))
-                    .map(|n| {
-                        (
-                            n.node.as_ref(),
-                            n.pods.values().map(|p| p.as_ref()).collect(),
-                        )
-                    }),
-            )
-        });
+        let spread_for = |kind| {
+            spread::relevant(&pod, kind).then(|| {
+                spread::prepare(
+                    &pod,
+                    kind,
+                    self.node_list
+                        .iter()
+                        .filter_map(|n| self.nodes.get(n))
+                        .map(|n| {
+                            (
+                                n.node.as_ref(),
+                                n.pods.values().map(|p| p.as_ref()).collect(),
+                            )
+                        }),
+                )
+            })
+        };
+        let spread_state = spread_for(spread::Kind::Hard);
+        let soft_spread = spread_for(spread::Kind::Soft);
         let mut feasible: Vec<&NodeInfo> = Vec::new();
         let mut failures: Vec<Vec<Failure>> = Vec::new();
         let mut failed_nodes: Vec<&str> = Vec::new();
@@ -581,7 +586,24 @@ impl Scheduler {
             self.report_unschedulable(&pod, msg);
             return;
         }
-        let scores = plugins::score(&info, &feasible);
+        let mut scores = plugins::score(&info, &feasible);
+        if let Some(st) = soft_spread.as_ref() {
+            // PodTopologySpread score (weight 2): fewer matching pods in the domain is better.
+            let raw: Vec<Option<i64>> = feasible
+                .iter()
+                .map(|n| spread::score_raw(st, n.labels().unwrap_or(&empty)))
+                .collect();
+            let max = raw.iter().flatten().copied().max().unwrap_or(0);
+            let min = raw.iter().flatten().copied().min().unwrap_or(0);
+            for (s, r) in scores.iter_mut().zip(&raw) {
+                let norm = match r {
+                    None => 0,
+                    Some(_) if max == min => 100,
+                    Some(r) => (max - r) * 100 / (max - min),
+                };
+                *s += 2 * norm;
+            }
+        }
         let mut best = 0;
         let mut ties = 0u32;
         let mut rng = rand::rng();

@@ -36,33 +36,43 @@ impl std::fmt::Debug for State {
     }
 }
 
-fn hard_constraints(pod: &Pod) -> Vec<&TopologySpreadConstraint> {
+/// Which constraints: `DoNotSchedule` (filter) or `ScheduleAnyway` (score).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// whenUnsatisfiable: DoNotSchedule.
+    Hard,
+    /// whenUnsatisfiable: ScheduleAnyway.
+    Soft,
+}
+
+fn constraints(pod: &Pod, kind: Kind) -> Vec<&TopologySpreadConstraint> {
+    let want = match kind {
+        Kind::Hard => "DoNotSchedule",
+        Kind::Soft => "ScheduleAnyway",
+    };
     pod.spec
         .as_ref()
         .and_then(|s| s.topology_spread_constraints.as_ref())
-        .map(|cs| {
-            cs.iter()
-                .filter(|c| c.when_unsatisfiable == "DoNotSchedule")
-                .collect()
-        })
+        .map(|cs| cs.iter().filter(|c| c.when_unsatisfiable == want).collect())
         .unwrap_or_default()
 }
 
-/// Whether the pod has hard spread constraints.
-pub fn relevant(pod: &Pod) -> bool {
-    !hard_constraints(pod).is_empty()
+/// Whether the pod has spread constraints of this kind.
+pub fn relevant(pod: &Pod, kind: Kind) -> bool {
+    !constraints(pod, kind).is_empty()
 }
 
 /// Counts matching pods per domain over nodes that pass the pod's node affinity and carry the key.
 pub fn prepare<'a>(
     pod: &Pod,
+    kind: Kind,
     nodes: impl Iterator<Item = (&'a Node, Vec<&'a Pod>)> + Clone,
 ) -> State {
     let empty = BTreeMap::new();
     let pod_labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
     let ns = pod.metadata.namespace.as_deref().unwrap_or("");
     let mut out = State::default();
-    for c in hard_constraints(pod) {
+    for c in constraints(pod, kind) {
         let mut selector = c.label_selector.clone().unwrap_or_default();
         for k in c.match_label_keys.iter().flatten() {
             if let Some(v) = pod_labels.get(k) {
@@ -110,6 +120,17 @@ pub fn prepare<'a>(
         });
     }
     out
+}
+
+/// Soft spread: matching pods already in the node's domains (lower is better); nodes without a
+/// key count as the most crowded.
+pub fn score_raw(st: &State, node_labels: &BTreeMap<String, String>) -> Option<i64> {
+    let mut total = 0;
+    for c in &st.constraints {
+        let v = node_labels.get(&c.key)?;
+        total += c.counts.get(v).copied().unwrap_or(0);
+    }
+    Some(total)
 }
 
 /// Checks one node.
@@ -185,9 +206,10 @@ mod tests {
         let (a, b, bare) = (node("a", Some("a")), node("b", Some("b")), node("c", None));
         let existing = pod(false);
         let incoming = pod(true);
-        assert!(relevant(&incoming));
+        assert!(relevant(&incoming, Kind::Hard));
+        assert!(!relevant(&incoming, Kind::Soft));
         let nodes = vec![(&a, vec![&existing]), (&b, vec![]), (&bare, vec![])];
-        let st = prepare(&incoming, nodes.into_iter());
+        let st = prepare(&incoming, Kind::Hard, nodes.into_iter());
         let labels = |n: &Node| n.metadata.labels.clone().unwrap();
         assert_eq!(
             filter(&st, &labels(&a)).map(|f| f.reason),
@@ -198,5 +220,8 @@ mod tests {
             filter(&st, &labels(&bare)).map(|f| f.reason),
             Some(MISSING_LABEL.into())
         );
+        assert_eq!(score_raw(&st, &labels(&a)), Some(1));
+        assert_eq!(score_raw(&st, &labels(&b)), Some(0));
+        assert_eq!(score_raw(&st, &labels(&bare)), None);
     }
 }

@@ -563,3 +563,43 @@ async fn higher_priority_pod_preempts_a_lower_one() {
     .unwrap();
     assert_eq!(c.wait_node_name("high", t).await.as_deref(), Some("n1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_topology_spread_prefers_the_emptier_zone() {
+    let c = cluster().await;
+    c.node(
+        "a1",
+        "64",
+        "64Gi",
+        json!({"metadata": {"labels": {"zone": "a"}}}),
+    )
+    .await;
+    c.node(
+        "b1",
+        "2",
+        "2Gi",
+        json!({"metadata": {"labels": {"zone": "b"}}}),
+    )
+    .await;
+    c.pod(
+        "seed",
+        "100m",
+        json!({"metadata": {"labels": {"app": "soft"}}, "spec": {"nodeName": "a1"}}),
+    )
+    .await;
+    c.pod(
+        "soft",
+        "100m",
+        json!({"metadata": {"labels": {"app": "soft"}}, "spec": {"topologySpreadConstraints": [{
+        "maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": {"app": "soft"}}}]}}),
+    )
+    .await;
+    // a1 is far emptier (least-allocated prefers it) but zone a already has a matching pod.
+    assert_eq!(
+        c.wait_node_name("soft", Duration::from_secs(10))
+            .await
+            .as_deref(),
+        Some("b1")
+    );
+}
