@@ -86,6 +86,10 @@ enum Msg {
 }
 
 /// Runs the scheduler until `shutdown` completes.
+///
+/// `client` may talk to a remote API server or, inside `skiff server`, to the apiserver router
+/// itself (a tower service that inserts the scheduler's `Identity`), as the tests do. The
+/// caller owns leader election: start this only on the server that holds the scheduler Lease.
 pub async fn run(
     client: kube::Client,
     config: SchedulerConfig,
