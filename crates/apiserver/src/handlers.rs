@@ -107,7 +107,10 @@ pub(crate) fn prepare_new(r: &ResourceInfo, obj: &mut Value, ns: Option<&str>) {
             }
         }
     }
+    // A create resets status, as kube-apiserver's strategies do, except for Nodes: a kubelet
+    // registers its Node with capacity, addresses and conditions already filled in.
     if r.subresource("status").is_some()
+        && !(r.group.is_empty() && r.kind == "Node")
         && let Some(o) = obj.as_object_mut()
     {
         o.remove("status");

@@ -929,3 +929,37 @@ async fn server_side_apply_creates_updates_and_conflicts() {
         .await;
     assert_eq!(code, 400, "fieldManager is required");
 }
+
+#[tokio::test]
+async fn node_status_is_kept_on_create_but_deployment_status_is_not() {
+    let api = api().await;
+    let node = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "n1"},
+        "status": {"capacity": {"cpu": "2", "pods": "110"}, "allocatable": {"cpu": "2", "pods": "110"}}
+    });
+    let (code, created) = api.call(Method::POST, "/api/v1/nodes", Some(node)).await;
+    assert_eq!(code, 201, "{created}");
+    let (code, got) = api.call(Method::GET, "/api/v1/nodes/n1", None).await;
+    assert_eq!(code, 200);
+    assert_eq!(got["status"]["capacity"]["cpu"], "2", "{got}");
+    assert_eq!(got["status"]["allocatable"]["pods"], "110", "{got}");
+
+    let deploy = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "d"},
+        "spec": {"selector": {"matchLabels": {"a": "b"}},
+                 "template": {"metadata": {"labels": {"a": "b"}},
+                              "spec": {"containers": [{"name": "c", "image": "busybox"}]}}},
+        "status": {"replicas": 7}
+    });
+    let (code, created) = api
+        .call(
+            Method::POST,
+            "/apis/apps/v1/namespaces/default/deployments",
+            Some(deploy),
+        )
+        .await;
+    assert_eq!(code, 201, "{created}");
+    assert!(created["status"].get("replicas").is_none(), "{created}");
+}
