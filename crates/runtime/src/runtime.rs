@@ -882,8 +882,13 @@ impl BuiltinRuntime {
         Ok(())
     }
 
-    /// Runs a command in a running container and returns its output.
-    pub async fn exec(&self, id: &str, argv: Vec<String>, timeout: Duration) -> Result<ExecOutput> {
+    /// Checks that `id` runs and writes the exec's process file; returns (result path, process path).
+    async fn prepare_exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        tty: bool,
+    ) -> Result<(PathBuf, PathBuf)> {
         let s = self.status(id).await?;
         if s.state != ContainerState::Running {
             return Err(Error::InvalidState(format!(
@@ -894,7 +899,13 @@ impl BuiltinRuntime {
         let result = self
             .ctr_dir(id)
             .join(format!("exec-{}.json", random_hex(6)));
-        let process = self.exec_process_file(id, &argv, false, &result)?;
+        let process = self.exec_process_file(id, argv, tty, &result)?;
+        Ok((result, process))
+    }
+
+    /// Runs a command in a running container and returns its output.
+    pub async fn exec(&self, id: &str, argv: Vec<String>, timeout: Duration) -> Result<ExecOutput> {
+        let (result, process) = self.prepare_exec(id, &argv, false).await?;
         let args = ExecArgs {
             id: id.into(),
             root: self.cfg.state_dir.join("lc"),
@@ -944,17 +955,7 @@ impl BuiltinRuntime {
     /// With `tty` the command gets a pseudo-terminal: its output comes on stdout only and
     /// [`ExecProcess::resize`] sets the window size.
     pub async fn exec_stream(&self, id: &str, argv: Vec<String>, tty: bool) -> Result<ExecProcess> {
-        let s = self.status(id).await?;
-        if s.state != ContainerState::Running {
-            return Err(Error::InvalidState(format!(
-                "container {id} is {:?}; exec needs a running container",
-                s.state
-            )));
-        }
-        let result = self
-            .ctr_dir(id)
-            .join(format!("exec-{}.json", random_hex(6)));
-        let process = self.exec_process_file(id, &argv, tty, &result)?;
+        let (result, process) = self.prepare_exec(id, &argv, tty).await?;
         let resize = if tty {
             let p = result.with_extension("resize");
             nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))
