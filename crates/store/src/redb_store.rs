@@ -109,6 +109,34 @@ struct ReadSide {
     checkpoint_nanos: AtomicU64,
 }
 
+impl ReadSide {
+    /// A read side at `revision` with counters at zero (`replayed`: writes recovered from the log).
+    fn new(
+        db: Database,
+        path: &Path,
+        revision: Revision,
+        compacted: Revision,
+        replayed: u64,
+    ) -> Self {
+        ReadSide {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+            revision: AtomicI64::new(revision),
+            applied: AtomicI64::new(revision),
+            failed: std::sync::atomic::AtomicBool::new(false),
+            checkpoint_wanted: std::sync::atomic::AtomicBool::new(false),
+            compacted: AtomicI64::new(compacted),
+            commits: AtomicU64::new(0),
+            commit_nanos: AtomicU64::new(0),
+            replayed: AtomicU64::new(replayed),
+            wal_nanos: AtomicU64::new(0),
+            wal_syncs: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            checkpoint_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
 /// Counters of the redb writer since the store was opened (for benchmarks and metrics).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RedbStats {
@@ -273,22 +301,7 @@ async fn open_store(path: &Path, opts: RedbOptions) -> Result<Arc<RedbStore>, St
             ));
         }
     };
-    let read = Arc::new(ReadSide {
-        db: Arc::new(db),
-        path: path.to_path_buf(),
-        revision: AtomicI64::new(revision),
-        applied: AtomicI64::new(revision),
-        failed: std::sync::atomic::AtomicBool::new(false),
-        checkpoint_wanted: std::sync::atomic::AtomicBool::new(false),
-        compacted: AtomicI64::new(compacted),
-        commits: AtomicU64::new(0),
-        commit_nanos: AtomicU64::new(0),
-        replayed: AtomicU64::new(replayed),
-        wal_nanos: AtomicU64::new(0),
-        wal_syncs: AtomicU64::new(0),
-        checkpoints: AtomicU64::new(0),
-        checkpoint_nanos: AtomicU64::new(0),
-    });
+    let read = Arc::new(ReadSide::new(db, path, revision, compacted, replayed));
     let (events, _) = broadcast::channel(opts.watch_buffer.max(1));
     let (tx, rx) = mpsc::channel();
     let writer = {
@@ -1230,22 +1243,7 @@ mod tests {
         let (db, durable, compacted, id) = open_blocking(path, 1 << 20).unwrap();
         assert_eq!((durable, compacted), (0, 0));
         let (wal, revision) = recover(&db, path, id, durable).unwrap();
-        let read = Arc::new(ReadSide {
-            db: Arc::new(db),
-            path: path.to_path_buf(),
-            revision: AtomicI64::new(revision),
-            applied: AtomicI64::new(revision),
-            failed: std::sync::atomic::AtomicBool::new(false),
-            checkpoint_wanted: std::sync::atomic::AtomicBool::new(false),
-            compacted: AtomicI64::new(compacted),
-            commits: AtomicU64::new(0),
-            commit_nanos: AtomicU64::new(0),
-            replayed: AtomicU64::new(0),
-            wal_nanos: AtomicU64::new(0),
-            wal_syncs: AtomicU64::new(0),
-            checkpoints: AtomicU64::new(0),
-            checkpoint_nanos: AtomicU64::new(0),
-        });
+        let read = Arc::new(ReadSide::new(db, path, revision, compacted, 0));
         let (events, rx) = broadcast::channel(8);
         let logger = Logger {
             read: read.clone(),
