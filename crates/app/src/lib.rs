@@ -1,5 +1,6 @@
 //! Wiring of skiff's processes: server configuration, start-up order, serving and shutdown.
 
+pub mod client;
 pub mod server;
 
 pub use server::{AppError, ServerConfig};
