@@ -63,6 +63,16 @@ pub struct ServerPki {
     pub admin_cert_pem: String,
     /// Admin client key (PEM).
     pub admin_key_pem: String,
+    /// Client certificate the API server shows kubelets (PEM, CN=kube-apiserver-kubelet-client,
+    /// O=system:masters), used to proxy logs/exec/attach/port-forward.
+    pub kubelet_client_cert_pem: String,
+    /// Key of [`ServerPki::kubelet_client_cert_pem`] (PEM).
+    pub kubelet_client_key_pem: String,
+    /// Serving certificate of this server's own kubelet (PEM; same SANs as the API serving
+    /// certificate, CN=skiff-kubelet).
+    pub kubelet_serving_cert_pem: String,
+    /// Key of [`ServerPki::kubelet_serving_cert_pem`] (PEM).
+    pub kubelet_serving_key_pem: String,
 }
 
 impl std::fmt::Debug for ServerPki {
@@ -328,6 +338,34 @@ pub fn ensure_server_pki(dir: &Path, sans: &[String]) -> Result<ServerPki, PkiEr
         },
         &issuer,
     )?;
+    let (kubelet_client_cert_pem, kubelet_client_key_pem) = ensure_leaf(
+        &dir.join("apiserver-kubelet-client.crt"),
+        &dir.join("apiserver-kubelet-client.key"),
+        |info| info.not_after > horizon,
+        || {
+            leaf_params(
+                "kube-apiserver-kubelet-client",
+                &["system:masters"],
+                &[],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            )
+        },
+        &issuer,
+    )?;
+    let (kubelet_serving_cert_pem, kubelet_serving_key_pem) = ensure_leaf(
+        &dir.join("kubelet-serving.crt"),
+        &dir.join("kubelet-serving.key"),
+        |info| info.not_after > horizon && serving_sans.iter().all(|s| info.sans.contains(s)),
+        || {
+            leaf_params(
+                "skiff-kubelet",
+                &[],
+                &serving_sans,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            )
+        },
+        &issuer,
+    )?;
     Ok(ServerPki {
         dir: dir.to_path_buf(),
         ca_cert_pem,
@@ -335,6 +373,10 @@ pub fn ensure_server_pki(dir: &Path, sans: &[String]) -> Result<ServerPki, PkiEr
         serving_key_pem,
         admin_cert_pem,
         admin_key_pem,
+        kubelet_client_cert_pem,
+        kubelet_client_key_pem,
+        kubelet_serving_cert_pem,
+        kubelet_serving_key_pem,
     })
 }
 
