@@ -261,7 +261,16 @@ pub static RESOURCES: &[ResourceInfo] = &[
         STD,
         &["no"],
         &[],
-        &[STATUS],
+        &[
+            Subresource {
+                name: "proxy",
+                kind: "NodeProxyOptions",
+                group: "",
+                version: "",
+                verbs: &["create", "delete", "get", "patch", "update"],
+            },
+            STATUS,
+        ],
     ),
     r(
         "",

@@ -184,6 +184,9 @@ async fn handle(
     version: &str,
     rest: &[&str],
 ) -> Result<Response, ApiError> {
+    if let ("", ["nodes", node, "proxy", tail @ ..]) = (group, rest) {
+        return crate::kubelet_proxy::node_proxy(&st, node, tail, req).await;
+    }
     let t = parse_target(group, version, rest)?;
     let q: Q = Query::<Q>::try_from_uri(req.uri())
         .map(|q| q.0)
@@ -1428,15 +1431,8 @@ async fn subresource(
         }
         ("log" | "exec" | "attach" | "portforward", _) => {
             let pod = get_obj(st, t, &name).await?;
-            let node = pod
-                .pointer("/spec/nodeName")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            Err(ApiError::unavailable(if node.is_empty() {
-                format!("pod {name} is not scheduled to a node; no node can serve {sub}")
-            } else {
-                format!("no kubelet connection to node {node} can serve {sub} for pod {name}")
-            }))
+            let container = q.get("container").map(String::as_str);
+            crate::kubelet_proxy::pod_subresource(st, &pod, sub, container, req).await
         }
         ("token", _) => Err(ApiError::unavailable(
             "service account tokens are not issued by this server yet",

@@ -5,6 +5,7 @@ mod auth;
 mod discovery;
 mod handlers;
 mod http_util;
+mod kubelet_proxy;
 mod proto;
 mod schemas;
 mod watch;
@@ -21,6 +22,7 @@ use skiff_store::Store;
 
 pub use auth::{Identity, parse_token_file};
 use http_util::error_response;
+pub use kubelet_proxy::KubeletClientTls;
 
 /// Errors when building the API server state.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,11 @@ pub enum ApiServerError {
         /// The store error.
         source: skiff_store::StoreError,
     },
+    /// The kubelet client credentials could not be loaded.
+    #[error(
+        "apiserver: kubelet client TLS: {0}; check the CA and the apiserver-kubelet-client certificate and key"
+    )]
+    KubeletTls(String),
 }
 
 /// Configuration of the API server.
@@ -48,6 +55,9 @@ pub struct Config {
     pub service_cidr: Option<(std::net::Ipv4Addr, u8)>,
     /// Port of the API server, for the `kubernetes` Service's targetPort (0 = 6443).
     pub api_port: u16,
+    /// Credentials for kubelets (logs, exec, attach, port-forward, node proxy); None = those
+    /// requests get 503.
+    pub kubelet_client: Option<KubeletClientTls>,
 }
 
 impl Config {
@@ -71,6 +81,8 @@ pub struct ApiState {
     hub: watch::Hub,
     /// Serializes service IP / node port allocation with the create that records it.
     alloc_lock: tokio::sync::Mutex<()>,
+    /// TLS client configuration towards kubelets, built from [`Config::kubelet_client`].
+    kubelet_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -86,7 +98,12 @@ pub const DEFAULT_NAMESPACES: &[&str] =
 impl ApiState {
     /// Builds the state and creates the default namespaces if missing.
     pub async fn new(store: Arc<dyn Store>, config: Config) -> Result<Arc<Self>, ApiServerError> {
+        let kubelet_tls = match &config.kubelet_client {
+            Some(t) => Some(kubelet_proxy::client_config(t).map_err(ApiServerError::KubeletTls)?),
+            None => None,
+        };
         let state = Arc::new(ApiState {
+            kubelet_tls,
             hub: watch::Hub::new(store.clone()),
             alloc_lock: tokio::sync::Mutex::new(()),
             store,

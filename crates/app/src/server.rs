@@ -257,6 +257,11 @@ pub async fn run(
         bookmark_interval: std::time::Duration::from_secs(10),
         service_cidr: Some(service_net),
         api_port: port,
+        kubelet_client: Some(skiff_apiserver::KubeletClientTls {
+            ca_pem: pki.ca_cert_pem.clone(),
+            cert_pem: pki.kubelet_client_cert_pem.clone(),
+            key_pem: pki.kubelet_client_key_pem.clone(),
+        }),
     };
     let state = ApiState::new(store, api_config).await?;
     let router = skiff_apiserver::router(state);
