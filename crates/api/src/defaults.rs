@@ -68,6 +68,85 @@ fn default_container(c: &mut Value) {
     }
 }
 
+/// Copies each `resources.limits` entry a container has no request for into
+/// `resources.requests` (pods only; templates keep what the user wrote).
+fn requests_from_limits(c: &mut Value) {
+    let Some(res) = c.get_mut("resources").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let Some(limits) = res.get("limits").and_then(Value::as_object).cloned() else {
+        return;
+    };
+    if limits.is_empty() {
+        return;
+    }
+    let Some(requests) = ensure_obj(res, "requests") else {
+        return;
+    };
+    for (k, v) in limits {
+        requests.entry(k).or_insert(v);
+    }
+}
+
+/// The pod's QoS class from its containers' requests and limits (Guaranteed when every
+/// container's cpu and memory requests equal set limits; BestEffort when none are set).
+pub fn qos_class(spec: &Value) -> &'static str {
+    let containers: Vec<&Value> = ["containers", "initContainers"]
+        .iter()
+        .filter_map(|k| spec.get(*k).and_then(Value::as_array))
+        .flatten()
+        .collect();
+    let mut any = false;
+    let mut guaranteed = true;
+    for c in containers {
+        let get = |kind: &str, r: &str| {
+            c.pointer(&format!("/resources/{kind}/{r}"))
+                .map(|v| v.to_string().trim_matches('"').to_string())
+        };
+        for r in ["cpu", "memory"] {
+            let (req, lim) = (get("requests", r), get("limits", r));
+            if req.is_some() || lim.is_some() {
+                any = true;
+            }
+            match (req, lim) {
+                (Some(a), Some(b)) if a == b => {}
+                (None, Some(_)) => {}
+                _ => guaranteed = false,
+            }
+        }
+    }
+    match (any, guaranteed) {
+        (false, _) => "BestEffort",
+        (true, true) => "Guaranteed",
+        (true, false) => "Burstable",
+    }
+}
+
+/// DefaultTolerationSeconds admission: a new pod that does not already tolerate the
+/// `node.kubernetes.io/not-ready` / `unreachable` NoExecute taints gets a 300 s toleration of each.
+pub fn default_toleration_seconds(pod: &mut Value) {
+    let Some(spec) = obj_at(pod, &["spec"]) else {
+        return;
+    };
+    let tolerations = spec.entry("tolerations").or_insert_with(|| json!([]));
+    let Some(list) = tolerations.as_array_mut() else {
+        return;
+    };
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
+        let tolerated = list.iter().any(|t| {
+            let k = t.get("key").and_then(Value::as_str).unwrap_or("");
+            let e = t.get("effect").and_then(Value::as_str).unwrap_or("");
+            (k == key || k.is_empty()) && (e == "NoExecute" || e.is_empty())
+        });
+        if !tolerated {
+            list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}));
+        }
+    }
+}
+
 /// Defaults a PodSpec (pods and every pod template).
 pub fn default_pod_spec(spec: &mut Map<String, Value>) {
     set_default(spec, "restartPolicy", json!("Always"));
@@ -110,26 +189,26 @@ pub fn apply_defaults(group: &str, kind: &str, obj: &mut Value) {
                     .cloned()
                     .unwrap_or(json!("default"));
                 set_default(spec, "serviceAccount", sa);
-                set_default(spec, "priority", json!(0));
-                set_default(spec, "preemptionPolicy", json!("PreemptLowerPriority"));
-                if spec.get("tolerations").is_none() {
-                    spec.insert(
-                        "tolerations".into(),
-                        json!([
-                            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
-                            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
-                        ]),
-                    );
+                for key in ["containers", "initContainers"] {
+                    if let Some(cs) = spec.get_mut(key).and_then(Value::as_array_mut) {
+                        cs.iter_mut().for_each(requests_from_limits);
+                    }
                 }
             }
+            let qos = obj.get("spec").map(qos_class).unwrap_or("BestEffort");
             if let Some(o) = obj.as_object_mut()
                 && let Some(st) = ensure_obj(o, "status")
             {
                 set_default(st, "phase", json!("Pending"));
-                set_default(st, "qosClass", json!("BestEffort"));
+                set_default(st, "qosClass", json!(qos));
             }
         }
         ("", "PodTemplate") => default_template(obj, &["template", "spec"]),
+        ("scheduling.k8s.io", "PriorityClass") => {
+            if let Some(o) = obj.as_object_mut() {
+                set_default(o, "preemptionPolicy", json!("PreemptLowerPriority"));
+            }
+        }
         ("", "ReplicationController") => {
             if let Some(spec) = obj_at(obj, &["spec"]) {
                 set_default(spec, "replicas", json!(1));
@@ -292,6 +371,60 @@ pub fn apply_defaults(group: &str, kind: &str, obj: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_default_from_limits_and_qos() {
+        let mut pod = json!({"spec": {"containers": [
+            {"name": "a", "image": "x", "resources": {"limits": {"cpu": "1", "memory": "64Mi"}}}]}});
+        apply_defaults("", "Pod", &mut pod);
+        assert_eq!(
+            pod["spec"]["containers"][0]["resources"]["requests"],
+            json!({"cpu": "1", "memory": "64Mi"})
+        );
+        assert_eq!(pod["status"]["qosClass"], "Guaranteed");
+        let mut pod = json!({"spec": {"containers": [
+            {"name": "a", "image": "x", "resources": {"requests": {"cpu": "100m"}, "limits": {"cpu": "1", "memory": "64Mi"}}}]}});
+        apply_defaults("", "Pod", &mut pod);
+        assert_eq!(
+            pod["spec"]["containers"][0]["resources"]["requests"],
+            json!({"cpu": "100m", "memory": "64Mi"})
+        );
+        assert_eq!(pod["status"]["qosClass"], "Burstable");
+        let mut pod = json!({"spec": {"containers": [{"name": "a", "image": "x"}]}});
+        apply_defaults("", "Pod", &mut pod);
+        assert_eq!(pod["status"]["qosClass"], "BestEffort");
+        assert_eq!(pod["spec"]["serviceAccountName"], "default");
+        // Templates keep what the user wrote.
+        let mut d = json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "a", "image": "x", "resources": {"limits": {"cpu": "1"}}}]}}}});
+        apply_defaults("apps", "Deployment", &mut d);
+        assert!(
+            d.pointer("/spec/template/spec/containers/0/resources/requests")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn toleration_seconds() {
+        let mut pod = json!({"spec": {"containers": []}});
+        default_toleration_seconds(&mut pod);
+        let t = pod["spec"]["tolerations"].as_array().unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0]["key"], "node.kubernetes.io/not-ready");
+        assert_eq!(t[1]["tolerationSeconds"], 300);
+        let mut pod = json!({"spec": {"tolerations": [
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 5},
+            {"key": "other", "operator": "Exists"}]}});
+        default_toleration_seconds(&mut pod);
+        let t = pod["spec"]["tolerations"].as_array().unwrap();
+        assert_eq!(t.len(), 3);
+        assert_eq!(t[0]["tolerationSeconds"], 5);
+        assert_eq!(t[2]["key"], "node.kubernetes.io/not-ready");
+        // An empty-key Exists toleration tolerates everything.
+        let mut pod = json!({"spec": {"tolerations": [{"operator": "Exists"}]}});
+        default_toleration_seconds(&mut pod);
+        assert_eq!(pod["spec"]["tolerations"].as_array().unwrap().len(), 1);
+    }
 
     #[test]
     fn pod_defaults() {

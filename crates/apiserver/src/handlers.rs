@@ -116,6 +116,9 @@ pub(crate) fn prepare_new(r: &ResourceInfo, obj: &mut Value, ns: Option<&str>) {
         o.remove("status");
     }
     skiff_api::defaults::apply_defaults(r.group, r.kind, obj);
+    if r.group.is_empty() && r.kind == "Pod" {
+        skiff_api::defaults::default_toleration_seconds(obj);
+    }
 }
 
 /// One parsed resource request.
@@ -589,6 +592,9 @@ async fn create(st: &ApiState, t: &Target, mut obj: Value, q: &Q) -> Result<Valu
         ensure_namespace(st, ns, r, &given).await?;
     }
     prepare_new(r, &mut obj, t.ns.as_deref());
+    if r.group.is_empty() && r.kind == "Pod" {
+        crate::admission::pod_priority(st, r, &mut obj).await?;
+    }
     // Held until the create is stored, so two services never get the same address.
     let _alloc = if r.kind == "Service" {
         let guard = st.alloc_lock.lock().await;

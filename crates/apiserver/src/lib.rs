@@ -1,6 +1,7 @@
 //! The Kubernetes API over HTTP as an axum `Router` (testable without a socket): authentication,
 //! discovery, OpenAPI stubs, CRUD/list/watch/patch for every built-in resource over the store.
 
+mod admission;
 mod auth;
 mod discovery;
 mod handlers;
@@ -141,6 +142,7 @@ impl ApiState {
             }
         }
         state.bootstrap_kubernetes_service().await?;
+        admission::bootstrap_priority_classes(&state).await?;
         Ok(state)
     }
 
