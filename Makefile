@@ -14,7 +14,7 @@ PYVENV := $(CURDIR)/build/pyvenv
 export SKIFF_E2E_PYTHON := $(PYVENV)/bin/python3
 export PATH := $(HOME)/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-.PHONY: deps build release lint fmt images test bench bench-store bench-runtime bench-net run clean
+.PHONY: deps build release lint fmt images test bench bench-store bench-runtime bench-net bench-api run clean
 
 ## deps: install the Debian packages and cargo tools the build and tests need (idempotent, quiet)
 deps:
@@ -49,7 +49,7 @@ images:
 test: deps lint images
 	$(CARGO) nextest run --workspace --locked --no-fail-fast --run-ignored all
 
-bench: bench-store bench-runtime bench-net
+bench: bench-store bench-runtime bench-net bench-api
 
 ## bench-store: redb vs a real etcd (writes/s at 1/16/64 writers, reads/s, watch latency)
 bench-store: deps
@@ -64,6 +64,11 @@ bench-runtime: deps images
 ## bench-net: pod attach time (veth + IPAM) and nft apply time for 1,000 services x 10 endpoints
 bench-net: deps
 	$(CARGO) nextest run -p skiff-net --run-ignored all --no-capture -E 'test(attach_detach_cycles) | test(thousand_services)'
+
+## bench-api: API latency at 100/500 writes/s (16 clients), list of 10,000 ConfigMaps, 100 watchers, RSS
+bench-api: deps
+	$(CARGO) build --profile bench-fast -p skiff --bin skiff
+	$(CARGO) run --profile bench-fast -p skiff-bench -- api
 
 ## run: a single-node cluster in the foreground (from issue #3 on)
 run: deps release

@@ -1,6 +1,8 @@
 //! `skiff-bench`: benchmarks for skiff. `skiff-bench store` compares the embedded redb store with
-//! a real etcd (started here on loopback) and prints a Markdown table.
+//! a real etcd (started here on loopback) and prints a Markdown table; `skiff-bench api` drives a
+//! real `skiff server` over HTTPS.
 
+mod api;
 mod store;
 
 use std::process::ExitCode;
@@ -19,12 +21,15 @@ struct Cli {
 enum Command {
     /// Store throughput and watch latency: redb (embedded) next to etcd.
     Store(store::Args),
+    /// API server latency, list, watch fan-out and RSS against a real `skiff server`.
+    Api(api::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Store(args) => store::run(args),
+        Command::Api(args) => api::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
