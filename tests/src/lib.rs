@@ -149,6 +149,151 @@ impl Drop for Server {
     }
 }
 
+/// A response read by [`Server::raw`].
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    /// HTTP status code.
+    pub code: u16,
+    /// Response headers, lower-cased names.
+    pub headers: Vec<(String, String)>,
+    /// Body (chunked transfer decoded).
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Server {
+    /// Sends one HTTP/1.1 request over TLS with the admin client certificate (from the data dir's
+    /// PKI), for inputs kubectl cannot send. Blocking; `Connection: close`.
+    pub fn raw(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> RawResponse {
+        use std::io::{Read, Write};
+        let tls = self.dir.path().join("server").join("tls");
+        let read = |f: &str| {
+            std::fs::read_to_string(tls.join(f))
+                .unwrap_or_else(|e| panic!("reading {}: {e}", tls.join(f).display()))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for der in skiff_pki::pem_certs_der(&read("ca.crt")) {
+            roots.add(der.into()).expect("cluster CA");
+        }
+        let certs = skiff_pki::pem_certs_der(&read("admin.crt"))
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            skiff_pki::pem_key_der(&read("admin.key"))
+                .expect("admin key")
+                .into(),
+        );
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("tls versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .expect("admin client cert");
+        let hostport = self.url.trim_start_matches("https://").to_string();
+        let host = hostport
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .unwrap_or_default();
+        let name = rustls::pki_types::ServerName::try_from(host).expect("server name");
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("tls");
+        let tcp = std::net::TcpStream::connect(&hostport).expect("connecting to the server");
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {hostport}\r\naccept: application/json\r\nconnection: close\r\ncontent-length: {}\r\n",
+            body.len()
+        );
+        if !content_type.is_empty() {
+            head.push_str(&format!("content-type: {content_type}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).expect("writing request");
+        s.flush().expect("flushing the request head");
+        let mut raw = Vec::new();
+        if body.len() > 1024 * 1024 {
+            // The server may answer a large body (413) from its Content-Length alone and close;
+            // look for that answer before sending the body, which would then be refused.
+            s.sock
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = s.read(&mut buf)
+                && n > 0
+            {
+                raw.extend_from_slice(&buf[..n]);
+            }
+            s.sock
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+        }
+        if raw.is_empty() {
+            let _ = s.write_all(body);
+            let _ = s.flush();
+        }
+        if let Err(e) = s.read_to_end(&mut raw) {
+            assert!(
+                !raw.is_empty(),
+                "reading the response to {method} {path}: {e}"
+            );
+        }
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| {
+                panic!(
+                    "no HTTP response head in {:?}",
+                    String::from_utf8_lossy(&raw)
+                )
+            });
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let mut lines = head.lines();
+        let code = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .expect("status line");
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let mut rest = raw[split + 4..].to_vec();
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        if chunked {
+            let mut out = Vec::new();
+            let mut pos = 0;
+            while let Some(eol) = rest[pos..].windows(2).position(|w| w == b"\r\n") {
+                let size_text = String::from_utf8_lossy(&rest[pos..pos + eol]).into_owned();
+                let size =
+                    usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                        .unwrap_or(0);
+                pos += eol + 2;
+                if size == 0 || pos + size > rest.len() {
+                    break;
+                }
+                out.extend_from_slice(&rest[pos..pos + size]);
+                pos += size + 2;
+            }
+            rest = out;
+        }
+        RawResponse {
+            code,
+            headers,
+            body: rest,
+        }
+    }
+}
+
 /// One kubectl binary.
 #[derive(Debug, Clone)]
 pub struct Kubectl {
