@@ -1,5 +1,6 @@
 //! The Kubernetes API over HTTP as an axum `Router` (testable without a socket): authentication,
-//! discovery, OpenAPI stubs, CRUD/list/watch/patch for every built-in resource over the store.
+//! discovery, OpenAPI stubs, CRUD/list/watch/patch for every built-in resource over the store,
+//! and `/metrics`.
 
 mod admission;
 mod auth;
@@ -7,6 +8,7 @@ mod discovery;
 mod handlers;
 mod http_util;
 mod kubelet_proxy;
+mod metrics;
 mod proto;
 mod schemas;
 mod watch;
@@ -84,6 +86,8 @@ pub struct ApiState {
     alloc_lock: tokio::sync::Mutex<()>,
     /// TLS client configuration towards kubelets, built from [`Config::kubelet_client`].
     kubelet_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Request counters and latencies for `/metrics`.
+    metrics: metrics::Metrics,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -105,6 +109,7 @@ impl ApiState {
         };
         let state = Arc::new(ApiState {
             kubelet_tls,
+            metrics: metrics::Metrics::default(),
             hub: watch::Hub::new(store.clone()),
             alloc_lock: tokio::sync::Mutex::new(()),
             store,
@@ -204,7 +209,14 @@ async fn dispatch(State(st): State<Arc<ApiState>>, req: Request) -> Response {
     };
     let started = std::time::Instant::now();
     let method = req.method().clone();
-    let resp = route(st, identity, req, &path).await;
+    let verb = metrics::verb(&method, &path, req.uri().query());
+    let resp = route(st.clone(), identity, req, &path).await;
+    st.metrics.observe(
+        verb,
+        &metrics::resource(&path),
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
     tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
     resp
 }
@@ -225,6 +237,14 @@ async fn route(st: Arc<ApiState>, identity: Identity, req: Request, path: &str) 
             discovery::health(&st, verbose, segs[0], rest).await
         }
         ["version"] => discovery::version(),
+        ["metrics"] => {
+            let mut resp = Response::new(axum::body::Body::from(st.metrics.render()));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
         ["api"] => discovery::api_versions(&st, &req),
         ["apis"] => discovery::api_groups(&req),
         ["api", "v1"] => discovery::resource_list("", "v1"),

@@ -183,3 +183,50 @@ async fn tolerations_requests_and_service_account() {
         "{d}"
     );
 }
+
+#[tokio::test]
+async fn metrics_count_requests() {
+    let r = api().await;
+    let (code, _) = call(&r, Method::POST, PODS, pod("m", json!({}))).await;
+    assert_eq!(code, 201);
+    let (code, _) = call(&r, Method::GET, &format!("{PODS}/missing"), Value::Null).await;
+    assert_eq!(code, 404);
+    let mut req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    req.extensions_mut().insert(Identity {
+        user: "admin".into(),
+        groups: vec!["system:masters".into()],
+        uid: String::new(),
+    });
+    let resp = r.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = String::from_utf8(
+        axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("apiserver_request_total{code=\"201\",resource=\"pods\",verb=\"POST\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("apiserver_request_total{code=\"404\",resource=\"pods\",verb=\"GET\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "apiserver_request_duration_seconds_count{resource=\"pods\",verb=\"POST\"} 1"
+        ),
+        "{text}"
+    );
+}
