@@ -1,6 +1,7 @@
 //! skiff-controllers: one module per controller, each a client of the API through `kube`,
 //! sharing one reflector per resource type, run by the controller manager inside `skiff server`.
 
+pub mod deployment;
 pub mod informer;
 pub mod queue;
 pub mod replicaset;
@@ -118,7 +119,10 @@ pub async fn run(
         c = Ctx::start(client, config) => c,
         () = &mut shutdown => return Ok(()),
     };
-    let tasks = vec![tokio::spawn(replicaset::run(ctx.clone()))];
+    let tasks = vec![
+        tokio::spawn(replicaset::run(ctx.clone())),
+        tokio::spawn(deployment::run(ctx.clone())),
+    ];
     shutdown.await;
     for t in &tasks {
         t.abort();
