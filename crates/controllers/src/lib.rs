@@ -2,6 +2,7 @@
 //! sharing one reflector per resource type, run by the controller manager inside `skiff server`.
 
 pub mod deployment;
+pub mod gc;
 pub mod informer;
 pub mod queue;
 pub mod replicaset;
@@ -122,6 +123,7 @@ pub async fn run(
     let tasks = vec![
         tokio::spawn(replicaset::run(ctx.clone())),
         tokio::spawn(deployment::run(ctx.clone())),
+        tokio::spawn(gc::run(ctx.clone())),
     ];
     shutdown.await;
     for t in &tasks {
