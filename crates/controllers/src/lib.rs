@@ -2,8 +2,11 @@
 //! sharing one reflector per resource type, run by the controller manager inside `skiff server`.
 
 pub mod deployment;
+pub mod endpoints;
 pub mod gc;
 pub mod informer;
+pub mod ipam;
+pub mod nodelifecycle;
 pub mod queue;
 pub mod replicaset;
 pub mod util;
@@ -124,6 +127,9 @@ pub async fn run(
         tokio::spawn(replicaset::run(ctx.clone())),
         tokio::spawn(deployment::run(ctx.clone())),
         tokio::spawn(gc::run(ctx.clone())),
+        tokio::spawn(ipam::run(ctx.clone())),
+        tokio::spawn(endpoints::run(ctx.clone())),
+        tokio::spawn(nodelifecycle::run(ctx.clone())),
     ];
     shutdown.await;
     for t in &tasks {
