@@ -6,6 +6,7 @@ pub mod endpoints;
 pub mod gc;
 pub mod informer;
 pub mod ipam;
+pub mod leader;
 pub mod nodelifecycle;
 pub mod queue;
 pub mod replicaset;

@@ -75,9 +75,10 @@ async fn pass(ctx: &Ctx, health: &mut HashMap<String, Health>) -> Result<(), Con
             h.seen = Instant::now();
         }
         let mut ready = ready_status(node).map(|c| c.status.clone());
+        let mut rv = node.metadata.resource_version.clone();
         if h.seen.elapsed() > ctx.config.node_monitor_grace && ready.as_deref() != Some("Unknown") {
             tracing::warn!(node = %name, "node stopped posting status; marking Ready=Unknown");
-            mark_unknown(&api, node, now).await?;
+            rv = mark_unknown(&api, node, now).await?.or(rv);
             ready = Some("Unknown".into());
         }
         let want = match ready.as_deref() {
@@ -111,7 +112,7 @@ async fn pass(ctx: &Ctx, health: &mut HashMap<String, Health>) -> Result<(), Con
         }
         if next != taints {
             tracing::info!(node = %name, taint = ?want, "updating node condition taints");
-            let patch = json!({"metadata": {"resourceVersion": node.metadata.resource_version},
+            let patch = json!({"metadata": {"resourceVersion": rv},
                 "spec": {"taints": next}});
             match api
                 .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
@@ -214,7 +215,12 @@ pub fn eviction_due(taints: &[Taint], tolerations: &[Toleration], now: Timestamp
     false
 }
 
-async fn mark_unknown(api: &Api<Node>, node: &Node, now: Timestamp) -> Result<(), ControllerError> {
+/// Marks every condition Unknown; returns the node's new resourceVersion.
+async fn mark_unknown(
+    api: &Api<Node>,
+    node: &Node,
+    now: Timestamp,
+) -> Result<Option<String>, ControllerError> {
     let name = node.metadata.name.as_deref().unwrap_or("");
     let mut conds = node
         .status
@@ -246,7 +252,8 @@ async fn mark_unknown(api: &Api<Node>, node: &Node, now: Timestamp) -> Result<()
         )
         .await
     {
-        Ok(_) | Err(kube::Error::Api(_)) => Ok(()),
+        Ok(n) => Ok(n.metadata.resource_version),
+        Err(kube::Error::Api(_)) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

@@ -129,3 +129,74 @@ async fn lost_lease_taints_node_and_evicts_pods() {
     .await;
     renew.abort();
 }
+
+#[tokio::test]
+async fn leader_election_has_one_holder_and_fails_over() {
+    use skiff_controllers::leader::{LeaderConfig, run_elected};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let client = common::client().await;
+    let running = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..2 {
+        let mut cfg = LeaderConfig::new("test-lease", &format!("cand-{i}"));
+        cfg.lease_duration = Duration::from_secs(2);
+        cfg.renew_deadline = Duration::from_millis(1500);
+        cfg.retry_period = Duration::from_millis(200);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        stops.push(tx);
+        let (running, max) = (running.clone(), max.clone());
+        tasks.push(tokio::spawn(run_elected(
+            client.clone(),
+            cfg,
+            async {
+                let _ = rx.await;
+            },
+            move |mut stop| {
+                let (running, max) = (running.clone(), max.clone());
+                async move {
+                    let n = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    max.fetch_max(n, Ordering::SeqCst);
+                    let _ = stop.wait_for(|s| *s).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                }
+            },
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(running.load(Ordering::SeqCst), 1);
+    let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        client.clone(),
+        "kube-system",
+    );
+    let holder = api
+        .get("test-lease")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity
+        .unwrap();
+    let idx: usize = holder.strip_prefix("cand-").unwrap().parse().unwrap();
+    // Stop the leader: it releases the lease and the other takes over.
+    let _ = stops.remove(idx).send(());
+    tasks.remove(idx).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(running.load(Ordering::SeqCst), 1);
+    let holder2 = api
+        .get("test-lease")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity
+        .unwrap();
+    assert_ne!(holder, holder2);
+    assert_eq!(max.load(Ordering::SeqCst), 1, "two leaders at once");
+    drop(stops);
+    for t in tasks {
+        t.abort();
+    }
+}
