@@ -144,19 +144,20 @@ impl HollowNodes {
             cidrs: Mutex::default(),
             next_ip: Mutex::default(),
         });
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(leases(
-            client.clone(),
-            shared.clone(),
-            names.clone(),
-            cfg.renew,
-        )));
-        tasks.push(tokio::spawn(watch_nodes(
-            client.clone(),
-            shared.clone(),
-            cfg.prefix.clone(),
-        )));
-        tasks.push(tokio::spawn(kubelet(client, shared.clone())));
+        let tasks = vec![
+            tokio::spawn(leases(
+                client.clone(),
+                shared.clone(),
+                names.clone(),
+                cfg.renew,
+            )),
+            tokio::spawn(watch_nodes(
+                client.clone(),
+                shared.clone(),
+                cfg.prefix.clone(),
+            )),
+            tokio::spawn(kubelet(client, shared.clone())),
+        ];
         Ok(HollowNodes {
             names,
             shared,
@@ -339,7 +340,7 @@ async fn kubelet(client: kube::Client, shared: Arc<Shared>) {
         } else {
             uid.clone()
         };
-        if !deleting && !(phase.is_empty() || phase == "Pending") {
+        if !(deleting || phase.is_empty() || phase == "Pending") {
             continue;
         }
         if !lock(&handled).insert(tag.clone()) {

@@ -36,10 +36,8 @@ fn identity(cfg: &ServerConfig) -> String {
     format!("{name}_{:08x}", nanos ^ std::process::id().rotate_left(16))
 }
 
-fn stopped(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send {
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// Starts the scheduler and the controllers (each only while this server holds its lease).
