@@ -923,12 +923,20 @@ pub(crate) async fn delete(
         .and_then(Value::as_str)
         .or(q.get("propagationPolicy").map(String::as_str));
     let mut finalizers = meta::finalizers(&obj);
-    if propagation == Some("Foreground")
-        && !finalizers.iter().any(|f| f == "foregroundDeletion")
-        && r.kind != "Namespace"
-    {
-        // Nothing owns children yet (no garbage collector): foreground behaves like background.
-        finalizers.retain(|f| f != "foregroundDeletion");
+    // Foreground and Orphan propagation are carried out by the garbage collector, which
+    // removes these finalizers when the dependents are gone or released.
+    let propagation_finalizer = match propagation {
+        Some("Foreground") => Some("foregroundDeletion"),
+        Some("Orphan") => Some("orphan"),
+        _ => None,
+    }
+    .filter(|f| {
+        r.kind != "Namespace"
+            && meta::meta_str(&obj, "deletionTimestamp").is_none()
+            && !finalizers.iter().any(|x| x == f)
+    });
+    if let Some(f) = propagation_finalizer {
+        finalizers.push(f.to_string());
     }
     let pod_graceful = r.kind == "Pod"
         && obj
@@ -967,6 +975,9 @@ pub(crate) async fn delete(
             m.insert("deletionTimestamp".into(), json!(ts));
             m.insert("deletionGracePeriodSeconds".into(), json!(g));
             m.remove("resourceVersion");
+            if propagation_finalizer.is_some() {
+                m.insert("finalizers".into(), json!(finalizers));
+            }
         }
         if r.kind == "Namespace" {
             marked["status"] = json!({"phase": "Terminating"});

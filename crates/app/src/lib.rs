@@ -1,6 +1,7 @@
 //! Wiring of skiff's processes: server configuration, start-up order, serving and shutdown.
 
 pub mod client;
+pub mod control_plane;
 pub mod server;
 
 pub use server::{AppError, ServerConfig};

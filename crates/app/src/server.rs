@@ -265,6 +265,7 @@ pub async fn run(
     };
     let state = ApiState::new(store, api_config).await?;
     let router = skiff_apiserver::router(state);
+    let control_plane = crate::control_plane::start(router.clone(), &cfg);
     let acceptor = tls_acceptor(&pki)?;
 
     ready(&kubeconfig, &url);
@@ -318,5 +319,6 @@ pub async fn run(
         });
     }
     tracing::info!("shutting down");
+    control_plane.stop().await;
     Ok(())
 }

@@ -1,2 +1,144 @@
 //! skiff-controllers: one module per controller, each a client of the API through `kube`,
 //! sharing one reflector per resource type, run by the controller manager inside `skiff server`.
+
+pub mod deployment;
+pub mod endpoints;
+pub mod gc;
+pub mod informer;
+pub mod ipam;
+pub mod leader;
+pub mod nodelifecycle;
+pub mod queue;
+pub mod replicaset;
+pub mod util;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+
+use informer::Informer;
+
+/// Errors of a reconcile pass (logged and retried by the work queue).
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// An API request failed.
+    #[error("api request failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object cannot be handled as written.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Controller manager settings.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Pod network (`--cluster-cidr`) that node pod CIDRs are carved from.
+    pub cluster_cidr: String,
+    /// Prefix length of each node's pod CIDR.
+    pub node_cidr_mask: u8,
+    /// A node whose lease is not renewed for this long becomes `Ready=Unknown`.
+    pub node_monitor_grace: Duration,
+    /// How often node health is checked.
+    pub node_monitor_period: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            cluster_cidr: "10.42.0.0/16".into(),
+            node_cidr_mask: 24,
+            node_monitor_grace: Duration::from_secs(40),
+            node_monitor_period: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What every controller shares: the client, the settings and one informer per type.
+pub struct Ctx {
+    /// The API client.
+    pub client: kube::Client,
+    /// Settings.
+    pub config: ControllerConfig,
+    /// All pods.
+    pub pods: Arc<Informer<Pod>>,
+    /// All nodes.
+    pub nodes: Arc<Informer<Node>>,
+    /// All ReplicaSets.
+    pub replicasets: Arc<Informer<ReplicaSet>>,
+    /// All Deployments.
+    pub deployments: Arc<Informer<Deployment>>,
+    /// All Services.
+    pub services: Arc<Informer<Service>>,
+    /// All Endpoints.
+    pub endpoints: Arc<Informer<Endpoints>>,
+    /// All EndpointSlices.
+    pub slices: Arc<Informer<EndpointSlice>>,
+    /// Node leases (namespace `kube-node-lease`).
+    pub leases: Arc<Informer<Lease>>,
+}
+
+impl Ctx {
+    /// Starts every informer and waits until each has read its first list.
+    pub async fn start(client: kube::Client, config: ControllerConfig) -> Arc<Ctx> {
+        let ctx = Ctx {
+            pods: Informer::spawn(Api::all(client.clone()), "pods"),
+            nodes: Informer::spawn(Api::all(client.clone()), "nodes"),
+            replicasets: Informer::spawn(Api::all(client.clone()), "replicasets"),
+            deployments: Informer::spawn(Api::all(client.clone()), "deployments"),
+            services: Informer::spawn(Api::all(client.clone()), "services"),
+            endpoints: Informer::spawn(Api::all(client.clone()), "endpoints"),
+            slices: Informer::spawn(Api::all(client.clone()), "endpointslices"),
+            leases: Informer::spawn(Api::namespaced(client.clone(), "kube-node-lease"), "leases"),
+            client,
+            config,
+        };
+        ctx.pods.synced().await;
+        ctx.nodes.synced().await;
+        ctx.replicasets.synced().await;
+        ctx.deployments.synced().await;
+        ctx.services.synced().await;
+        ctx.endpoints.synced().await;
+        ctx.slices.synced().await;
+        ctx.leases.synced().await;
+        Arc::new(ctx)
+    }
+}
+
+/// Runs every controller until `shutdown` completes.
+///
+/// The caller owns leader election: start this only on the server that holds the
+/// `kube-controller-manager` Lease.
+pub async fn run(
+    client: kube::Client,
+    config: ControllerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ControllerError> {
+    tokio::pin!(shutdown);
+    let ctx = tokio::select! {
+        c = Ctx::start(client, config) => c,
+        () = &mut shutdown => return Ok(()),
+    };
+    let tasks = vec![
+        tokio::spawn(replicaset::run(ctx.clone())),
+        tokio::spawn(deployment::run(ctx.clone())),
+        tokio::spawn(gc::run(ctx.clone())),
+        tokio::spawn(ipam::run(ctx.clone())),
+        tokio::spawn(endpoints::run(ctx.clone())),
+        tokio::spawn(nodelifecycle::run(ctx.clone())),
+    ];
+    shutdown.await;
+    for t in &tasks {
+        t.abort();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    tracing::info!("controllers stopped");
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! The control plane inside `skiff server`: the scheduler and the controller manager, each run
+//! under leader election on a Lease in kube-system (`kube-scheduler`,
+//! `kube-controller-manager`), with in-process API clients, so that several servers sharing one
+//! datastore run one of each.
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use skiff_controllers::leader::{LeaderConfig, run_elected};
+
+use crate::client::in_process_client;
+use crate::server::ServerConfig;
+
+/// The running scheduler and controller-manager candidates.
+pub struct ControlPlane {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// This server's candidate identity: node name (or host name) and a random suffix.
+fn identity(cfg: &ServerConfig) -> String {
+    let name = cfg
+        .node_name
+        .clone()
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "skiff".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{name}_{:08x}", nanos ^ std::process::id().rotate_left(16))
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Starts the scheduler and the controllers (each only while this server holds its lease).
+pub fn start(router: axum::Router, cfg: &ServerConfig) -> ControlPlane {
+    let (stop, stop_rx) = watch::channel(false);
+    let id = identity(cfg);
+    let sched_client =
+        in_process_client(router.clone(), "system:kube-scheduler", &["system:masters"]);
+    let cm_client = in_process_client(
+        router,
+        "system:kube-controller-manager",
+        &["system:masters"],
+    );
+    let controller_config = skiff_controllers::ControllerConfig {
+        cluster_cidr: cfg.cluster_cidr.clone(),
+        ..Default::default()
+    };
+    let mut tasks = Vec::new();
+    let client = sched_client.clone();
+    tasks.push(tokio::spawn(run_elected(
+        sched_client,
+        LeaderConfig::new("kube-scheduler", &id),
+        stopped(stop_rx.clone()),
+        move |rx| {
+            let client = client.clone();
+            async move {
+                let cfg = skiff_scheduler::SchedulerConfig::default();
+                if let Err(e) = skiff_scheduler::run(client, cfg, stopped(rx)).await {
+                    tracing::error!(error = %e, "scheduler stopped");
+                }
+            }
+        },
+    )));
+    let client = cm_client.clone();
+    tasks.push(tokio::spawn(run_elected(
+        cm_client,
+        LeaderConfig::new("kube-controller-manager", &id),
+        stopped(stop_rx),
+        move |rx| {
+            let client = client.clone();
+            let config = controller_config.clone();
+            async move {
+                if let Err(e) = skiff_controllers::run(client, config, stopped(rx)).await {
+                    tracing::error!(error = %e, "controllers stopped");
+                }
+            }
+        },
+    )));
+    ControlPlane { stop, tasks }
+}
+
+impl ControlPlane {
+    /// Stops both components and releases their leases.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            if tokio::time::timeout(std::time::Duration::from_secs(15), t)
+                .await
+                .is_err()
+            {
+                tracing::warn!("control plane did not stop in time");
+            }
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! ReplicaSet controller: keeps `spec.replicas` pods that match the selector, adopts orphans
+//! and releases pods that stop matching, creates in slow-start batches, deletes the least
+//! valuable pods first, and reports replicas / ready / available / observedGeneration.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use crate::queue::Queue;
+use crate::util::{self, controller_ref, deleting, is_active, key, selector_matches, split_key};
+use crate::{ControllerError, Ctx};
+
+/// Most pods created in one sync (as upstream's burst replicas).
+const BURST: usize = 500;
+/// How long unobserved creations/deletions hold back the next sync.
+const EXPECTATION_TTL: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Expect {
+    adds: HashSet<String>,
+    dels: HashSet<String>,
+    at: Option<Instant>,
+}
+
+/// Runs the controller until the task is aborted.
+pub async fn run(ctx: Arc<Ctx>) {
+    let queue = Queue::default();
+    let rs_inf = ctx.replicasets.clone();
+    crate::informer::feed(
+        &ctx.replicasets,
+        queue.clone(),
+        |rs: &ReplicaSet| vec![key(&rs.metadata)],
+        move || {
+            rs_inf
+                .store
+                .state()
+                .iter()
+                .map(|r| key(&r.metadata))
+                .collect()
+        },
+    );
+    let c2 = ctx.clone();
+    let rs_inf = ctx.replicasets.clone();
+    crate::informer::feed(
+        &ctx.pods,
+        queue.clone(),
+        move |p: &Pod| owners_of(&c2, p),
+        move || {
+            rs_inf
+                .store
+                .state()
+                .iter()
+                .map(|r| key(&r.metadata))
+                .collect()
+        },
+    );
+    for rs in ctx.replicasets.store.state() {
+        queue.add(key(&rs.metadata));
+    }
+    let exp: Arc<Mutex<HashMap<String, Expect>>> = Arc::default();
+    queue
+        .work("replicaset", |k| sync(ctx.clone(), exp.clone(), k))
+        .await;
+}
+
+/// The ReplicaSets a pod event concerns: its controller, or (for orphans) every ReplicaSet in
+/// its namespace whose selector matches.
+fn owners_of(ctx: &Ctx, pod: &Pod) -> Vec<String> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("");
+    if let Some(r) = controller_ref(&pod.metadata) {
+        if r.kind == "ReplicaSet" {
+            return vec![format!("{ns}/{}", r.name)];
+        }
+        return vec![];
+    }
+    ctx.replicasets
+        .in_namespace(ns)
+        .iter()
+        .filter(|rs| {
+            selector_matches(
+                &rs.spec
+                    .as_ref()
+                    .map(|s| s.selector.clone())
+                    .unwrap_or_default(),
+                pod.metadata.labels.as_ref(),
+            )
+        })
+        .map(|rs| key(&rs.metadata))
+        .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+async fn sync(
+    ctx: Arc<Ctx>,
+    exp: Arc<Mutex<HashMap<String, Expect>>>,
+    k: String,
+) -> Result<Option<Duration>, ControllerError> {
+    let (ns, name) = split_key(&k);
+    let Some(rs) = ctx.replicasets.get(ns, name) else {
+        lock(&exp).remove(&k);
+        return Ok(None);
+    };
+    let Some(spec) = rs.spec.as_ref() else {
+        return Ok(None);
+    };
+    let uid = rs.metadata.uid.clone().unwrap_or_default();
+    let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), ns);
+    let owner = util::owner_ref("apps/v1", "ReplicaSet", &rs.metadata);
+    let mut owned: Vec<Arc<Pod>> = Vec::new();
+    for p in ctx.pods.in_namespace(ns) {
+        let matches = !util::selector_is_empty(&spec.selector)
+            && selector_matches(&spec.selector, p.metadata.labels.as_ref());
+        match controller_ref(&p.metadata) {
+            Some(r) if r.uid == uid => {
+                if matches || deleting(&rs.metadata) {
+                    owned.push(p);
+                } else {
+                    release(&pods_api, &p.metadata, &uid).await?;
+                }
+            }
+            Some(_) => {}
+            None => {
+                if matches && !deleting(&p.metadata) && !deleting(&rs.metadata) {
+                    adopt(&pods_api, &p.metadata, &owner).await?;
+                    owned.push(p);
+                }
+            }
+        }
+    }
+    let active: Vec<Arc<Pod>> = owned.iter().filter(|p| is_active(p)).cloned().collect();
+    let want = usize::try_from(spec.replicas.unwrap_or(1).max(0)).unwrap_or(0);
+
+    // Expectations: do not act again until the last creations/deletions are observed.
+    let satisfied = {
+        let mut e = lock(&exp);
+        let entry = e.entry(k.clone()).or_default();
+        let present: HashSet<&str> = owned
+            .iter()
+            .filter_map(|p| p.metadata.name.as_deref())
+            .collect();
+        entry.adds.retain(|n| !present.contains(n.as_str()));
+        entry.dels.retain(|n| {
+            owned
+                .iter()
+                .any(|p| p.metadata.name.as_deref() == Some(n) && !deleting(&p.metadata))
+        });
+        let fresh = entry.at.is_some_and(|t| t.elapsed() < EXPECTATION_TTL);
+        (entry.adds.is_empty() && entry.dels.is_empty()) || !fresh
+    };
+
+    let mut manage_err = None;
+    if satisfied && !deleting(&rs.metadata) {
+        if active.len() < want {
+            let n = (want - active.len()).min(BURST);
+            let (created, err) = create_pods(&pods_api, &rs, &owner, n).await;
+            let mut e = lock(&exp);
+            let entry = e.entry(k.clone()).or_default();
+            entry.adds = created.into_iter().collect();
+            entry.dels.clear();
+            entry.at = Some(Instant::now());
+            manage_err = err;
+        } else if active.len() > want {
+            let mut victims = active.clone();
+            victims.sort_by_key(|p| delete_rank(p));
+            victims.truncate(active.len() - want);
+            let mut dels = HashSet::new();
+            for v in &victims {
+                let pname = v.metadata.name.clone().unwrap_or_default();
+                match pods_api.delete(&pname, &DeleteParams::default()).await {
+                    Ok(_) => {
+                        dels.insert(pname);
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => {
+                        manage_err = Some(ControllerError::from(e));
+                        break;
+                    }
+                }
+            }
+            let mut e = lock(&exp);
+            let entry = e.entry(k.clone()).or_default();
+            entry.adds.clear();
+            entry.dels = dels;
+            entry.at = Some(Instant::now());
+        }
+    }
+
+    // Status.
+    let now = Timestamp::now();
+    let min_ready = spec.min_ready_seconds.unwrap_or(0);
+    let template_labels = spec
+        .template
+        .as_ref()
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    let mut ready = 0;
+    let mut avail = 0;
+    let mut labeled = 0;
+    let mut requeue: Option<Duration> = None;
+    for p in &active {
+        if util::is_ready(p) {
+            ready += 1;
+        }
+        match util::available(p, min_ready, now) {
+            Ok(true) => avail += 1,
+            Ok(false) => {}
+            Err(wait) => requeue = Some(requeue.map_or(wait, |r| r.min(wait))),
+        }
+        let l = p.metadata.labels.clone().unwrap_or_default();
+        if template_labels.iter().all(|(k, v)| l.get(k) == Some(v)) {
+            labeled += 1;
+        }
+    }
+    let status = json!({
+        "replicas": active.len(),
+        "fullyLabeledReplicas": labeled,
+        "readyReplicas": ready,
+        "availableReplicas": avail,
+        "observedGeneration": rs.metadata.generation.unwrap_or(0),
+    });
+    let cur = rs.status.as_ref();
+    let same = cur.is_some_and(|s| {
+        usize::try_from(s.replicas).ok() == Some(active.len())
+            && s.fully_labeled_replicas.unwrap_or(0) == labeled
+            && s.ready_replicas.unwrap_or(0) == ready
+            && s.available_replicas.unwrap_or(0) == avail
+            && s.observed_generation.unwrap_or(0) == rs.metadata.generation.unwrap_or(0)
+    });
+    if !same {
+        let api = Api::<ReplicaSet>::namespaced(ctx.client.clone(), ns);
+        match api
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(e) = manage_err {
+        return Err(e);
+    }
+    Ok(requeue)
+}
+
+/// Lower ranks are deleted first: unscheduled, then pending, then not ready, then the
+/// youngest.
+fn delete_rank(p: &Pod) -> (u8, u8, u8, std::cmp::Reverse<i64>) {
+    let assigned = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .is_some_and(|n| !n.is_empty());
+    let phase = match util::phase(p) {
+        "Pending" | "" => 0,
+        "Unknown" => 1,
+        _ => 2,
+    };
+    let created = p
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .unwrap_or(0);
+    (
+        u8::from(assigned),
+        phase,
+        u8::from(util::is_ready(p)),
+        std::cmp::Reverse(created),
+    )
+}
+
+async fn create_pods(
+    api: &Api<Pod>,
+    rs: &ReplicaSet,
+    owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    n: usize,
+) -> (Vec<String>, Option<ControllerError>) {
+    let template = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.clone())
+        .unwrap_or_default();
+    let tmeta = template.metadata.unwrap_or_default();
+    let pod = Pod {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}-", rs.metadata.name.as_deref().unwrap_or("pod"))),
+            namespace: rs.metadata.namespace.clone(),
+            labels: tmeta.labels,
+            annotations: tmeta.annotations,
+            finalizers: tmeta.finalizers,
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        },
+        spec: template.spec,
+        status: None,
+    };
+    let pp = PostParams::default();
+    let mut created = Vec::new();
+    let mut batch = 1;
+    let mut left = n;
+    while left > 0 {
+        let size = batch.min(left);
+        let results = futures::future::join_all((0..size).map(|_| api.create(&pp, &pod))).await;
+        let mut err = None;
+        for r in results {
+            match r {
+                Ok(p) => created.push(p.metadata.name.unwrap_or_default()),
+                Err(e) => err = Some(ControllerError::from(e)),
+            }
+        }
+        if let Some(e) = err {
+            return (created, Some(e));
+        }
+        left -= size;
+        batch *= 2;
+    }
+    (created, None)
+}
+
+async fn adopt(
+    api: &Api<Pod>,
+    meta: &ObjectMeta,
+    owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+) -> Result<(), ControllerError> {
+    let mut refs = meta.owner_references.clone().unwrap_or_default();
+    refs.push(owner.clone());
+    let patch =
+        json!({"metadata": {"ownerReferences": refs, "resourceVersion": meta.resource_version}});
+    patch_meta(api, meta, patch).await
+}
+
+async fn release(api: &Api<Pod>, meta: &ObjectMeta, uid: &str) -> Result<(), ControllerError> {
+    let refs: Vec<_> = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|r| r.uid != uid)
+        .cloned()
+        .collect();
+    let patch =
+        json!({"metadata": {"ownerReferences": refs, "resourceVersion": meta.resource_version}});
+    patch_meta(api, meta, patch).await
+}
+
+async fn patch_meta(
+    api: &Api<Pod>,
+    meta: &ObjectMeta,
+    patch: serde_json::Value,
+) -> Result<(), ControllerError> {
+    let name = meta.name.as_deref().unwrap_or("");
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,408 @@
+//! Scheduler and controllers end to end: `skiff server --disable-agent` plus hollow nodes
+//! (`skiff-bench hollow-nodes`), driven with real kubectl: Deployment rollouts, scaling, undo,
+//! cascading deletion, namespace deletion, node failure and FailedScheduling.
+#![allow(clippy::unwrap_used)] // scenario helpers outside #[test] functions may unwrap
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use skiff_e2e::{ChildGuard, Kubectl, Server};
+
+/// Builds `skiff-bench` into the test's target dir and returns its path.
+fn bench_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let target = profile_dir.parent().unwrap().to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("Cargo.toml");
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "-q",
+        "-p",
+        "skiff-bench",
+        "--bin",
+        "skiff-bench",
+        "--manifest-path",
+    ])
+    .arg(&manifest)
+    .env("CARGO_TARGET_DIR", &target);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    assert!(
+        cmd.status().unwrap().success(),
+        "cargo build -p skiff-bench failed"
+    );
+    profile_dir.join("skiff-bench")
+}
+
+/// One hollow-nodes process (killed on drop: its leases stop, as a node losing power).
+fn hollow(server: &Server, prefix: &str, count: usize) -> ChildGuard {
+    let mut child = Command::new(bench_binary())
+        .args([
+            "hollow-nodes",
+            "--count",
+            &count.to_string(),
+            "--prefix",
+            prefix,
+            "--renew-seconds",
+            "2",
+        ])
+        .arg("--kubeconfig")
+        .arg(&server.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(
+        line.starts_with("hollow nodes ready"),
+        "hollow-nodes said: {line:?}"
+    );
+    ChildGuard(child)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn deployment(name: &str, replicas: u32, image: &str, extra_pod_spec: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels:
+      app: {name}
+  template:
+    metadata:
+      labels:
+        app: {name}
+    spec:
+{extra_pod_spec}
+      containers:
+      - name: main
+        image: {image}
+        resources:
+          requests:
+            cpu: 100m
+"#
+    )
+}
+
+/// Names of pods (not terminating) with label app=`app` in `ns`, with their node.
+fn live_pods(k: &Kubectl, ns: &str, app: &str) -> Vec<(String, String)> {
+    let out = k.ok(&[
+        "get", "pods", "-n", ns, "-l", &format!("app={app}"), "-o",
+        r#"jsonpath={range .items[?(@.metadata.deletionTimestamp)]}T {end}{"\n"}{range .items[*]}{.metadata.name}={.spec.nodeName}={.metadata.deletionTimestamp}{"\n"}{end}"#,
+    ]);
+    out.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut p = l.split('=');
+            let (name, node, del) = (p.next()?, p.next()?, p.next().unwrap_or(""));
+            (del.is_empty() && !name.is_empty()).then(|| (name.to_string(), node.to_string()))
+        })
+        .collect()
+}
+
+fn count(k: &Kubectl, args: &[&str]) -> usize {
+    k.ok(args).lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+#[test]
+fn deployment_rollout_scale_undo_and_cascading_delete() {
+    let server = Server::start();
+    let _nodes = hollow(&server, "hollow", 3);
+    let k = Kubectl::new(None, &server);
+    let k127 = Kubectl::new(Some("1.27"), &server);
+    wait_for("3 nodes Ready", Duration::from_secs(30), || {
+        k.ok(&[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={.items[*].status.conditions[?(@.type=='Ready')].status}",
+        ])
+        .split_whitespace()
+        .filter(|s| *s == "True")
+        .count()
+            == 3
+    });
+    // Every node got a pod CIDR.
+    let cidrs = k.ok(&["get", "nodes", "-o", "jsonpath={.items[*].spec.podCIDR}"]);
+    assert_eq!(cidrs.split_whitespace().count(), 3, "pod cidrs: {cidrs}");
+
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        &deployment("web", 3, "busybox:1", ""),
+    );
+    k.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.status.availableReplicas}"
+        ]),
+        "3"
+    );
+    let nodes: std::collections::BTreeSet<String> = live_pods(&k, "default", "web")
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
+    assert!(
+        nodes.iter().all(|n| n.starts_with("hollow-")),
+        "pods on {nodes:?}"
+    );
+
+    // set image + rollout status.
+    k.ok(&["set", "image", "deployment/web", "main=busybox:2"]);
+    k.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let images = k.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=web",
+        "-o",
+        "jsonpath={.items[*].spec.containers[0].image}",
+    ]);
+    wait_for("only busybox:2 pods", Duration::from_secs(30), || {
+        live_pods(&k, "default", "web").len() == 3
+            && k.ok(&[
+                "get",
+                "pods",
+                "-l",
+                "app=web",
+                "-o",
+                "jsonpath={.items[*].spec.containers[0].image}",
+            ])
+            .split_whitespace()
+            .all(|i| i == "busybox:2")
+    });
+    let _ = images;
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}"
+        ]),
+        "2"
+    );
+
+    // rollout undo (client-side in kubectl >= 1.27) restores the first template.
+    for kc in [&k127, &k] {
+        kc.ok(&["rollout", "undo", "deployment/web"]);
+        kc.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    }
+    let img = k.ok(&[
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image}",
+    ]);
+    assert_eq!(img, "busybox:2", "two undos go back and forth");
+    k.ok(&["rollout", "undo", "deployment/web", "--to-revision=3"]);
+    k.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].image}"
+        ]),
+        "busybox:1"
+    );
+    let history = k.ok(&["rollout", "history", "deployment/web"]);
+    assert!(history.contains("REVISION"), "{history}");
+
+    // scale 0 and 5.
+    k.ok(&["scale", "deployment/web", "--replicas=0"]);
+    wait_for("no pods", Duration::from_secs(30), || {
+        live_pods(&k, "default", "web").is_empty()
+    });
+    k.ok(&["scale", "deployment/web", "--replicas=5"]);
+    k.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.status.availableReplicas}"
+        ]),
+        "5"
+    );
+
+    // Background deletion removes ReplicaSets and pods.
+    k.ok(&["delete", "deployment", "web"]);
+    wait_for(
+        "web's replica sets and pods gone",
+        Duration::from_secs(30),
+        || {
+            count(&k, &["get", "rs", "-l", "app=web", "-o", "name"]) == 0
+                && count(&k, &["get", "pods", "-l", "app=web", "-o", "name"]) == 0
+        },
+    );
+
+    // Orphan keeps them.
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        &deployment("orph", 2, "busybox:1", ""),
+    );
+    k.ok(&["rollout", "status", "deployment/orph", "--timeout=60s"]);
+    k.ok(&["delete", "deployment", "orph", "--cascade=orphan"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(count(&k, &["get", "rs", "-l", "app=orph", "-o", "name"]), 1);
+    assert_eq!(live_pods(&k, "default", "orph").len(), 2);
+    let owners = k.ok(&[
+        "get",
+        "rs",
+        "-l",
+        "app=orph",
+        "-o",
+        "jsonpath={.items[0].metadata.ownerReferences}",
+    ]);
+    assert!(
+        owners.is_empty() || owners == "[]",
+        "orphaned rs still owned: {owners}"
+    );
+
+    // Foreground: kubectl waits until the deployment is gone, which is after its children.
+    k.ok_stdin(&["apply", "-f", "-"], &deployment("fg", 2, "busybox:1", ""));
+    k.ok(&["rollout", "status", "deployment/fg", "--timeout=60s"]);
+    k.ok(&[
+        "delete",
+        "deployment",
+        "fg",
+        "--cascade=foreground",
+        "--timeout=60s",
+    ]);
+    assert_eq!(count(&k, &["get", "rs", "-l", "app=fg", "-o", "name"]), 0);
+    assert_eq!(count(&k, &["get", "pods", "-l", "app=fg", "-o", "name"]), 0);
+
+    // Namespace deletion removes everything in it.
+    k.ok(&["create", "namespace", "scratch"]);
+    k.ok_stdin(
+        &["apply", "-n", "scratch", "-f", "-"],
+        &deployment("inner", 2, "busybox:1", ""),
+    );
+    k.ok(&[
+        "rollout",
+        "status",
+        "-n",
+        "scratch",
+        "deployment/inner",
+        "--timeout=60s",
+    ]);
+    k.ok(&["delete", "namespace", "scratch", "--timeout=60s"]);
+    wait_for("namespace gone", Duration::from_secs(60), || {
+        !k.run(&["get", "namespace", "scratch"]).status.success()
+    });
+    assert_eq!(
+        count(&k, &["get", "pods", "-A", "-l", "app=inner", "-o", "name"]),
+        0
+    );
+}
+
+#[test]
+fn failed_scheduling_message() {
+    let server = Server::start();
+    let _nodes = hollow(&server, "small", 3);
+    let k = Kubectl::new(None, &server);
+    k.ok(&["run", "huge", "--image=busybox", "--overrides",
+        r#"{"spec":{"containers":[{"name":"huge","image":"busybox","resources":{"requests":{"cpu":"100"}}}]}}"#]);
+    wait_for("FailedScheduling event", Duration::from_secs(30), || {
+        let ev = k.ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=huge",
+            "-o",
+            "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+        ]);
+        ev.contains("FailedScheduling: 0/3 nodes are available: 3 Insufficient cpu.")
+    });
+}
+
+#[test]
+fn lost_node_is_tainted_and_its_pods_replaced() {
+    let server = Server::start();
+    let k = Kubectl::new(None, &server);
+    let mut nodes: Vec<(String, Option<ChildGuard>)> = ["na", "nb", "nc"]
+        .iter()
+        .map(|p| (format!("{p}-0"), Some(hollow(&server, p, 1))))
+        .collect();
+    let tolerations = r#"      tolerations:
+      - key: node.kubernetes.io/unreachable
+        operator: Exists
+        effect: NoExecute
+        tolerationSeconds: 5
+      - key: node.kubernetes.io/not-ready
+        operator: Exists
+        effect: NoExecute
+        tolerationSeconds: 5"#;
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        &deployment("survivor", 3, "busybox:1", tolerations),
+    );
+    k.ok(&["rollout", "status", "deployment/survivor", "--timeout=60s"]);
+    let victim = live_pods(&k, "default", "survivor")[0].1.clone();
+    let started = Instant::now();
+    for (name, guard) in nodes.iter_mut() {
+        if *name == victim {
+            drop(guard.take());
+        }
+    }
+    wait_for("victim NotReady", Duration::from_secs(60), || {
+        k.ok(&[
+            "get",
+            "node",
+            &victim,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+        ]) == "Unknown"
+    });
+    assert!(
+        started.elapsed() <= Duration::from_secs(50),
+        "NotReady after {:?}",
+        started.elapsed()
+    );
+    wait_for(
+        "unreachable NoExecute taint",
+        Duration::from_secs(10),
+        || {
+            let taints = k.ok(&["get", "node", &victim, "-o", "jsonpath={.spec.taints}"]);
+            taints.contains("node.kubernetes.io/unreachable") && taints.contains("NoExecute")
+        },
+    );
+    wait_for(
+        "3 replacement pods on live nodes",
+        Duration::from_secs(60),
+        || {
+            let pods = live_pods(&k, "default", "survivor");
+            pods.len() == 3 && pods.iter().all(|(_, n)| *n != victim)
+        },
+    );
+    k.ok(&["rollout", "status", "deployment/survivor", "--timeout=60s"]);
+}
