@@ -149,6 +149,11 @@ impl Env {
         .unwrap();
         let mut refs = Vec::new();
         for (cname, script) in containers {
+            // "<stdin>" before the script: the container keeps stdin open for attach.
+            let (stdin, script) = match script.strip_prefix("<stdin>") {
+                Some(rest) => (true, rest),
+                None => (false, *script),
+            };
             let id = Runtime::create_container(
                 &self.rt,
                 Some(&sb),
@@ -156,6 +161,7 @@ impl Env {
                     name: cname.to_string(),
                     image: IMAGE.into(),
                     command: vec!["sh".into(), "-c".into(), script.to_string()],
+                    stdin,
                     ..Default::default()
                 },
                 self.dir
@@ -542,6 +548,49 @@ async fn logs_tail_timestamps_since_and_follow() {
     }
     assert_eq!(String::from_utf8_lossy(&got), "oops\nlate\n");
     assert!(started.elapsed() < Duration::from_secs(15));
+
+    // previous: the log of the terminated instance the pod manager remembers
+    let sb = env
+        .pods
+        .pod("default", "logger")
+        .unwrap()
+        .sandbox_id
+        .unwrap();
+    let prev = Runtime::create_container(
+        &env.rt,
+        Some(&sb),
+        ContainerConfig {
+            name: "main".into(),
+            image: IMAGE.into(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo from-previous; exit 1".into(),
+            ],
+            ..Default::default()
+        },
+        env.dir.path().join("logs").join("logger-main-prev.log"),
+    )
+    .await
+    .unwrap();
+    Runtime::start_container(&env.rt, &prev).await.unwrap();
+    for _ in 0..100 {
+        if Runtime::container_status(&env.rt, &prev)
+            .await
+            .unwrap()
+            .state
+            == skiff_runtime::ContainerState::Exited
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.pods.0.lock().unwrap()[0].containers[0].previous_id = Some(prev);
+    let (code, body) = env.get(&format!("{base}?previous=true")).await;
+    assert_eq!((code, body.as_str()), (200, "from-previous\n"));
+    // follow on an exited container ends at once
+    let (code, body) = env.get(&format!("{base}?previous=true&follow=true")).await;
+    assert_eq!((code, body.as_str()), (200, "from-previous\n"));
     env.teardown().await;
 }
 
@@ -870,5 +919,66 @@ async fn port_forward_over_spdy_and_websocket() {
         }
     }
     assert_eq!(port_frames, 2);
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_over_spdy_with_stdin_and_base64_exec() {
+    let env = Env::start().await;
+    env.pod(
+        "at",
+        &[(
+            "main",
+            "<stdin>while read x; do echo got-$x; done; sleep 3600",
+        )],
+    )
+    .await;
+    let s = env
+        .spdy(
+            "/attach/default/at/main?input=1&output=1&error=1",
+            "v4.channel.k8s.io",
+        )
+        .await;
+    let mut err = s.open(hdr(&[("streamtype", "error")])).await.unwrap();
+    err.writer.close().await.unwrap();
+    let mut stdin = s.open(hdr(&[("streamtype", "stdin")])).await.unwrap();
+    let mut stdout = s.open(hdr(&[("streamtype", "stdout")])).await.unwrap();
+    let _stderr = s.open(hdr(&[("streamtype", "stderr")])).await.unwrap();
+    stdin.writer.write(b"hello\n").await.unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("got-hello") {
+        let b = tokio::time::timeout(T, stdout.reader.recv())
+            .await
+            .expect("attach output timed out")
+            .expect("attach stdout ended early");
+        seen.extend_from_slice(&b);
+    }
+    drop(s);
+
+    // the base64 text protocol of old clients
+    let (mut ws, proto) = env
+        .websocket(
+            "/exec/default/at/main?command=echo&command=b64&output=1",
+            "base64.channel.k8s.io",
+        )
+        .await;
+    assert_eq!(proto.as_deref(), Some("base64.channel.k8s.io"));
+    let mut out = String::new();
+    loop {
+        match tokio::time::timeout(T, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => {
+                let (ch, data) = t.split_at(1);
+                if ch == "1" {
+                    let raw =
+                        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, data)
+                            .unwrap();
+                    out.push_str(&String::from_utf8_lossy(&raw));
+                }
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    assert_eq!(out, "b64\n");
     env.teardown().await;
 }
