@@ -982,3 +982,324 @@ async fn attach_over_spdy_with_stdin_and_base64_exec() {
     assert_eq!(out, "b64\n");
     env.teardown().await;
 }
+
+// ------------------------------------------------------------------ real kubectl
+
+/// A stand-in for the API server as kubectl sees it: discovery, `GET pod`, and a raw proxy of
+/// pods/exec|attach|portforward|log to the kubelet paths (what the real API server does).
+async fn fake_apiserver(env: &Env) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pods = env.pods.clone();
+    let kubelet = env.addr;
+    let tls = env.tls_config(true);
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let pods = pods.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let _ = fake_api_conn(conn, pods, kubelet, tls).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn fake_api_conn(
+    mut conn: tokio::net::TcpStream,
+    pods: Arc<TestPods>,
+    kubelet: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut b).await? == 0 {
+            return Ok(());
+        }
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or_default().to_string();
+    let target = parts.next().unwrap_or_default().to_string();
+    let headers: Vec<&str> = lines.filter(|l| !l.is_empty()).collect();
+    let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+    let seg: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let respond = |code: u16, body: String| {
+        format!(
+            "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let json_resp = match seg.as_slice() {
+        ["api"] => Some(respond(200, serde_json::json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}).to_string())),
+        ["apis"] => Some(respond(200, serde_json::json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}).to_string())),
+        ["api", "v1"] => Some(respond(200, serde_json::json!({"kind": "APIResourceList", "groupVersion": "v1", "resources": [
+            {"name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod", "verbs": ["get", "list"], "shortNames": ["po"]},
+            {"name": "pods/exec", "singularName": "", "namespaced": true, "kind": "PodExecOptions", "verbs": ["create", "get"]},
+            {"name": "pods/attach", "singularName": "", "namespaced": true, "kind": "PodAttachOptions", "verbs": ["create", "get"]},
+            {"name": "pods/portforward", "singularName": "", "namespaced": true, "kind": "PodPortForwardOptions", "verbs": ["create", "get"]},
+            {"name": "pods/log", "singularName": "", "namespaced": true, "kind": "Pod", "verbs": ["get"]},
+        ]}).to_string())),
+        ["api", "v1", "namespaces", ns, "pods", name] => Some(match pods.pod(ns, name) {
+            Some(p) => {
+                let mut v = serde_json::to_value(p.pod.as_ref()).unwrap();
+                v["kind"] = "Pod".into();
+                v["apiVersion"] = "v1".into();
+                v["status"] = serde_json::json!({"phase": "Running"});
+                respond(200, v.to_string())
+            }
+            None => respond(404, serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("pods \"{name}\" not found")}).to_string()),
+        }),
+        _ => None,
+    };
+    if let Some(r) = json_resp {
+        conn.write_all(r.as_bytes()).await?;
+        return Ok(());
+    }
+    let ["api", "v1", "namespaces", ns, "pods", name, sub] = seg.as_slice() else {
+        conn.write_all(respond(404, "{}".into()).as_bytes()).await?;
+        return Ok(());
+    };
+    let mut container = None;
+    let mut rest = Vec::new();
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        match kv.strip_prefix("container=") {
+            Some(c) => container = Some(c.to_string()),
+            None => rest.push(kv),
+        }
+    }
+    let container = container.unwrap_or_else(|| {
+        pods.pod(ns, name)
+            .and_then(|p| p.containers.first().map(|c| c.name.clone()))
+            .unwrap_or_default()
+    });
+    let q = rest.join("&");
+    for h in &headers {
+        if let Some(v) = h
+            .strip_prefix("Upgrade: ")
+            .or_else(|| h.strip_prefix("upgrade: "))
+        {
+            UPGRADES.lock().unwrap().push(format!("{sub} {v}"));
+        }
+    }
+    let new_path = match *sub {
+        "exec" => format!("/exec/{ns}/{name}/{container}?{q}"),
+        "attach" => format!("/attach/{ns}/{name}/{container}?{q}"),
+        "log" => format!("/containerLogs/{ns}/{name}/{container}?{q}"),
+        "portforward" => format!("/portForward/{ns}/{name}?{q}"),
+        _ => {
+            conn.write_all(respond(404, "{}".into()).as_bytes()).await?;
+            return Ok(());
+        }
+    };
+    let tcp = tokio::net::TcpStream::connect(kubelet).await?;
+    let mut up = tokio_rustls::TlsConnector::from(tls)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    let mut req = format!("{method} {new_path} HTTP/1.1\r\nHost: localhost\r\n");
+    for h in headers {
+        if !h.to_ascii_lowercase().starts_with("host:") {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+    }
+    req.push_str("\r\n");
+    up.write_all(req.as_bytes()).await?;
+    tokio::io::copy_bidirectional(&mut conn, &mut up).await?;
+    Ok(())
+}
+
+/// `<subresource> <Upgrade header>` of every proxied request, to check which protocols ran.
+static UPGRADES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn kubectl(api: std::net::SocketAddr) -> tokio::process::Command {
+    kubectl_with(api, true)
+}
+
+/// kubectl; `websockets: false` makes it speak SPDY/3.1 as kubectl 1.27-1.29 do.
+fn kubectl_with(api: std::net::SocketAddr, websockets: bool) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("kubectl");
+    let ws = if websockets { "true" } else { "false" };
+    c.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", ws)
+        .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", ws)
+        .env("KUBECONFIG", "/nonexistent-skiff-kubeconfig")
+        .arg(format!("--server=http://{api}"))
+        .kill_on_drop(true);
+    c
+}
+
+async fn kubectl_ok(api: std::net::SocketAddr, args: &[&str], stdin: Option<&[u8]>) -> String {
+    kubectl_ok_with(api, true, args, stdin).await
+}
+
+async fn kubectl_ok_with(
+    api: std::net::SocketAddr,
+    websockets: bool,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> String {
+    let mut c = kubectl_with(api, websockets);
+    c.args(args)
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c
+        .spawn()
+        .expect("kubectl must be installed (it is in the CI image)");
+    if let Some(data) = stdin {
+        let mut i = child.stdin.take().unwrap();
+        i.write_all(data).await.unwrap();
+        drop(i);
+    }
+    let out = tokio::time::timeout(T, child.wait_with_output())
+        .await
+        .expect("kubectl hung")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_kubectl_exec_logs_and_port_forward() {
+    let env = Env::start().await;
+    env.pod(
+        "kc",
+        &[(
+            "web",
+            "echo web-started; mkdir -p /tmp/www && echo hello-kubectl > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www",
+        )],
+    )
+    .await;
+    let api = fake_apiserver(&env).await;
+
+    // exec over WebSocket v5 (kubectl >= 1.30), with and without stdin
+    assert_eq!(
+        kubectl_ok(api, &["exec", "kc", "--", "hostname"], None).await,
+        "kc\n"
+    );
+    assert_eq!(
+        kubectl_ok(
+            api,
+            &["exec", "-i", "kc", "-c", "web", "--", "cat"],
+            Some(b"piped through kubectl\n")
+        )
+        .await,
+        "piped through kubectl\n"
+    );
+    // a non-zero exit code reaches kubectl
+    let out = kubectl(api)
+        .args(["exec", "kc", "--", "sh", "-c", "exit 4"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // logs
+    wait_for_log(&env, "/containerLogs/default/kc/web", "web-started").await;
+    assert_eq!(
+        kubectl_ok(api, &["logs", "kc"], None).await,
+        "web-started\n"
+    );
+
+    // the same over SPDY/3.1, as kubectl 1.27-1.29 speak it
+    assert_eq!(
+        kubectl_ok_with(
+            api,
+            false,
+            &["exec", "-i", "kc", "--", "cat"],
+            Some(b"spdy from kubectl\n")
+        )
+        .await,
+        "spdy from kubectl\n"
+    );
+    let out = kubectl_with(api, false)
+        .args(["exec", "kc", "--", "sh", "-c", "echo e >&2; exit 5"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("e\n"));
+
+    // port-forward: SPDY tunnelled in WebSocket (kubectl >= 1.31), then raw SPDY
+    for websockets in [true, false] {
+        kubectl_port_forward(api, websockets).await;
+    }
+    let seen = UPGRADES.lock().unwrap().clone();
+    for want in [
+        "exec websocket",
+        "exec SPDY/3.1",
+        "portforward websocket",
+        "portforward SPDY/3.1",
+    ] {
+        assert!(
+            seen.iter().any(|s| s.eq_ignore_ascii_case(want)),
+            "{want} not used: {seen:?}"
+        );
+    }
+    env.teardown().await;
+}
+
+async fn kubectl_port_forward(api: std::net::SocketAddr, websockets: bool) {
+    // port-forward (SPDY tunnelled in WebSocket on kubectl >= 1.31)
+    let mut pf = kubectl_with(api, websockets);
+    pf.args(["port-forward", "pod/kc", ":8080"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = pf.spawn().unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(
+        T,
+        tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line),
+    )
+    .await
+    .expect("kubectl port-forward printed nothing")
+    .unwrap();
+    // "Forwarding from 127.0.0.1:PORT -> 8080"
+    let port: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected port-forward output: {line:?}"));
+    let mut page = String::new();
+    for _ in 0..50 {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        c.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        page.clear();
+        let _ = tokio::time::timeout(T, c.read_to_string(&mut page)).await;
+        if page.contains("hello-kubectl") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(page.contains("hello-kubectl"), "{page:?}");
+    child.kill().await.unwrap();
+}

@@ -154,7 +154,7 @@ pub async fn serve_ws_tunnel(
                 }
             }
         }
-        let _ = sink.send(Message::Close(None)).await;
+        let _ = sink.send(super::upgrade::normal_close()).await;
         let _ = sink.close().await;
     });
     serve_spdy(ours, runtime, sandbox_id).await;
@@ -181,7 +181,7 @@ pub async fn serve_ws_channels(
                 break;
             }
         }
-        let _ = sink.send(Message::Close(None)).await;
+        let _ = sink.send(super::upgrade::normal_close()).await;
         let _ = sink.close().await;
     });
     // Every channel starts with the port number (little endian).

@@ -462,7 +462,7 @@ pub async fn serve_websocket(
         }
     }
     let _ = worker.await;
-    let _ = sink.send(Message::Close(None)).await;
+    let _ = sink.send(super::upgrade::normal_close()).await;
     let _ = sink.close().await;
     reader.abort();
 }

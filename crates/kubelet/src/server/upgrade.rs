@@ -97,6 +97,17 @@ pub fn spdy_response(protocol: Option<&str>) -> Response {
     r
 }
 
+/// A WebSocket close frame with status 1000: client-go treats a close without a status (1005)
+/// as an error ("error reading from error stream").
+pub fn normal_close() -> tokio_tungstenite::tungstenite::Message {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    tokio_tungstenite::tungstenite::Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }))
+}
+
 /// Waits for hyper to hand over the connection after the 101 response.
 pub async fn take(on: hyper::upgrade::OnUpgrade) -> Option<Upgraded> {
     match on.await {
