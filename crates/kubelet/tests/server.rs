@@ -1218,6 +1218,30 @@ async fn real_kubectl_exec_logs_and_port_forward() {
         kubectl_ok(api, &["logs", "kc"], None).await,
         "web-started\n"
     );
+    let ts = kubectl_ok(api, &["logs", "kc", "--tail=1", "--timestamps"], None).await;
+    assert!(ts.ends_with("Z web-started\n"), "{ts:?}");
+
+    // kubectl cp both ways (tar through exec)
+    let local = env.dir.path().join("cp-in.txt");
+    std::fs::write(&local, "copied into the pod\n").unwrap();
+    kubectl_ok(
+        api,
+        &["cp", local.to_str().unwrap(), "kc:/tmp/cp-in.txt"],
+        None,
+    )
+    .await;
+    assert_eq!(
+        kubectl_ok(api, &["exec", "kc", "--", "cat", "/tmp/cp-in.txt"], None).await,
+        "copied into the pod\n"
+    );
+    let back = env.dir.path().join("cp-back.txt");
+    kubectl_ok(
+        api,
+        &["cp", "kc:/tmp/www/index.html", back.to_str().unwrap()],
+        None,
+    )
+    .await;
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "hello-kubectl\n");
 
     // the same over SPDY/3.1, as kubectl 1.27-1.29 speak it
     assert_eq!(
