@@ -1243,6 +1243,18 @@ async fn real_kubectl_exec_logs_and_port_forward() {
     .await;
     assert_eq!(std::fs::read_to_string(&back).unwrap(), "hello-kubectl\n");
 
+    // kubectl attach: the container's output until it exits
+    env.pod(
+        "ka",
+        &[(
+            "main",
+            "sleep 2; for i in 1 2 3; do echo attached-$i; sleep 0.2; done",
+        )],
+    )
+    .await;
+    let out = kubectl_ok(api, &["attach", "ka"], None).await;
+    assert!(out.contains("attached-3"), "{out:?}");
+
     // the same over SPDY/3.1, as kubectl 1.27-1.29 speak it
     assert_eq!(
         kubectl_ok_with(
