@@ -1,9 +1,11 @@
 //! A SPDY/3.1 session over any byte stream: a reader task that decodes frames and routes data to
 //! streams, a writer task that owns the header compressor, and stream handles for both sides.
 //!
-//! Flow control: the kubernetes clients (spdystream) neither send nor honour WINDOW_UPDATE, so a
-//! session replenishes the peer's windows only once the peer has shown it does flow control (it
-//! sent a WINDOW_UPDATE or an initial-window SETTINGS); our own sends are not held back by windows.
+//! Flow control: the kubernetes clients (spdystream) neither send nor honour WINDOW_UPDATE. A
+//! session always counts its send windows (64 KiB initial per stream and for the session, moved
+//! by SETTINGS and WINDOW_UPDATE), but holds writes back and replenishes the peer's windows only
+//! once the peer has shown it does flow control (it sent a WINDOW_UPDATE or an initial-window
+//! SETTINGS).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -20,13 +22,95 @@ use super::frame::{
 /// Largest data frame we send.
 const MAX_DATA: usize = 32 * 1024;
 
+/// The default SPDY/3.1 window, per stream and for the session.
+const DEFAULT_WINDOW: i64 = 64 * 1024;
+
+struct Windows {
+    initial: i64,
+    session: i64,
+    streams: HashMap<u32, i64>,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Self {
+            initial: DEFAULT_WINDOW,
+            session: DEFAULT_WINDOW,
+            streams: HashMap::new(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     streams: Mutex<HashMap<u32, mpsc::Sender<Bytes>>>,
     peer_flow_control: AtomicBool,
+    windows: Mutex<Windows>,
+    window_grown: tokio::sync::Notify,
+    // the peer's side ended: writes stop waiting for window (and then fail)
+    ended: AtomicBool,
 }
 
 impl Shared {
+    fn windows(&self) -> std::sync::MutexGuard<'_, Windows> {
+        self.windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes up to `want` bytes of send window for `id`; with flow control on, waits for window.
+    async fn take_window(&self, id: u32, want: usize) -> usize {
+        loop {
+            let grown = self.window_grown.notified();
+            tokio::pin!(grown);
+            grown.as_mut().enable();
+            {
+                let enforce = self.peer_flow_control.load(Ordering::Relaxed)
+                    && !self.ended.load(Ordering::Relaxed);
+                let mut w = self.windows();
+                let initial = w.initial;
+                let stream = *w.streams.entry(id).or_insert(initial);
+                let avail = stream.min(w.session);
+                let n = if enforce {
+                    (avail.max(0) as usize).min(want)
+                } else {
+                    want
+                };
+                if n > 0 {
+                    w.session -= n as i64;
+                    if let Some(s) = w.streams.get_mut(&id) {
+                        *s -= n as i64;
+                    }
+                    return n;
+                }
+            }
+            grown.await;
+        }
+    }
+
+    fn grow(&self, id: u32, delta: u32) {
+        let mut w = self.windows();
+        if id == 0 {
+            w.session += i64::from(delta);
+        } else {
+            let initial = w.initial;
+            *w.streams.entry(id).or_insert(initial) += i64::from(delta);
+        }
+        drop(w);
+        self.window_grown.notify_waiters();
+    }
+
+    fn set_initial(&self, value: u32) {
+        let mut w = self.windows();
+        let diff = i64::from(value) - w.initial;
+        w.initial = i64::from(value);
+        for v in w.streams.values_mut() {
+            *v += diff;
+        }
+        drop(w);
+        self.window_grown.notify_waiters();
+    }
+
     fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u32, mpsc::Sender<Bytes>>> {
         self.streams
             .lock()
@@ -53,6 +137,8 @@ impl Drop for Session {
     fn drop(&mut self) {
         // The reader holds a frame sender: stop it so that the writer ends once streams are gone.
         self.reader.abort();
+        self.shared.ended.store(true, Ordering::Relaxed);
+        self.shared.window_grown.notify_waiters();
     }
 }
 
@@ -121,17 +207,31 @@ impl StreamReader {
 }
 
 /// The sending half of a stream; dropping it half-closes the stream (FIN).
-#[derive(Debug)]
 pub struct StreamWriter {
     id: u32,
     out: mpsc::Sender<Frame>,
+    shared: Arc<Shared>,
     closed: bool,
+}
+
+impl std::fmt::Debug for StreamWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamWriter")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StreamWriter {
     /// Sends bytes (split into frames of at most 32 KiB).
     pub async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        for chunk in data.chunks(MAX_DATA) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = self
+                .shared
+                .take_window(self.id, rest.len().min(MAX_DATA))
+                .await;
+            let (chunk, tail) = rest.split_at(n);
             self.out
                 .send(Frame::Data {
                     stream_id: self.id,
@@ -140,6 +240,7 @@ impl StreamWriter {
                 })
                 .await
                 .map_err(|_| gone())?;
+            rest = tail;
         }
         Ok(())
     }
@@ -255,6 +356,7 @@ impl Session {
             writer: StreamWriter {
                 id,
                 out: self.out.clone(),
+                shared: self.shared.clone(),
                 closed: false,
             },
         })
@@ -326,6 +428,8 @@ async fn read_loop<R: AsyncRead>(
         }
     }
     shared.streams().clear();
+    shared.ended.store(true, Ordering::Relaxed);
+    shared.window_grown.notify_waiters();
 }
 
 /// Handles one frame; false ends the session.
@@ -366,6 +470,7 @@ async fn handle(
                 writer: StreamWriter {
                     id: stream_id,
                     out: out.clone(),
+                    shared: shared.clone(),
                     closed: false,
                 },
             };
@@ -393,6 +498,7 @@ async fn handle(
         }
         Frame::RstStream { stream_id, .. } => {
             shared.streams().remove(&stream_id);
+            shared.windows().streams.remove(&stream_id);
         }
         Frame::Ping { id } => {
             // Echo pings the peer started (client ids are odd).
@@ -401,12 +507,17 @@ async fn handle(
             }
         }
         Frame::GoAway { .. } => return false,
-        Frame::WindowUpdate { .. } => {
+        Frame::WindowUpdate { stream_id, delta } => {
             shared.peer_flow_control.store(true, Ordering::Relaxed);
+            shared.grow(stream_id, delta);
         }
         Frame::Settings { entries, .. } => {
-            if entries.iter().any(|e| e.id == SETTINGS_INITIAL_WINDOW_SIZE) {
+            for e in entries
+                .iter()
+                .filter(|e| e.id == SETTINGS_INITIAL_WINDOW_SIZE)
+            {
                 shared.peer_flow_control.store(true, Ordering::Relaxed);
+                shared.set_initial(e.value);
             }
         }
         Frame::SynReply { .. } | Frame::Headers { .. } => {}
@@ -449,6 +560,98 @@ mod tests {
         drop(client);
         drop(c);
         drop(c2);
+    }
+
+    async fn next_frame<R: AsyncRead + Unpin>(
+        rd: &mut R,
+        dec: &mut Decoder,
+        inbuf: &mut BytesMut,
+    ) -> Frame {
+        loop {
+            if let Some(f) = dec.decode(inbuf).unwrap() {
+                return f;
+            }
+            rd.read_buf(inbuf).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_wait_for_window_once_the_peer_does_flow_control() {
+        use super::super::frame::Setting;
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut server = Session::new(b, true).unwrap();
+        let (mut rd, mut wr) = tokio::io::split(a);
+        let mut enc = Encoder::new().unwrap();
+        let mut buf = BytesMut::new();
+        // a 10-byte initial window, then a stream
+        enc.encode(
+            &Frame::Settings {
+                flags: 0,
+                entries: vec![Setting {
+                    flags: 0,
+                    id: SETTINGS_INITIAL_WINDOW_SIZE,
+                    value: 10,
+                }],
+            },
+            &mut buf,
+        )
+        .unwrap();
+        enc.encode(
+            &Frame::SynStream {
+                stream_id: 1,
+                associated_to: 0,
+                priority: 0,
+                flags: 0,
+                headers: vec![],
+            },
+            &mut buf,
+        )
+        .unwrap();
+        wr.write_all(&buf).await.unwrap();
+        let mut s = server.accept().await.unwrap();
+        let writer = tokio::spawn(async move {
+            s.writer.write(&[1u8; 25]).await.unwrap();
+            s
+        });
+        let mut dec = Decoder::new();
+        let mut inbuf = BytesMut::new();
+        let mut data = 0usize;
+        assert!(matches!(
+            next_frame(&mut rd, &mut dec, &mut inbuf).await,
+            Frame::SynReply { stream_id: 1, .. }
+        ));
+        while data < 10 {
+            if let Frame::Data { data: d, .. } = next_frame(&mut rd, &mut dec, &mut inbuf).await {
+                data += d.len();
+            }
+        }
+        assert_eq!(data, 10);
+        // nothing more until the window grows
+        assert!(
+            tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                next_frame(&mut rd, &mut dec, &mut inbuf)
+            )
+            .await
+            .is_err()
+        );
+        buf.clear();
+        enc.encode(
+            &Frame::WindowUpdate {
+                stream_id: 1,
+                delta: 100,
+            },
+            &mut buf,
+        )
+        .unwrap();
+        wr.write_all(&buf).await.unwrap();
+        while data < 25 {
+            if let Frame::Data { data: d, .. } = next_frame(&mut rd, &mut dec, &mut inbuf).await {
+                data += d.len();
+            }
+        }
+        assert_eq!(data, 25);
+        let _s = writer.await.unwrap();
     }
 
     #[tokio::test]
