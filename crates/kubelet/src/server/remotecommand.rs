@@ -444,6 +444,7 @@ pub async fn serve_websocket(
         resize: opts.tty.then_some(resize_rx),
     };
     let command = opts.command.clone();
+    let action_kind = action.clone();
     let worker = tokio::spawn(async move {
         let outcome = run(action, runtime, container_id, opts, io).await;
         let _ = fwd.await;
@@ -456,9 +457,23 @@ pub async fn serve_websocket(
             let _ = out_tx.send((3, Bytes::from(status))).await;
         }
     });
-    while let Some((ch, data)) = out_rx.recv().await {
-        if sink.send(encode(ch, &data)).await.is_err() {
-            break;
+    let attach = matches!(action_kind, Action::Attach);
+    let mut reader = reader;
+    loop {
+        tokio::select! {
+            m = out_rx.recv() => match m {
+                Some((ch, data)) => {
+                    if sink.send(encode(ch, &data)).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            // An attach ends when the client leaves (an exec runs to its end regardless).
+            _ = &mut reader, if attach => {
+                worker.abort();
+                break;
+            }
         }
     }
     let _ = worker.await;
@@ -586,7 +601,8 @@ pub async fn serve_spdy(
     let stdout = out(take("stdout"));
     let stderr = out(take("stderr"));
     let command = opts.command.clone();
-    let outcome = run(
+    let attach = matches!(action, Action::Attach);
+    let work = run(
         action,
         runtime,
         container_id,
@@ -597,8 +613,12 @@ pub async fn serve_spdy(
             stderr,
             resize,
         },
-    )
-    .await;
+    );
+    // An attach ends when the client closes the connection (an exec runs to its end).
+    let outcome = tokio::select! {
+        o = work => o,
+        _ = async { while session.accept().await.is_some() {} }, if attach => Outcome::Exited(0),
+    };
     for w in writers {
         let _ = w.await;
     }
