@@ -591,6 +591,10 @@ async fn logs_tail_timestamps_since_and_follow() {
     // follow on an exited container ends at once
     let (code, body) = env.get(&format!("{base}?previous=true&follow=true")).await;
     assert_eq!((code, body.as_str()), (200, "from-previous\n"));
+    // waiting for the next instance: the last one's log is the current log
+    env.pods.0.lock().unwrap()[0].containers[0].id = None;
+    let (code, body) = env.get(base).await;
+    assert_eq!((code, body.as_str()), (200, "from-previous\n"));
     env.teardown().await;
 }
 

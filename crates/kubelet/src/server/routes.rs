@@ -168,9 +168,14 @@ async fn container_logs(
             }
         }
     } else {
+        // Between two instances (a crash-looping container waiting for its restart) the log of
+        // the last one is the current log, as with the real kubelet.
         match running_id(&p, &c) {
             Ok(id) => id,
-            Err(r) => return *r,
+            Err(r) => match &c.previous_id {
+                Some(id) => id.clone(),
+                None => return *r,
+            },
         }
     };
     let path = match s.runtime.log_path(&id).await {
