@@ -1283,6 +1283,33 @@ async fn real_kubectl_exec_logs_and_port_forward() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("e\n"));
 
+    // exec -it under a pseudo-terminal (script): the terminal size reaches the container. (The
+    // `sleep 1`: the runtime can set an exec's size only once its shim runs, so a process that
+    // asks at once may still see 0x0; see the report.)
+    for websockets in [true, false] {
+        let ws = if websockets { "true" } else { "false" };
+        let cmd = format!(
+            "stty cols 100 rows 40; KUBECTL_REMOTE_COMMAND_WEBSOCKETS={ws} KUBECONFIG=/nonexistent-skiff-kubeconfig kubectl --server=http://{api} exec -it kc -- sh -c 'sleep 1; stty size'"
+        );
+        let out = tokio::time::timeout(
+            T,
+            tokio::process::Command::new("script")
+                .args(["-qec", &cmd, "/dev/null"])
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("kubectl exec -it hung")
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("40 100"),
+            "websockets={ws}: {text:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // port-forward: SPDY tunnelled in WebSocket (kubectl >= 1.31), then raw SPDY
     for websockets in [true, false] {
         kubectl_port_forward(api, websockets).await;

@@ -137,6 +137,15 @@ pub async fn run_exec(
     opts: Options,
     mut io: Io,
 ) -> Outcome {
+    // kubectl sends the terminal size right after connecting: take it before starting the
+    // process, so that it can be applied as early as possible.
+    let mut first_size = None;
+    if opts.tty
+        && let Some(r) = io.resize.as_mut()
+        && let Ok(Some(size)) = tokio::time::timeout(Duration::from_millis(500), r.recv()).await
+    {
+        first_size = Some(size);
+    }
     let mut session = match runtime
         .exec(&container_id, opts.command.clone(), opts.tty)
         .await
@@ -177,8 +186,18 @@ pub async fn run_exec(
     tokio::pin!(outputs);
     let mut resize = io.resize.take();
     // A resize sent before the process' terminal is ready fails: retry the latest size briefly.
-    let mut unapplied: Option<(u16, u16)> = None;
+    let mut unapplied: Option<(u16, u16)> = first_size;
     let mut retries = 0u32;
+    if let Some((cols, rows)) = unapplied {
+        // The shim opens its resize channel a moment after the process starts: retry tightly.
+        for _ in 0..200 {
+            if session.resize(rows, cols).is_ok() {
+                unapplied = None;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
     loop {
         tokio::select! {
             _ = &mut outputs => break,
