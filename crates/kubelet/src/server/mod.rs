@@ -5,6 +5,15 @@
 //! The server knows pods only through [`PodLookup`], which the pod manager implements, and
 //! containers only through the runtime trait.
 
+pub mod logs;
+pub mod portforward;
+pub mod remotecommand;
+pub mod routes;
+pub mod spdy;
+pub mod stats;
+mod tls;
+pub mod upgrade;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,8 +97,12 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr) + Send,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    // Filled in by the streaming work (crates/kubelet/src/server/); until then only binds.
-    let _ = (runtime, pods);
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    let acceptor = tls::acceptor(&cfg)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -102,7 +115,62 @@ pub async fn serve(
             addr: cfg.listen,
             source,
         })?;
+    let router = routes::router(routes::AppState {
+        runtime,
+        pods,
+        samples: Arc::new(stats::CpuSamples::default()),
+    });
     ready(addr);
-    shutdown.await;
+    tracing::info!(%addr, "kubelet server listening");
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kubelet server: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "kubelet server: TLS handshake failed");
+                    return;
+                }
+            };
+            let authenticated = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|c| !c.is_empty());
+            let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let router = router.clone();
+                async move {
+                    if !authenticated && req.uri().path() != "/healthz" {
+                        return Ok::<_, std::convert::Infallible>(routes::status(
+                            http::StatusCode::UNAUTHORIZED,
+                            "Unauthorized",
+                            "the kubelet API needs a client certificate signed by the cluster CA",
+                        ));
+                    }
+                    router.oneshot(req.map(axum::body::Body::new)).await
+                }
+            });
+            let result = auto::Builder::new(TokioExecutor::new())
+                .http1_only()
+                .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(svc))
+                .await;
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "kubelet server: connection ended with an error");
+            }
+        });
+    }
     Ok(())
 }
