@@ -1,6 +1,7 @@
 //! Wiring of skiff's processes: server configuration, start-up order, serving and shutdown.
 
 pub mod client;
+pub mod node;
 pub mod server;
 
 pub use server::{AppError, ServerConfig};

@@ -168,7 +168,7 @@ pub async fn node_status(
             }
         })
         .collect();
-    images.sort_by(|a, b| b.size_bytes.cmp(&a.size_bytes));
+    images.sort_by_key(|i| std::cmp::Reverse(i.size_bytes));
     images.truncate(50);
     NodeStatus {
         capacity: Some(capacity),

@@ -449,33 +449,23 @@ pub async fn prepare_dir(
                 h.path, vol.name
             ))
         };
-        match h.type_.as_deref().unwrap_or("") {
-            "DirectoryOrCreate" => {
-                if md.is_err() {
-                    std::fs::create_dir_all(&p).map_err(io_err("creating hostPath", &p))?;
-                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
-                        .map_err(io_err("setting mode of", &p))?;
-                }
+        let kind = h.type_.as_deref().unwrap_or("");
+        if kind == "DirectoryOrCreate" && md.is_err() {
+            std::fs::create_dir_all(&p).map_err(io_err("creating hostPath", &p))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+                .map_err(io_err("setting mode of", &p))?;
+        } else if kind == "Directory" && !md.as_ref().is_ok_and(|m| m.is_dir()) {
+            return Err(bad("a directory"));
+        } else if kind == "FileOrCreate" && md.is_err() {
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(io_err("creating hostPath parent", parent))?;
             }
-            "Directory" => {
-                if !md.is_ok_and(|m| m.is_dir()) {
-                    return Err(bad("a directory"));
-                }
-            }
-            "FileOrCreate" => {
-                if md.is_err() {
-                    if let Some(parent) = p.parent() {
-                        std::fs::create_dir_all(parent)
-                            .map_err(io_err("creating hostPath parent", parent))?;
-                    }
-                    std::fs::write(&p, b"").map_err(io_err("creating hostPath", &p))?;
-                }
-            }
-            "File" => {
-                if !md.is_ok_and(|m| m.is_file()) {
-                    return Err(bad("a file"));
-                }
-            }
+            std::fs::write(&p, b"").map_err(io_err("creating hostPath", &p))?;
+        } else if kind == "File" && !md.as_ref().is_ok_and(|m| m.is_file()) {
+            return Err(bad("a file"));
+        }
+        match kind {
             "Socket" | "CharDevice" | "BlockDevice" => {
                 use std::os::unix::fs::FileTypeExt;
                 let ok = md.is_ok_and(|m| {

@@ -836,8 +836,8 @@ impl Worker {
         let cfg = &self.sh.cfg;
         let ctr = &mut self.ctrs[i];
         let now = Instant::now();
-        match ctr.not_before {
-            None => {
+        if ctr.not_before.is_none() {
+            {
                 // The first restart is immediate; the next ones wait 10 s, 20 s, ... 5 min.
                 // A container that ran for 10 minutes starts the series again.
                 if ctr
@@ -853,7 +853,6 @@ impl Worker {
                     ctr.backoff = (ctr.backoff * 2).min(cfg.max_backoff);
                 }
             }
-            Some(_) => {}
         }
         let due = ctr.not_before.is_some_and(|nb| now >= nb);
         if due {
