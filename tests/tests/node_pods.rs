@@ -77,13 +77,13 @@ spec:
   - name: init
     image: skiff.local/busybox:stable
     imagePullPolicy: IfNotPresent
-    command: ["sh", "-c", "date +%s%N > /host/init-ran"]
+    command: ["sh", "-c", "echo init > /host/order"]
     volumeMounts: [{name: host, mountPath: /host}]
   containers:
   - name: main
     image: skiff.local/busybox:stable
     imagePullPolicy: Never
-    command: ["sh", "-c", "date +%s%N > /host/main-ran; touch /tmp/ready; while true; do cat /cfg/greeting > /host/greeting; sleep 1; done"]
+    command: ["sh", "-c", "echo main >> /host/order; touch /tmp/ready; while true; do cat /cfg/greeting > /host/greeting; sleep 1; done"]
     readinessProbe:
       exec: {command: ["test", "-f", "/tmp/ready"]}
       periodSeconds: 1
