@@ -49,6 +49,8 @@ pub struct Server {
     pub kubeconfig: PathBuf,
     /// Server URL.
     pub url: String,
+    /// Runs the node half: `skiff killall` cleans the host when the server is dropped.
+    pub agent: bool,
 }
 
 impl Server {
@@ -64,6 +66,28 @@ impl Server {
 
     /// Starts a server on an existing data dir with extra flags.
     pub fn start_with(dir: tempfile::TempDir, extra: &[&str]) -> Server {
+        Self::launch(dir, &["--disable-agent"], extra, false)
+    }
+
+    /// Starts a server WITH the node half (runtime, kubelet on a free port, pod network on
+    /// `cni0` with pod CIDR 10.42.0.0/24) on an existing data dir. Dropping it stops the server
+    /// and runs `skiff killall --data-dir`, so no container, bridge, veth, nftables table or
+    /// mount is left on the host (also when the test fails). Tests using it are named `node_*`.
+    pub fn start_with_agent(dir: tempfile::TempDir, extra: &[&str]) -> Server {
+        let node = [
+            "--kubelet-port",
+            "0",
+            "--node-name",
+            "skiff-e2e",
+            "--node-ip",
+            "127.0.0.1",
+            "--pod-cidr",
+            "10.42.0.0/24",
+        ];
+        Self::launch(dir, &node, extra, true)
+    }
+
+    fn launch(dir: tempfile::TempDir, fixed: &[&str], extra: &[&str], agent: bool) -> Server {
         let bin = skiff_binary();
         let mut child = Command::new(bin)
             .args([
@@ -72,8 +96,8 @@ impl Server {
                 "0",
                 "--bind-address",
                 "127.0.0.1",
-                "--disable-agent",
             ])
+            .args(fixed)
             .args(extra)
             .arg("--data-dir")
             .arg(dir.path())
@@ -96,6 +120,7 @@ impl Server {
             kubeconfig: PathBuf::new(),
             url: String::new(),
             dir,
+            agent,
         };
         let line = rx
             .recv_timeout(Duration::from_secs(120))
@@ -135,6 +160,8 @@ impl Server {
         if self.child.is_some() {
             self.stop();
         }
+        // The data dir lives on (a restart): its pods must keep running.
+        self.agent = false;
         let dir = tempfile::tempdir().expect("tempdir");
         std::mem::replace(&mut self.dir, dir)
     }
@@ -145,6 +172,20 @@ impl Drop for Server {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if self.agent {
+            let st = Command::new(skiff_binary())
+                .arg("killall")
+                .arg("--data-dir")
+                .arg(self.dir.path())
+                .stdout(Stdio::null())
+                .status();
+            if !st.is_ok_and(|s| s.success()) {
+                eprintln!(
+                    "skiff killall --data-dir {} failed",
+                    self.dir.path().display()
+                );
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod check_config;
 mod images;
+mod killall;
 mod server;
 
 use std::process::ExitCode;
@@ -16,6 +17,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Check that this host has what skiff needs (kernel features, tools, data dir).
@@ -24,6 +27,8 @@ enum Command {
     Server(server::Args),
     /// Import and list container images.
     Images(images::Args),
+    /// Stop every container of a data dir and remove skiff's bridge, veths, nftables table and mounts.
+    Killall(killall::Args),
     /// Internal: holds one container (re-executed by the runtime).
     #[command(hide = true)]
     Shim {
@@ -45,6 +50,7 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => check_config::run(args),
         Command::Server(args) => server::run(args),
         Command::Images(args) => images::run(args),
+        Command::Killall(args) => killall::run(args),
         // The shim must stay single-threaded: no async runtime before it.
         Command::Shim { args } => {
             let code = skiff_runtime::shim::main(args);

@@ -37,6 +37,24 @@ pub struct Args {
     /// Run only the control plane (no kubelet on this machine).
     #[arg(long)]
     disable_agent: bool,
+    /// InternalIP of this node (default: the address of the default-route interface).
+    #[arg(long)]
+    node_ip: Option<IpAddr>,
+    /// Node label key=value (repeatable).
+    #[arg(long = "node-label")]
+    node_label: Vec<String>,
+    /// Node taint key=value:Effect (repeatable).
+    #[arg(long = "node-taint")]
+    node_taint: Vec<String>,
+    /// Cluster DNS address written into pods' resolv.conf.
+    #[arg(long, default_value = "10.43.0.10")]
+    cluster_dns: String,
+    /// Pod CIDR of this node, instead of waiting for the one node IPAM assigns (tests).
+    #[arg(long)]
+    pod_cidr: Option<String>,
+    /// Port of the kubelet's HTTPS server; 0 picks a free port.
+    #[arg(long, default_value_t = 10250)]
+    kubelet_port: u16,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -51,6 +69,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         cluster_cidr: args.cluster_cidr,
         node_name: args.node_name,
         disable_agent: args.disable_agent,
+        node: skiff_app::server::NodeFlags {
+            node_ip: args.node_ip,
+            labels: args.node_label,
+            taints: args.node_taint,
+            cluster_dns: args.cluster_dns,
+            pod_cidr: args.pod_cidr,
+            kubelet_port: args.kubelet_port,
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod control_plane;
+pub mod node;
 pub mod server;
 
 pub use server::{AppError, ServerConfig};

@@ -39,6 +39,38 @@ pub struct ServerConfig {
     pub node_name: Option<String>,
     /// Run without the node half.
     pub disable_agent: bool,
+    /// Node flags of the kubelet (unused with `disable_agent`).
+    pub node: NodeFlags,
+}
+
+/// Node flags of `skiff server` (`--node-ip`, `--node-label`, ...).
+#[derive(Debug, Clone)]
+pub struct NodeFlags {
+    /// InternalIP of the node.
+    pub node_ip: Option<IpAddr>,
+    /// `k=v` labels.
+    pub labels: Vec<String>,
+    /// `k=v:Effect` taints.
+    pub taints: Vec<String>,
+    /// Cluster DNS address.
+    pub cluster_dns: String,
+    /// Pod CIDR override (tests).
+    pub pod_cidr: Option<String>,
+    /// Kubelet port (0 = free).
+    pub kubelet_port: u16,
+}
+
+impl Default for NodeFlags {
+    fn default() -> Self {
+        NodeFlags {
+            node_ip: None,
+            labels: Vec::new(),
+            taints: Vec::new(),
+            cluster_dns: "10.43.0.10".into(),
+            pod_cidr: None,
+            kubelet_port: 10250,
+        }
+    }
 }
 
 /// Errors of the server. [`AppError::exit_code`] maps them to the CLI contract.
@@ -268,6 +300,13 @@ pub async fn run(
     let control_plane = crate::control_plane::start(router.clone(), &cfg);
     let acceptor = tls_acceptor(&pki)?;
 
+    let (node_stop, node_stop_rx) = tokio::sync::watch::channel(false);
+    let node_task = if cfg.disable_agent {
+        None
+    } else {
+        Some(start_node(&cfg, &router, &pki, node_stop_rx).await?)
+    };
+
     ready(&kubeconfig, &url);
     tracing::info!(%url, kubeconfig = %kubeconfig.display(), "API server ready");
 
@@ -319,6 +358,44 @@ pub async fn run(
         });
     }
     tracing::info!("shutting down");
+    let _ = node_stop.send(true);
+    if let Some(t) = node_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(15), t).await;
+    }
     control_plane.stop().await;
     Ok(())
+}
+
+/// Starts the node half (runtime, kubelet, kubelet server) with an in-process client.
+async fn start_node(
+    cfg: &ServerConfig,
+    router: &axum::Router,
+    pki: &skiff_pki::ServerPki,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, AppError> {
+    let node_name = cfg
+        .node_name
+        .clone()
+        .or_else(hostname)
+        .ok_or_else(|| AppError::Config("no --node-name and no hostname to use".into()))?;
+    let user = format!("system:node:{node_name}");
+    let client = crate::client::in_process_client(
+        router.clone(),
+        &user,
+        &["system:nodes", "system:masters"],
+    );
+    let node_cfg = crate::node::NodeConfig {
+        node_name,
+        node_ip: cfg.node.node_ip,
+        labels: cfg.node.labels.clone(),
+        taints: cfg.node.taints.clone(),
+        cluster_dns: cfg.node.cluster_dns.clone(),
+        pod_cidr: cfg.node.pod_cidr.clone(),
+        service_cidr: Some(cfg.service_cidr.clone()),
+        kubelet_port: cfg.node.kubelet_port,
+        bind_address: cfg.bind_address,
+        control_plane: true,
+    };
+    let (task, _addr) = crate::node::start(&cfg.data_dir, &node_cfg, client, pki, stop).await?;
+    Ok(task)
 }

@@ -1,0 +1,243 @@
+//! The node half of `skiff server` (and later `skiff agent`): the built-in runtime, the kubelet
+//! with its HTTPS server, wired to an API client; and `skiff killall`, which removes everything
+//! the node half of a data dir created on the host.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use skiff_kubelet::KubeletConfig;
+use skiff_runtime::{BuiltinRuntime, ImageStore, Runtime, RuntimeConfig};
+
+use crate::server::AppError;
+
+/// Node flags shared by `skiff server` and `skiff agent`.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Node name.
+    pub node_name: String,
+    /// InternalIP (None: detected).
+    pub node_ip: Option<IpAddr>,
+    /// `k=v` labels.
+    pub labels: Vec<String>,
+    /// `k=v:Effect` taints.
+    pub taints: Vec<String>,
+    /// Cluster DNS address for pods.
+    pub cluster_dns: String,
+    /// Pod CIDR override (else the Node's spec.podCIDR).
+    pub pod_cidr: Option<String>,
+    /// Service CIDR (routed to the bridge).
+    pub service_cidr: Option<String>,
+    /// Kubelet HTTPS port (0 = free port).
+    pub kubelet_port: u16,
+    /// Address the kubelet server binds.
+    pub bind_address: IpAddr,
+    /// Label the node as control plane.
+    pub control_plane: bool,
+}
+
+/// The cgroup under which this data dir's pods live: `skiff` for the default data dir, else
+/// `skiff-<hash of the path>` so that two servers on one machine never share one.
+pub fn cgroup_parent(data_dir: &Path) -> String {
+    let p = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    if p == Path::new("/var/lib/skiff") {
+        return "skiff".into();
+    }
+    // FNV-1a: stable across builds and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in p.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("skiff-{:08x}", h as u32)
+}
+
+/// Opens the built-in runtime of a data dir.
+pub fn open_runtime(data_dir: &Path) -> Result<BuiltinRuntime, AppError> {
+    let agent = data_dir.join("agent");
+    let images = ImageStore::open(agent.join("images"))
+        .map_err(|e| AppError::Config(format!("image store under {}: {e}", agent.display())))?;
+    let exe = std::env::current_exe().map_err(|source| AppError::Io {
+        what: "finding the skiff binary for the shim".into(),
+        source,
+    })?;
+    let rt = BuiltinRuntime::new(RuntimeConfig {
+        state_dir: agent.join("runtime"),
+        images,
+        shim_command: vec![exe.into_os_string(), "shim".into()],
+        cgroup_parent: cgroup_parent(data_dir),
+    })
+    .map_err(|e| AppError::Config(format!("runtime under {}: {e}", agent.display())))?;
+    let regs_path = data_dir.join("registries.yaml");
+    match skiff_runtime::pull::RegistriesConfig::load(&regs_path) {
+        Ok(r) => Ok(rt.with_registries(r)),
+        Err(e) => Err(AppError::Config(format!("{}: {e}", regs_path.display()))),
+    }
+}
+
+fn kubelet_config(data_dir: &Path, cfg: &NodeConfig) -> Result<KubeletConfig, AppError> {
+    let mut k = KubeletConfig::new(
+        cfg.node_name.clone(),
+        data_dir.join("agent").join("kubelet"),
+    );
+    k.net_state_dir = data_dir.join("agent").join("net");
+    k.node_ip = match cfg.node_ip {
+        Some(IpAddr::V4(a)) => Some(a),
+        Some(IpAddr::V6(a)) => {
+            return Err(AppError::Config(format!(
+                "--node-ip {a}: only IPv4 node addresses are supported"
+            )));
+        }
+        None => None,
+    };
+    for l in &cfg.labels {
+        let (key, v) = skiff_kubelet::parse_label(l)
+            .map_err(|e| AppError::Config(format!("--node-label: {e}")))?;
+        k.labels.insert(key, v);
+    }
+    for t in &cfg.taints {
+        k.taints.push(
+            skiff_kubelet::parse_taint(t)
+                .map_err(|e| AppError::Config(format!("--node-taint: {e}")))?,
+        );
+    }
+    k.cluster_dns = cfg.cluster_dns.parse::<Ipv4Addr>().map_err(|_| {
+        AppError::Config(format!(
+            "--cluster-dns {:?} is not an IPv4 address",
+            cfg.cluster_dns
+        ))
+    })?;
+    k.pod_cidr_override = cfg.pod_cidr.clone();
+    k.service_cidr = cfg.service_cidr.clone();
+    k.control_plane = cfg.control_plane;
+    Ok(k)
+}
+
+/// Starts runtime + kubelet + kubelet server with `client`; runs until `stop` fires.
+/// Returns the task and, once bound, the kubelet server's address.
+pub async fn start(
+    data_dir: &Path,
+    cfg: &NodeConfig,
+    client: kube::Client,
+    pki: &skiff_pki::ServerPki,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(tokio::task::JoinHandle<()>, SocketAddr), AppError> {
+    let kcfg = kubelet_config(data_dir, cfg)?;
+    let runtime: Arc<dyn Runtime> = Arc::new(open_runtime(data_dir)?);
+    let server_cfg = skiff_kubelet::server::ServerConfig {
+        listen: SocketAddr::new(cfg.bind_address, cfg.kubelet_port),
+        serving_cert_pem: pki.kubelet_serving_cert_pem.clone(),
+        serving_key_pem: pki.kubelet_serving_key_pem.clone(),
+        client_ca_pem: pki.ca_cert_pem.clone(),
+    };
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.changed().await;
+        };
+        let r = skiff_kubelet::run(client, runtime, kcfg, server_cfg, shutdown, move |a| {
+            let _ = addr_tx.send(a);
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "kubelet stopped");
+        }
+    });
+    match addr_rx.await {
+        Ok(a) => {
+            tracing::info!(kubelet = %a, node = %cfg.node_name, "kubelet server listening");
+            Ok((task, a))
+        }
+        Err(_) => {
+            let _ = task.await;
+            Err(AppError::Config(format!(
+                "the kubelet could not start (is --kubelet-port {} free?)",
+                cfg.kubelet_port
+            )))
+        }
+    }
+}
+
+/// Removes what the node half of `data_dir` created on this host: every container and sandbox
+/// (and their shims), the pod cgroup subtree, the bridge and pod veths, skiff's nftables
+/// table, and mounts under the data dir. Returns what it did, one line per item.
+pub async fn killall(data_dir: &Path, bridge: &str) -> Result<Vec<String>, AppError> {
+    let mut done = Vec::new();
+    let rt_dir = data_dir.join("agent").join("runtime");
+    if rt_dir.exists() {
+        let rt = open_runtime(data_dir)?;
+        for sb in BuiltinRuntime::list_sandboxes(&rt).unwrap_or_default() {
+            let veth = skiff_net::host_veth_name(&sb.id);
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &veth])
+                .stderr(std::process::Stdio::null())
+                .status();
+            match BuiltinRuntime::remove_sandbox(&rt, &sb.id).await {
+                Ok(()) => done.push(format!("removed sandbox {}", sb.id)),
+                Err(e) => done.push(format!("sandbox {}: {e}", sb.id)),
+            }
+        }
+        for c in rt.list().await.unwrap_or_default() {
+            match rt.remove(&c.id).await {
+                Ok(()) => done.push(format!("removed container {}", c.id)),
+                Err(e) => done.push(format!("container {}: {e}", c.id)),
+            }
+        }
+        if rt.remove_cgroup_parent().is_ok() {
+            done.push(format!("removed cgroup {}", cgroup_parent(data_dir)));
+        }
+    }
+    let st = std::process::Command::new("ip")
+        .args(["link", "del", bridge])
+        .stderr(std::process::Stdio::null())
+        .status();
+    if st.is_ok_and(|s| s.success()) {
+        done.push(format!("removed bridge {bridge}"));
+    }
+    let nft = skiff_net::nft::Nft::new();
+    if nft
+        .table_exists(skiff_net::nft::Family::Inet, "skiff")
+        .unwrap_or(false)
+        && nft
+            .delete_table(skiff_net::nft::Family::Inet, "skiff")
+            .is_ok()
+    {
+        done.push("removed nftables table inet skiff".into());
+    }
+    // Mounts under the data dir, deepest first.
+    let prefix: PathBuf =
+        std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let prefix = format!("{}/", prefix.display());
+    if let Ok(t) = std::fs::read_to_string("/proc/self/mountinfo") {
+        let mut mps: Vec<String> = t
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .filter(|m| m.starts_with(&prefix))
+            .map(str::to_string)
+            .collect();
+        mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mps {
+            if nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH).is_ok() {
+                done.push(format!("unmounted {m}"));
+            }
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_parent_is_per_data_dir() {
+        let a = cgroup_parent(Path::new("/tmp/a-data-dir-that-does-not-exist"));
+        let b = cgroup_parent(Path::new("/tmp/b-data-dir-that-does-not-exist"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("skiff-") && a.len() == 14, "{a}");
+        assert_eq!(
+            a,
+            cgroup_parent(Path::new("/tmp/a-data-dir-that-does-not-exist"))
+        );
+    }
+}

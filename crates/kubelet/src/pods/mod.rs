@@ -1,0 +1,246 @@
+//! The pod manager: watches the pods bound to this node, runs one worker per pod, cleans up
+//! sandboxes of pods that are gone (also those deleted while the kubelet was down), and answers
+//! the kubelet server's [`PodLookup`] questions.
+
+pub mod env;
+pub mod events;
+pub mod probe;
+pub mod spec;
+pub mod volumes;
+pub mod worker;
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::runtime::watcher;
+use skiff_net::Network;
+use skiff_runtime::Runtime;
+use tokio::sync::watch;
+
+use crate::config::{KubeletConfig, KubeletError, api_err, rt_err};
+use crate::server::{PodLookup, PodRef};
+use worker::{Flow, Worker};
+
+/// What every worker shares.
+pub struct Shared {
+    /// API client.
+    pub client: kube::Client,
+    /// Configuration.
+    pub cfg: Arc<KubeletConfig>,
+    /// Container runtime.
+    pub runtime: Arc<dyn Runtime>,
+    /// Pod network (None until the pod CIDR is known, or for host-network only nodes).
+    pub network: Option<Arc<Network>>,
+    /// The node's InternalIP.
+    pub node_ip: Ipv4Addr,
+    /// Pods as the kubelet server sees them.
+    pub registry: Arc<RwLock<HashMap<(String, String), PodRef>>>,
+}
+
+/// The [`PodLookup`] the kubelet server uses.
+#[derive(Clone, Default)]
+pub struct Registry(pub Arc<RwLock<HashMap<(String, String), PodRef>>>);
+
+impl PodLookup for Registry {
+    fn pod(&self, namespace: &str, name: &str) -> Option<PodRef> {
+        self.0
+            .read()
+            .ok()?
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    fn pods(&self) -> Vec<PodRef> {
+        self.0
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+struct Handle {
+    tx: watch::Sender<Arc<Pod>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs one pod's worker until the pod is gone or the kubelet stops.
+async fn run_worker(
+    sh: Arc<Shared>,
+    mut rx: watch::Receiver<Arc<Pod>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let first = rx.borrow_and_update().clone();
+    let mut w = Worker::new(sh.clone(), &first);
+    let key = format!(
+        "{}/{}",
+        first.metadata.namespace.as_deref().unwrap_or(""),
+        first.metadata.name.as_deref().unwrap_or("")
+    );
+    let mut pod = first;
+    loop {
+        match w.sync(&pod).await {
+            Ok(Flow::Done) => return,
+            Ok(Flow::Continue) => {}
+            Err(e) => tracing::warn!(pod = %key, error = %e, "pod sync failed"),
+        }
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    // The pod object is gone: kill what is left, no grace.
+                    tracing::info!(pod = %key, "pod deleted; removing its sandbox");
+                    w.cleanup().await;
+                    return;
+                }
+                pod = rx.borrow_and_update().clone();
+            }
+            _ = tokio::time::sleep(sh.cfg.sync_interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Watches this node's pods and runs their workers.
+pub struct PodManager {
+    sh: Arc<Shared>,
+    workers: HashMap<String, Handle>,
+    stop: watch::Receiver<bool>,
+}
+
+impl PodManager {
+    /// A manager over `shared`; workers end (leaving pods running) when `stop` fires.
+    pub fn new(sh: Arc<Shared>, stop: watch::Receiver<bool>) -> PodManager {
+        PodManager {
+            sh,
+            workers: HashMap::new(),
+            stop,
+        }
+    }
+
+    fn dispatch(&mut self, pod: Pod) {
+        let Some(uid) = pod.metadata.uid.clone() else {
+            return;
+        };
+        let pod = Arc::new(pod);
+        if let Some(h) = self.workers.get(&uid)
+            && !h.task.is_finished()
+        {
+            let _ = h.tx.send(pod);
+            return;
+        }
+        let (tx, rx) = watch::channel(pod);
+        let task = tokio::spawn(run_worker(self.sh.clone(), rx, self.stop.clone()));
+        self.workers.insert(uid, Handle { tx, task });
+    }
+
+    fn gone(&mut self, uid: &str) {
+        // Dropping the sender tells the worker the object is gone.
+        self.workers.remove(uid);
+    }
+
+    /// Removes sandboxes and pod dirs whose pods no longer exist.
+    pub async fn cleanup_orphans(&self, live: &HashSet<String>) -> Result<(), KubeletError> {
+        let sbs = self
+            .sh
+            .runtime
+            .list_sandboxes()
+            .await
+            .map_err(rt_err("listing sandboxes"))?;
+        for sb in sbs {
+            if !live.contains(&sb.name) {
+                tracing::info!(sandbox = %sb.id, pod_uid = %sb.name, "removing sandbox of a pod that no longer exists");
+                worker::remove_sandbox(&self.sh, &sb.id).await;
+            }
+        }
+        let pods_dir = self.sh.cfg.root_dir.join("pods");
+        if let Ok(rd) = std::fs::read_dir(&pods_dir) {
+            for e in rd.flatten() {
+                let uid = e.file_name().to_string_lossy().into_owned();
+                if !live.contains(&uid) {
+                    volumes::unmount_all(&e.path());
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let logs = self.sh.cfg.root_dir.join("logs");
+        if let Ok(rd) = std::fs::read_dir(&logs) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.rsplit('_').next().is_some_and(|u| !live.contains(u)) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists, cleans up, then watches until stopped.
+    pub async fn run(mut self) -> Result<(), KubeletError> {
+        let api: Api<Pod> = Api::all(self.sh.client.clone());
+        let selector = format!("spec.nodeName={}", self.sh.cfg.node_name);
+        let initial = api
+            .list(&ListParams::default().fields(&selector))
+            .await
+            .map_err(api_err("listing pods of this node"))?;
+        let live: HashSet<String> = initial
+            .items
+            .iter()
+            .filter_map(|p| p.metadata.uid.clone())
+            .collect();
+        self.cleanup_orphans(&live).await?;
+        for p in initial.items {
+            self.dispatch(p);
+        }
+        let stream = watcher(api, watcher::Config::default().fields(&selector));
+        futures::pin_mut!(stream);
+        let mut stop = self.stop.clone();
+        let mut init_seen: Option<HashSet<String>> = None;
+        loop {
+            let ev = tokio::select! {
+                _ = stop.changed() => break,
+                ev = stream.next() => ev,
+            };
+            let Some(ev) = ev else { break };
+            match ev {
+                Ok(watcher::Event::Apply(p)) => self.dispatch(p),
+                Ok(watcher::Event::Delete(p)) => {
+                    if let Some(uid) = &p.metadata.uid {
+                        self.gone(uid);
+                    }
+                }
+                Ok(watcher::Event::Init) => init_seen = Some(HashSet::new()),
+                Ok(watcher::Event::InitApply(p)) => {
+                    if let (Some(s), Some(uid)) = (init_seen.as_mut(), p.metadata.uid.clone()) {
+                        s.insert(uid);
+                    }
+                    self.dispatch(p);
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(seen) = init_seen.take() {
+                        let gone: Vec<String> = self
+                            .workers
+                            .keys()
+                            .filter(|u| !seen.contains(*u))
+                            .cloned()
+                            .collect();
+                        for u in gone {
+                            self.gone(&u);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pod watch failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+        // Workers end on the stop signal; their pods keep running.
+        for (_, h) in self.workers.drain() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), h.task).await;
+        }
+        Ok(())
+    }
+}
