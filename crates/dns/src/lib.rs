@@ -370,6 +370,19 @@ fn rand_id() -> u16 {
     (t ^ std::process::id()) as u16
 }
 
+/// Serves a fixed `zone` until `shutdown` completes (benchmarks and tools; [`run`] keeps the
+/// zone current from the API instead).
+pub async fn serve_zone(
+    cfg: DnsConfig,
+    zone: Zone,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DnsError> {
+    let mut server = serve(&cfg, Arc::new(RwLock::new(Arc::new(zone)))).await?;
+    shutdown.await;
+    let _ = server.shutdown_gracefully().await;
+    Ok(())
+}
+
 /// Runs the DNS server until `shutdown` completes.
 pub async fn run(
     client: kube::Client,
