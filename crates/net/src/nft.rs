@@ -52,6 +52,39 @@ pub struct Table {
     pub chains: Vec<Chain>,
     /// Verdict maps.
     pub maps: Vec<Map>,
+    /// Address sets (static, or dynamic with a timeout for session affinity).
+    pub sets: Vec<Set>,
+}
+
+/// A named set of IPv4 addresses or address pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    /// Name.
+    pub name: String,
+    /// What the elements are.
+    pub kind: SetKind,
+    /// Some(seconds): a dynamic set whose elements expire (filled by [`Stmt::UpdateSrcSet`]).
+    pub timeout_secs: Option<u32>,
+    /// Static elements (must match `kind`).
+    pub elements: Vec<SetElement>,
+}
+
+/// Element types of a [`Set`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKind {
+    /// `ipv4_addr`
+    Addr,
+    /// `ipv4_addr . ipv4_addr` (matched as `ip saddr . ip daddr`)
+    AddrPair,
+}
+
+/// One element of a [`Set`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetElement {
+    /// An address.
+    Addr(Ipv4Addr),
+    /// A pair of addresses.
+    AddrPair(Ipv4Addr, Ipv4Addr),
 }
 
 /// A chain; a base chain has a hook.
@@ -199,6 +232,12 @@ pub enum Match {
     DstLocal,
     /// `ct state new`
     CtNew,
+    /// `ip saddr @SET` (an [`SetKind::Addr`] set)
+    SrcInSet(String),
+    /// `ip saddr . ip daddr @SET` (an [`SetKind::AddrPair`] set)
+    SrcDstInSet(String),
+    /// `ct status dnat` (the connection's destination was rewritten)
+    CtDnat,
 }
 
 /// How a REJECT answers.
@@ -234,6 +273,11 @@ pub enum Stmt {
     Spread(Vec<String>),
     /// A final verdict.
     Verdict(Verdict),
+    /// `update @SET { ip saddr }`: remember the source in a dynamic set (session affinity).
+    UpdateSrcSet(String),
+    /// DNAT spread evenly over backends in one rule: `dnat ip to numgen random mod N map { 0 :
+    /// ADDR . PORT, ... }` (one backend: `dnat ip to ADDR:PORT`). Needs at least one backend.
+    DnatSpread(Vec<(Ipv4Addr, u16)>),
 }
 
 impl Table {
@@ -244,6 +288,7 @@ impl Table {
             name: name.into(),
             chains: Vec::new(),
             maps: Vec::new(),
+            sets: Vec::new(),
         }
     }
 
@@ -264,6 +309,41 @@ impl Table {
                 return Err(NetError::invalid(&m.name, "duplicate map name"));
             }
         }
+        let mut sets = std::collections::HashMap::new();
+        for set in &self.sets {
+            check_name(&set.name)?;
+            if maps.contains(set.name.as_str())
+                || sets.insert(set.name.as_str(), set.kind).is_some()
+            {
+                return Err(NetError::invalid(&set.name, "duplicate set name"));
+            }
+            for e in &set.elements {
+                let ok = matches!(
+                    (set.kind, e),
+                    (SetKind::Addr, SetElement::Addr(_))
+                        | (SetKind::AddrPair, SetElement::AddrPair(..))
+                );
+                if !ok {
+                    return Err(NetError::invalid(
+                        &set.name,
+                        "set element does not match the set's type",
+                    ));
+                }
+            }
+        }
+        let set_ref = |name: &str, kind: SetKind| -> Result<(), NetError> {
+            match sets.get(name) {
+                Some(k) if *k == kind => Ok(()),
+                Some(_) => Err(NetError::invalid(
+                    name,
+                    "set used with the wrong element type",
+                )),
+                None => Err(NetError::invalid(
+                    name,
+                    "rule names a set that is not in the table",
+                )),
+            }
+        };
         let chain_ref = |v: &Verdict| -> Result<(), NetError> {
             match v {
                 Verdict::Jump(c) | Verdict::Goto(c) if !chains.contains(c.as_str()) => Err(
@@ -279,8 +359,34 @@ impl Table {
         }
         for c in &self.chains {
             for r in &c.rules {
+                for m in &r.matches {
+                    match m {
+                        Match::SrcInSet(name) => set_ref(name, SetKind::Addr)?,
+                        Match::SrcDstInSet(name) => set_ref(name, SetKind::AddrPair)?,
+                        _ => {}
+                    }
+                }
                 for s in &r.stmts {
                     match s {
+                        Stmt::UpdateSrcSet(name) => {
+                            set_ref(name, SetKind::Addr)?;
+                            if !self
+                                .sets
+                                .iter()
+                                .any(|x| x.name == *name && x.timeout_secs.is_some())
+                            {
+                                return Err(NetError::invalid(
+                                    name,
+                                    "update needs a set with a timeout",
+                                ));
+                            }
+                        }
+                        Stmt::DnatSpread(b) if b.is_empty() => {
+                            return Err(NetError::invalid(
+                                &c.name,
+                                "a dnat spread needs at least one backend (use a reject for none)",
+                            ));
+                        }
                         Stmt::Verdict(v) => chain_ref(v)?,
                         Stmt::Spread(targets) => {
                             if targets.is_empty() {
@@ -346,6 +452,34 @@ impl Table {
                     let _ = writeln!(out, "add chain {fam} {t} {}", c.name);
                 }
             }
+        }
+        for set in &self.sets {
+            let _ = write!(
+                out,
+                "add set {fam} {t} {} {{ type {};",
+                set.name,
+                match set.kind {
+                    SetKind::Addr => "ipv4_addr",
+                    SetKind::AddrPair => "ipv4_addr . ipv4_addr",
+                }
+            );
+            if let Some(secs) = set.timeout_secs {
+                let _ = write!(out, " flags dynamic,timeout; timeout {secs}s;");
+            }
+            if !set.elements.is_empty() {
+                out.push_str(" elements = { ");
+                for (i, e) in set.elements.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    let _ = match e {
+                        SetElement::Addr(a) => write!(out, "{a}"),
+                        SetElement::AddrPair(a, b) => write!(out, "{a} . {b}"),
+                    };
+                }
+                out.push_str(" }");
+            }
+            out.push_str(" }\n");
         }
         for m in &self.maps {
             let _ = write!(
@@ -419,6 +553,9 @@ fn render_match(m: &Match) -> String {
         Match::MarkSet(m) => format!("meta mark & {m:#x} == {m:#x}"),
         Match::DstLocal => "fib daddr type local".into(),
         Match::CtNew => "ct state new".into(),
+        Match::SrcInSet(s) => format!("ip saddr @{s}"),
+        Match::SrcDstInSet(s) => format!("ip saddr . ip daddr @{s}"),
+        Match::CtDnat => "ct status dnat".into(),
     }
 }
 
@@ -449,6 +586,19 @@ fn render_stmt(s: &Stmt) -> String {
             )
         }
         Stmt::Verdict(v) => verdict(v),
+        Stmt::UpdateSrcSet(s) => format!("update @{s} {{ ip saddr }}"),
+        Stmt::DnatSpread(b) if b.len() == 1 => format!("dnat ip to {}:{}", b[0].0, b[0].1),
+        Stmt::DnatSpread(b) => {
+            let mut out = format!("dnat ip to numgen random mod {} map {{ ", b.len());
+            for (i, (a, p)) in b.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                let _ = write!(out, "{i} : {a} . {p}");
+            }
+            out.push_str(" }");
+            out
+        }
     }
 }
 
