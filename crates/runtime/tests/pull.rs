@@ -112,8 +112,28 @@ async fn pulls_from_local_registry_directly_and_through_a_docker_io_mirror() {
     .unwrap();
     assert_eq!(name, direct);
     let ev = events.lock().unwrap().clone();
-    assert_eq!(ev.len(), 2, "config + one layer: {ev:?}");
-    assert!(ev.iter().all(|e| !e.cached && e.bytes > 0));
+    let done: Vec<&PullProgress> = ev.iter().filter(|e| e.complete).collect();
+    assert_eq!(done.len(), 2, "config + one layer: {ev:?}");
+    assert!(
+        done.iter()
+            .all(|e| !e.cached && e.bytes > 0 && e.done == e.bytes)
+    );
+    // The layer's bytes are reported as they arrive: a start at 0, steps in between, in order.
+    let layer = done.iter().max_by_key(|e| e.bytes).unwrap();
+    let steps: Vec<u64> = ev
+        .iter()
+        .filter(|e| e.digest == layer.digest)
+        .map(|e| e.done)
+        .collect();
+    assert_eq!(steps.first(), Some(&0), "{steps:?}");
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+    if layer.bytes > 2 * 256 * 1024 {
+        assert!(
+            steps.iter().any(|d| *d > 0 && *d < layer.bytes),
+            "intermediate progress for a {} byte layer: {steps:?}",
+            layer.bytes
+        );
+    }
 
     // By the unqualified name through a docker.io mirror in registries.yaml.
     let yaml = format!(
@@ -174,7 +194,7 @@ async fn pulls_from_local_registry_directly_and_through_a_docker_io_mirror() {
     assert_eq!(a.unwrap(), b.unwrap());
     let ev = events.lock().unwrap().clone();
     assert_eq!(
-        ev.iter().filter(|e| !e.cached).count(),
+        ev.iter().filter(|e| e.complete && !e.cached).count(),
         2,
         "each blob downloaded once: {ev:?}"
     );
