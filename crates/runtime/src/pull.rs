@@ -288,6 +288,17 @@ fn pull_err(e: impl std::fmt::Display) -> Error {
     Error::InvalidState(e.to_string())
 }
 
+/// Like [`pull_err`], but says what to do when the registry refuses the credentials.
+fn manifest_err(e: oci_client::errors::OciDistributionError) -> Error {
+    use oci_client::errors::OciDistributionError as E;
+    match e {
+        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => Error::InvalidState(format!(
+            "{e} (unauthorized): give credentials with an imagePullSecret, or under `configs` in registries.yaml"
+        )),
+        other => pull_err(other),
+    }
+}
+
 async fn pull_from(
     store: &ImageStore,
     name: &str,
@@ -346,7 +357,7 @@ async fn pull_from(
     let (mut bytes, mut digest) = client
         .pull_manifest_raw(&r, &auth, ACCEPTED)
         .await
-        .map_err(pull_err)?;
+        .map_err(manifest_err)?;
     for _ in 0..3 {
         let v: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|source| Error::Json {

@@ -21,6 +21,26 @@ struct Registry {
 
 impl Registry {
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, "")
+    }
+
+    /// A registry that requires HTTP basic auth for `user`/`password` (htpasswd with bcrypt).
+    fn start_with_auth(dir: &Path, user: &str, password: &str) -> Self {
+        let hash = bcrypt::hash_with_result(password, 4)
+            .unwrap()
+            .format_for_version(bcrypt::Version::TwoY);
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(&htpasswd, format!("{user}:{hash}\n")).unwrap();
+        Self::start_with(
+            dir,
+            &format!(
+                "auth:\n  htpasswd:\n    realm: skiff-test\n    path: {}\n",
+                htpasswd.display()
+            ),
+        )
+    }
+
+    fn start_with(dir: &Path, extra: &str) -> Self {
         assert!(
             Path::new("/usr/bin/docker-registry").exists(),
             "Debian package docker-registry must be installed"
@@ -34,7 +54,7 @@ impl Registry {
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
                 dir.join("registry-data").display()
             ),
         )
@@ -58,13 +78,21 @@ impl Registry {
     }
 
     fn push(&self, archive: &Path, repo: &str) {
-        let out = Command::new("skopeo")
-            .args([
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                "--insecure-policy",
-            ])
+        self.push_as(archive, repo, None)
+    }
+
+    fn push_as(&self, archive: &Path, repo: &str, creds: Option<&str>) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--insecure-policy",
+        ]);
+        if let Some(c) = creds {
+            cmd.arg("--dest-creds").arg(c);
+        }
+        let out = cmd
             .arg(format!("oci-archive:{}", archive.display()))
             .arg(format!("docker://127.0.0.1:{}/{repo}", self.port))
             .output()
@@ -216,4 +244,73 @@ async fn pulls_from_local_registry_directly_and_through_a_docker_io_mirror() {
         "{e}"
     );
     t.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_from_a_registry_that_requires_basic_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start_with_auth(dir.path(), "puller", "s3cret-pw");
+    let archive = dir.path().join("img.tar");
+    let layers = [Blob {
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+        data: gzip(&busybox_layer()),
+    }];
+    std::fs::write(&archive, oci_layout("private:v1", &layers)).unwrap();
+    reg.push_as(&archive, "team/private:v1", Some("puller:s3cret-pw"));
+
+    let store = skiff_runtime::ImageStore::open(dir.path().join("store")).unwrap();
+    let none = RegistriesConfig::default();
+    let name = format!("127.0.0.1:{}/team/private:v1", reg.port);
+    let quiet = |_: PullProgress| {};
+
+    // Without credentials, and with a wrong password, the registry says no.
+    for creds in [
+        Credentials::Anonymous,
+        Credentials::Basic {
+            username: "puller".into(),
+            password: "wrong".into(),
+        },
+    ] {
+        let e = pull(&store, &name, &none, &creds, &quiet)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.to_lowercase().contains("unauthorized") || e.contains("401"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("s3cret-pw"),
+            "the password must never appear in errors: {e}"
+        );
+    }
+    assert!(
+        store.resolve(&name).is_err(),
+        "nothing stored after a refused pull"
+    );
+
+    // With the right user and password (as an imagePullSecret would give them) it pulls.
+    let creds = Credentials::Basic {
+        username: "puller".into(),
+        password: "s3cret-pw".into(),
+    };
+    assert_eq!(
+        pull(&store, &name, &none, &creds, &quiet).await.unwrap(),
+        name
+    );
+    assert!(store.resolve(&name).is_ok());
+
+    // Credentials from registries.yaml `configs` are used when the caller has none.
+    let store2 = skiff_runtime::ImageStore::open(dir.path().join("store2")).unwrap();
+    let yaml = format!(
+        "configs:\n  \"127.0.0.1:{}\":\n    auth:\n      username: puller\n      password: s3cret-pw\n",
+        reg.port
+    );
+    let regs = RegistriesConfig::from_yaml(&yaml, Path::new("registries.yaml")).unwrap();
+    assert_eq!(
+        pull(&store2, &name, &regs, &Credentials::Anonymous, &quiet)
+            .await
+            .unwrap(),
+        name
+    );
 }
