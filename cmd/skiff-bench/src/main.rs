@@ -4,6 +4,7 @@
 //! their kubelet.
 
 mod api;
+mod pods;
 mod store;
 
 use std::process::ExitCode;
@@ -26,6 +27,8 @@ enum Command {
     Api(api::Args),
     /// Register N hollow nodes and act as their kubelet until interrupted.
     HollowNodes(HollowArgs),
+    /// Pod start-up on one real node: an N-replica Deployment from create to all Running.
+    Pods(pods::Args),
 }
 
 /// `skiff-bench hollow-nodes`.
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::Store(args) => store::run(args),
         Command::Api(args) => api::run(args),
         Command::HollowNodes(args) => hollow_nodes(args),
+        Command::Pods(args) => pods::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -66,14 +66,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let show = |p: skiff_runtime::pull::PullProgress| {
-                let how = if p.cached { "exists" } else { "pulled" };
-                eprintln!("{} {how} ({} bytes)", p.digest, p.bytes);
-            };
+            let bars = PullBars::new();
+            let show = |p: skiff_runtime::pull::PullProgress| bars.update(&p);
             let creds = skiff_runtime::pull::Credentials::Anonymous;
             let name = rt.block_on(skiff_runtime::pull::pull(
                 &store, &reference, &regs, &creds, &show,
             ))?;
+            bars.finish();
             println!("{name}");
         }
         Command::Rm { reference } => {
@@ -89,4 +88,58 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Progress of `skiff images pull`: one bar per blob on a terminal, one line per finished blob
+/// otherwise (logs, CI).
+struct PullBars {
+    multi: Option<indicatif::MultiProgress>,
+    bars: std::sync::Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
+}
+
+impl PullBars {
+    fn new() -> PullBars {
+        use std::io::IsTerminal;
+        PullBars {
+            multi: std::io::stderr()
+                .is_terminal()
+                .then(indicatif::MultiProgress::new),
+            bars: Default::default(),
+        }
+    }
+
+    fn update(&self, p: &skiff_runtime::pull::PullProgress) {
+        let short = p.digest.get(7..19).unwrap_or(&p.digest).to_string();
+        let Some(multi) = &self.multi else {
+            if p.complete {
+                let how = if p.cached { "exists" } else { "pulled" };
+                eprintln!("{} {how} ({} bytes)", p.digest, p.bytes);
+            }
+            return;
+        };
+        let Ok(mut bars) = self.bars.lock() else {
+            return;
+        };
+        let bar = bars.entry(p.digest.clone()).or_insert_with(|| {
+            let bar = multi.add(indicatif::ProgressBar::new(p.bytes));
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_prefix(short);
+            bar
+        });
+        bar.set_length(p.bytes.max(p.done));
+        bar.set_position(p.done);
+        if p.complete {
+            bar.finish_with_message(if p.cached { "exists" } else { "done" });
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(multi) = &self.multi {
+            let _ = multi.clear();
+        }
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod cgroup;
+pub mod cri;
 pub mod crilog;
 pub mod error;
 pub mod pull;
@@ -17,6 +18,7 @@ pub mod unpack;
 pub use api::{
     AttachSession, DuplexStream, ExecSession, ImageInfo, Runtime, SandboxState, SandboxStatus,
 };
+pub use cri::CriRuntime;
 pub use error::{Error, Result};
 pub use runtime::{
     Attach, AttachStream, BuiltinRuntime, ContainerState, ContainerStatus, ExecOutput, ExecProcess,

@@ -106,15 +106,72 @@ pub enum Credentials {
     Bearer(String),
 }
 
-/// Progress of a pull: one event per blob fetched.
+/// Progress of a pull: events per blob as its bytes arrive (at most one per 256 KiB), and a
+/// final one with `complete` set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullProgress {
     /// blob digest
     pub digest: String,
     /// its size
     pub bytes: u64,
+    /// bytes fetched so far (equals `bytes` when complete)
+    pub done: u64,
+    /// the blob is in the store (fetched and verified, or already there)
+    pub complete: bool,
     /// true if it was already in the store
     pub cached: bool,
+}
+
+/// Step between two progress events of one blob.
+const PROGRESS_STEP: u64 = 256 * 1024;
+
+/// A writer that reports how many bytes went through it.
+struct CountingWriter<'a, W> {
+    inner: W,
+    digest: &'a str,
+    size: u64,
+    done: u64,
+    reported: u64,
+    progress: &'a (dyn Fn(PullProgress) + Send + Sync),
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountingWriter<'_, W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let res = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &res {
+            this.done += *n as u64;
+            if this.done - this.reported >= PROGRESS_STEP {
+                this.reported = this.done;
+                (this.progress)(PullProgress {
+                    digest: this.digest.to_string(),
+                    bytes: this.size,
+                    done: this.done,
+                    complete: false,
+                    cached: false,
+                });
+            }
+        }
+        res
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 struct Endpoint {
@@ -231,6 +288,17 @@ fn pull_err(e: impl std::fmt::Display) -> Error {
     Error::InvalidState(e.to_string())
 }
 
+/// Like [`pull_err`], but says what to do when the registry refuses the credentials.
+fn manifest_err(e: oci_client::errors::OciDistributionError) -> Error {
+    use oci_client::errors::OciDistributionError as E;
+    match e {
+        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => Error::InvalidState(format!(
+            "{e} (unauthorized): give credentials with an imagePullSecret, or under `configs` in registries.yaml"
+        )),
+        other => pull_err(other),
+    }
+}
+
 async fn pull_from(
     store: &ImageStore,
     name: &str,
@@ -289,7 +357,7 @@ async fn pull_from(
     let (mut bytes, mut digest) = client
         .pull_manifest_raw(&r, &auth, ACCEPTED)
         .await
-        .map_err(pull_err)?;
+        .map_err(manifest_err)?;
     for _ in 0..3 {
         let v: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|source| Error::Json {
@@ -334,6 +402,8 @@ async fn pull_from(
             progress(PullProgress {
                 digest: d.digest.clone(),
                 bytes: d.size,
+                done: d.size,
+                complete: true,
                 cached: true,
             });
             continue;
@@ -346,8 +416,23 @@ async fn pull_from(
         let file = tokio::fs::File::create(&tmp)
             .await
             .map_err(io_err("create", &tmp))?;
+        progress(PullProgress {
+            digest: d.digest.clone(),
+            bytes: d.size,
+            done: 0,
+            complete: false,
+            cached: false,
+        });
+        let counting = CountingWriter {
+            inner: file,
+            digest: &d.digest,
+            size: d.size,
+            done: 0,
+            reported: 0,
+            progress,
+        };
         let res = client
-            .pull_blob(&r, d.digest.as_str(), file)
+            .pull_blob(&r, d.digest.as_str(), counting)
             .await
             .map_err(pull_err);
         if let Err(e) = res {
@@ -366,6 +451,8 @@ async fn pull_from(
         progress(PullProgress {
             digest: d.digest.clone(),
             bytes: size,
+            done: size,
+            complete: true,
             cached: false,
         });
     }

@@ -21,6 +21,26 @@ struct Registry {
 
 impl Registry {
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, "")
+    }
+
+    /// A registry that requires HTTP basic auth for `user`/`password` (htpasswd with bcrypt).
+    fn start_with_auth(dir: &Path, user: &str, password: &str) -> Self {
+        let hash = bcrypt::hash_with_result(password, 4)
+            .unwrap()
+            .format_for_version(bcrypt::Version::TwoY);
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(&htpasswd, format!("{user}:{hash}\n")).unwrap();
+        Self::start_with(
+            dir,
+            &format!(
+                "auth:\n  htpasswd:\n    realm: skiff-test\n    path: {}\n",
+                htpasswd.display()
+            ),
+        )
+    }
+
+    fn start_with(dir: &Path, extra: &str) -> Self {
         assert!(
             Path::new("/usr/bin/docker-registry").exists(),
             "Debian package docker-registry must be installed"
@@ -34,7 +54,7 @@ impl Registry {
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
                 dir.join("registry-data").display()
             ),
         )
@@ -58,13 +78,21 @@ impl Registry {
     }
 
     fn push(&self, archive: &Path, repo: &str) {
-        let out = Command::new("skopeo")
-            .args([
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                "--insecure-policy",
-            ])
+        self.push_as(archive, repo, None)
+    }
+
+    fn push_as(&self, archive: &Path, repo: &str, creds: Option<&str>) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--insecure-policy",
+        ]);
+        if let Some(c) = creds {
+            cmd.arg("--dest-creds").arg(c);
+        }
+        let out = cmd
             .arg(format!("oci-archive:{}", archive.display()))
             .arg(format!("docker://127.0.0.1:{}/{repo}", self.port))
             .output()
@@ -112,8 +140,28 @@ async fn pulls_from_local_registry_directly_and_through_a_docker_io_mirror() {
     .unwrap();
     assert_eq!(name, direct);
     let ev = events.lock().unwrap().clone();
-    assert_eq!(ev.len(), 2, "config + one layer: {ev:?}");
-    assert!(ev.iter().all(|e| !e.cached && e.bytes > 0));
+    let done: Vec<&PullProgress> = ev.iter().filter(|e| e.complete).collect();
+    assert_eq!(done.len(), 2, "config + one layer: {ev:?}");
+    assert!(
+        done.iter()
+            .all(|e| !e.cached && e.bytes > 0 && e.done == e.bytes)
+    );
+    // The layer's bytes are reported as they arrive: a start at 0, steps in between, in order.
+    let layer = done.iter().max_by_key(|e| e.bytes).unwrap();
+    let steps: Vec<u64> = ev
+        .iter()
+        .filter(|e| e.digest == layer.digest)
+        .map(|e| e.done)
+        .collect();
+    assert_eq!(steps.first(), Some(&0), "{steps:?}");
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+    if layer.bytes > 2 * 256 * 1024 {
+        assert!(
+            steps.iter().any(|d| *d > 0 && *d < layer.bytes),
+            "intermediate progress for a {} byte layer: {steps:?}",
+            layer.bytes
+        );
+    }
 
     // By the unqualified name through a docker.io mirror in registries.yaml.
     let yaml = format!(
@@ -174,7 +222,7 @@ async fn pulls_from_local_registry_directly_and_through_a_docker_io_mirror() {
     assert_eq!(a.unwrap(), b.unwrap());
     let ev = events.lock().unwrap().clone();
     assert_eq!(
-        ev.iter().filter(|e| !e.cached).count(),
+        ev.iter().filter(|e| e.complete && !e.cached).count(),
         2,
         "each blob downloaded once: {ev:?}"
     );
@@ -196,4 +244,73 @@ async fn pulls_from_local_registry_directly_and_through_a_docker_io_mirror() {
         "{e}"
     );
     t.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_from_a_registry_that_requires_basic_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start_with_auth(dir.path(), "puller", "s3cret-pw");
+    let archive = dir.path().join("img.tar");
+    let layers = [Blob {
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+        data: gzip(&busybox_layer()),
+    }];
+    std::fs::write(&archive, oci_layout("private:v1", &layers)).unwrap();
+    reg.push_as(&archive, "team/private:v1", Some("puller:s3cret-pw"));
+
+    let store = skiff_runtime::ImageStore::open(dir.path().join("store")).unwrap();
+    let none = RegistriesConfig::default();
+    let name = format!("127.0.0.1:{}/team/private:v1", reg.port);
+    let quiet = |_: PullProgress| {};
+
+    // Without credentials, and with a wrong password, the registry says no.
+    for creds in [
+        Credentials::Anonymous,
+        Credentials::Basic {
+            username: "puller".into(),
+            password: "wrong".into(),
+        },
+    ] {
+        let e = pull(&store, &name, &none, &creds, &quiet)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.to_lowercase().contains("unauthorized") || e.contains("401"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("s3cret-pw"),
+            "the password must never appear in errors: {e}"
+        );
+    }
+    assert!(
+        store.resolve(&name).is_err(),
+        "nothing stored after a refused pull"
+    );
+
+    // With the right user and password (as an imagePullSecret would give them) it pulls.
+    let creds = Credentials::Basic {
+        username: "puller".into(),
+        password: "s3cret-pw".into(),
+    };
+    assert_eq!(
+        pull(&store, &name, &none, &creds, &quiet).await.unwrap(),
+        name
+    );
+    assert!(store.resolve(&name).is_ok());
+
+    // Credentials from registries.yaml `configs` are used when the caller has none.
+    let store2 = skiff_runtime::ImageStore::open(dir.path().join("store2")).unwrap();
+    let yaml = format!(
+        "configs:\n  \"127.0.0.1:{}\":\n    auth:\n      username: puller\n      password: s3cret-pw\n",
+        reg.port
+    );
+    let regs = RegistriesConfig::from_yaml(&yaml, Path::new("registries.yaml")).unwrap();
+    assert_eq!(
+        pull(&store2, &name, &regs, &Credentials::Anonymous, &quiet)
+            .await
+            .unwrap(),
+        name
+    );
 }

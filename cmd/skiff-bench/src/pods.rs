@@ -1,0 +1,341 @@
+//! `skiff-bench pods`: pod start-up on one real node. Starts `skiff server` (with its kubelet) in
+//! a temp data dir, imports the busybox test image, creates an N-replica Deployment and watches
+//! every pod from ADDED to Running+Ready, then prints per-pod start-up latency (p50/p99), the
+//! time until all are Running, and the server's RSS during and after (plus the container shims').
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args as ClapArgs;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
+
+/// Arguments of `skiff-bench pods`.
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// the skiff binary to start
+    #[arg(long)]
+    skiff: PathBuf,
+    /// the busybox image tarball (from `make images`)
+    #[arg(long, default_value = "build/images/busybox.tar")]
+    image_tar: PathBuf,
+    /// replicas of the Deployment
+    #[arg(long, default_value_t = 100)]
+    replicas: i32,
+    /// give up after this many seconds
+    #[arg(long, default_value_t = 300)]
+    timeout_secs: u64,
+}
+
+/// The server under test; stopped and cleaned up (`skiff killall`) on drop.
+struct Server {
+    skiff: PathBuf,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let status = Command::new(&self.skiff)
+            .arg("killall")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "skiff-bench: `skiff killall --data-dir {}` failed; check for leftovers",
+                self.dir.path().display()
+            );
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Total RSS of the `skiff shim` processes (one per container) of this data dir.
+fn shims_rss_kib(data_dir: &Path) -> (usize, u64) {
+    let needle = data_dir.display().to_string();
+    let mut n = 0;
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(" shim") && cmd.contains(&needle) {
+                n += 1;
+                total += rss_kib(pid).unwrap_or(0);
+            }
+        }
+    }
+    (n, total)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn running_and_ready(p: &Pod) -> bool {
+    let Some(st) = &p.status else { return false };
+    st.phase.as_deref() == Some("Running")
+        && st
+            .conditions
+            .as_ref()
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Runs the benchmark and prints a Markdown table.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let skiff = std::fs::canonicalize(&args.skiff)
+        .with_context(|| format!("skiff binary {}", args.skiff.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("skiff-bench-pods")
+        .tempdir()?;
+    let out = Command::new(&skiff)
+        .args(["images", "import", "--data-dir"])
+        .arg(dir.path())
+        .arg(&args.image_tar)
+        .output()
+        .context("running skiff images import")?;
+    if !out.status.success() {
+        bail!(
+            "importing {}: {}",
+            args.image_tar.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let log = std::fs::File::create(dir.path().join("server.log"))?;
+    let child = Command::new(&skiff)
+        .args([
+            "server",
+            "--https-listen-port",
+            "0",
+            "--kubelet-port",
+            "0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting skiff server")?;
+    let pid = child.id();
+    let server = Server {
+        skiff: skiff.clone(),
+        child: Some(child),
+        dir,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(measure(&args, &server, pid))
+}
+
+async fn measure(args: &Args, server: &Server, pid: u32) -> anyhow::Result<()> {
+    let kubeconfig = server.dir.path().join("kubeconfig.yaml");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        if kubeconfig.exists() {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+            let client = kube::Client::try_from(cfg)?;
+            let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+            if let Ok(list) = nodes.list(&ListParams::default()).await
+                && list.items.iter().any(|n| {
+                    n.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| {
+                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        })
+                })
+            {
+                break client;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no Ready node within 60 s; server log: {}",
+                server.dir.path().join("server.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let idle_rss = rss_kib(pid).unwrap_or(0);
+    let ns = "default";
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let rv = pods
+        .list_metadata(&ListParams::default())
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let mut stream = pods
+        .watch(
+            &WatchParams::default().labels("app=bench").timeout(290),
+            &rv,
+        )
+        .await?
+        .boxed();
+    let dep: Deployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "bench"},
+        "spec": {
+            "replicas": args.replicas,
+            "selector": {"matchLabels": {"app": "bench"}},
+            "template": {
+                "metadata": {"labels": {"app": "bench"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "sleep",
+                        "image": "skiff.local/busybox:stable",
+                        "imagePullPolicy": "Never",
+                        "command": ["sleep", "3600"],
+                    }],
+                },
+            },
+        },
+    }))?;
+    let t0 = Instant::now();
+    deployments.create(&PostParams::default(), &dep).await?;
+    let mut added: HashMap<String, Instant> = HashMap::new();
+    let mut latency: HashMap<String, Duration> = HashMap::new();
+    let mut peak_rss = idle_rss;
+    let mut last_sample = Instant::now();
+    let deadline = t0 + Duration::from_secs(args.timeout_secs);
+    while latency.len() < args.replicas as usize {
+        if last_sample.elapsed() > Duration::from_millis(200) {
+            peak_rss = peak_rss.max(rss_kib(pid).unwrap_or(0));
+            last_sample = Instant::now();
+        }
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+        let ev = match next {
+            Err(_) if Instant::now() < deadline => continue,
+            Err(_) | Ok(None) => bail!(
+                "only {}/{} pods Running+Ready after {:?}",
+                latency.len(),
+                args.replicas,
+                t0.elapsed()
+            ),
+            Ok(Some(ev)) => ev?,
+        };
+        let now = Instant::now();
+        match ev {
+            WatchEvent::Added(p) | WatchEvent::Modified(p) => {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                let first = *added.entry(name.clone()).or_insert(now);
+                if running_and_ready(&p) && !latency.contains_key(&name) {
+                    latency.insert(name, now - first);
+                }
+            }
+            WatchEvent::Error(e) => bail!("watch error: {}", e.message),
+            _ => {}
+        }
+    }
+    let all_running = t0.elapsed();
+    peak_rss = peak_rss.max(rss_kib(pid).unwrap_or(0));
+    let (shims, shims_rss) = shims_rss_kib(server.dir.path());
+    let mut lat: Vec<Duration> = latency.values().copied().collect();
+    lat.sort();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let steady_rss = rss_kib(pid).unwrap_or(0);
+
+    deployments
+        .delete("bench", &DeleteParams::background())
+        .await?;
+    let gone_deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = pods
+            .list_metadata(&ListParams::default().labels("app=bench"))
+            .await?
+            .items
+            .len();
+        if left == 0 || Instant::now() > gone_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after_rss = rss_kib(pid).unwrap_or(0);
+
+    println!(
+        "| {} replicas on one node | value |\n|---|---|",
+        args.replicas
+    );
+    println!(
+        "| create → all Running+Ready (watch) | {} |",
+        ms(all_running)
+    );
+    println!(
+        "| per-pod start-up p50 (ADDED → Running+Ready) | {} |",
+        ms(pct(&lat, 0.50))
+    );
+    println!("| per-pod start-up p99 | {} |", ms(pct(&lat, 0.99)));
+    println!("| per-pod start-up max | {} |", ms(pct(&lat, 1.0)));
+    println!(
+        "| skiff server RSS idle (node Ready, no pods) | {} MiB |",
+        idle_rss / 1024
+    );
+    println!(
+        "| skiff server RSS peak during start-up | {} MiB |",
+        peak_rss / 1024
+    );
+    println!(
+        "| skiff server RSS with all pods running | {} MiB |",
+        steady_rss / 1024
+    );
+    println!(
+        "| skiff server RSS after the Deployment is deleted | {} MiB |",
+        after_rss / 1024
+    );
+    println!(
+        "| container shims: count, total RSS | {shims}, {} MiB ({} KiB each) |",
+        shims_rss / 1024,
+        shims_rss / (shims.max(1) as u64)
+    );
+    Ok(())
+}

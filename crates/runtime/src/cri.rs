@@ -1,0 +1,858 @@
+//! The CRI client: [`CriRuntime`] implements the [`Runtime`] trait over the Kubernetes Container
+//! Runtime Interface (`runtime.v1`, gRPC on a unix socket) for users who already run containerd or
+//! CRI-O (`--container-runtime-endpoint unix:///run/containerd/containerd.sock`).
+//!
+//! The generated CRI types and gRPC clients come from the `k8s-cri` crate. What CRI does not
+//! offer is refused with a clear error: importing tarballs (use the runtime's own tool, e.g.
+//! `ctr -n k8s.io images import`), standalone containers, and tmpfs mounts. Streaming exec,
+//! attach and port-forward go through the runtime's own streaming server (CRI returns a URL
+//! for them) and are not wired yet: they return [`Error::InvalidState`] naming the limitation.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::api::{
+    AttachSession, DuplexStream, ExecSession, ImageInfo, ProgressFn, Runtime, SandboxState,
+    SandboxStatus,
+};
+use crate::cgroup::CgroupStats;
+use crate::error::{Error, Result};
+use crate::pull::Credentials;
+use crate::runtime::{ContainerState, ContainerStatus, ExecOutput};
+use crate::sandbox::SandboxConfig;
+use crate::spec::{ContainerConfig, MountKind};
+
+/// Namespace recorded in the CRI metadata of sandboxes created through this client.
+const CRI_NAMESPACE: &str = "skiff";
+
+/// A container runtime reached over CRI.
+pub struct CriRuntime {
+    endpoint: String,
+    runtime_name: String,
+    rt: RuntimeServiceClient<Channel>,
+    images: ImageServiceClient<Channel>,
+    /// Sandbox configs by id: CRI wants the sandbox's config again on CreateContainer.
+    sandboxes: Mutex<HashMap<String, cri::PodSandboxConfig>>,
+}
+
+impl std::fmt::Debug for CriRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CriRuntime")
+            .field("endpoint", &self.endpoint)
+            .field("runtime_name", &self.runtime_name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn rpc_err(endpoint: &str, what: &str) -> impl FnOnce(tonic::Status) -> Error {
+    let op = format!("cri {what} on {endpoint}");
+    move |status| match status.code() {
+        tonic::Code::NotFound => {
+            Error::InvalidState(format!("{op}: not found: {}", status.message()))
+        }
+        _ => Error::InvalidState(format!("{op}: {}: {}", status.code(), status.message())),
+    }
+}
+
+fn unsupported(what: &str) -> Error {
+    Error::InvalidState(format!(
+        "{what} is not available with an external CRI runtime in this version of skiff; use the built-in runtime (omit --container-runtime-endpoint)"
+    ))
+}
+
+/// Parses `unix:///path` (or a bare absolute path) into the socket path.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
+    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    if !path.starts_with('/') {
+        return Err(Error::InvalidState(format!(
+            "container runtime endpoint {endpoint:?} is not supported: give a unix socket, e.g. unix:///run/containerd/containerd.sock"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+impl CriRuntime {
+    /// Connects to a CRI endpoint (`unix:///run/containerd/containerd.sock`) and checks that it
+    /// speaks `runtime.v1`.
+    pub async fn connect(endpoint: &str) -> Result<CriRuntime> {
+        let path = socket_path(endpoint)?;
+        let connect_path = path.clone();
+        // The URI is a placeholder: the connector below always dials the unix socket.
+        let channel = Endpoint::from_static("http://localhost")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let p = connect_path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(p).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }))
+            .await
+            .map_err(|e| {
+                Error::InvalidState(format!(
+                    "cannot connect to the container runtime at {}: {e}; is it running?",
+                    path.display()
+                ))
+            })?;
+        let mut rt = RuntimeServiceClient::new(channel.clone());
+        let version = rt
+            .version(cri::VersionRequest {
+                version: "v1".into(),
+            })
+            .await
+            .map_err(rpc_err(endpoint, "Version"))?
+            .into_inner();
+        tracing::info!(
+            endpoint,
+            runtime = %version.runtime_name,
+            runtime_version = %version.runtime_version,
+            cri_version = %version.runtime_api_version,
+            "connected to CRI runtime"
+        );
+        Ok(CriRuntime {
+            endpoint: endpoint.to_string(),
+            runtime_name: version.runtime_name,
+            rt,
+            images: ImageServiceClient::new(channel),
+            sandboxes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn rt(&self) -> RuntimeServiceClient<Channel> {
+        self.rt.clone()
+    }
+
+    fn img(&self) -> ImageServiceClient<Channel> {
+        self.images.clone()
+    }
+
+    fn sandbox_config(&self, cfg: &SandboxConfig) -> cri::PodSandboxConfig {
+        let mode = |host: bool| {
+            if host {
+                cri::NamespaceMode::Node as i32
+            } else {
+                cri::NamespaceMode::Pod as i32
+            }
+        };
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: cfg.name.clone(),
+                uid: cfg.name.clone(),
+                namespace: CRI_NAMESPACE.into(),
+                attempt: 0,
+            }),
+            // With the host network the sandbox shares the host's UTS namespace, where runc
+            // refuses to set a hostname.
+            hostname: if cfg.host_network {
+                String::new()
+            } else {
+                cfg.hostname.clone()
+            },
+            // Container log paths are given absolute (relative to "/").
+            log_directory: "/".into(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: mode(cfg.host_network),
+                        ipc: mode(cfg.host_ipc),
+                        pid: cri::NamespaceMode::Container as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The sandbox config for `id`: remembered from run_sandbox, else rebuilt from the runtime's
+    /// status (after a restart of skiff).
+    async fn known_sandbox_config(&self, id: &str) -> Result<cri::PodSandboxConfig> {
+        if let Some(c) = self.sandboxes.lock().ok().and_then(|m| m.get(id).cloned()) {
+            return Ok(c);
+        }
+        let st = self
+            .rt()
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "PodSandboxStatus"))?
+            .into_inner()
+            .status
+            .ok_or_else(|| Error::NotFound {
+                kind: "sandbox",
+                id: id.into(),
+            })?;
+        let ns = st
+            .linux
+            .as_ref()
+            .and_then(|l| l.namespaces.as_ref())
+            .and_then(|n| n.options.as_ref());
+        let name = st.metadata.map(|m| m.name).unwrap_or_default();
+        let cfg = SandboxConfig {
+            hostname: name.clone(),
+            name,
+            host_network: ns.is_some_and(|o| o.network == cri::NamespaceMode::Node as i32),
+            host_ipc: ns.is_some_and(|o| o.ipc == cri::NamespaceMode::Node as i32),
+        };
+        Ok(self.sandbox_config(&cfg))
+    }
+}
+
+fn sandbox_status(st: cri::PodSandboxStatus, info: &HashMap<String, String>) -> SandboxStatus {
+    let host_network = st
+        .linux
+        .as_ref()
+        .and_then(|l| l.namespaces.as_ref())
+        .and_then(|n| n.options.as_ref())
+        .is_some_and(|o| o.network == cri::NamespaceMode::Node as i32);
+    SandboxStatus {
+        id: st.id,
+        name: st.metadata.map(|m| m.name).unwrap_or_default(),
+        state: if st.state == cri::PodSandboxState::SandboxReady as i32 {
+            SandboxState::Ready
+        } else {
+            SandboxState::NotReady
+        },
+        netns: if host_network {
+            None
+        } else {
+            netns_from_info(info)
+        },
+        created_at: st.created_at,
+    }
+}
+
+/// containerd reports the sandbox's network namespace path in its verbose info (`info` key,
+/// JSON with `runtimeSpec.linux.namespaces`); CRI itself has no field for it.
+fn netns_from_info(info: &HashMap<String, String>) -> Option<PathBuf> {
+    let v: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
+    v.pointer("/runtimeSpec/linux/namespaces")?
+        .as_array()?
+        .iter()
+        .find(|n| n.get("type").and_then(|t| t.as_str()) == Some("network"))?
+        .get("path")?
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+}
+
+fn container_state(s: i32) -> ContainerState {
+    match cri::ContainerState::try_from(s) {
+        Ok(cri::ContainerState::ContainerCreated) => ContainerState::Created,
+        Ok(cri::ContainerState::ContainerRunning) => ContainerState::Running,
+        Ok(cri::ContainerState::ContainerExited) => ContainerState::Exited,
+        _ => ContainerState::Unknown,
+    }
+}
+
+fn nonzero(t: i64) -> Option<i64> {
+    (t > 0).then_some(t)
+}
+
+fn container_status(
+    st: cri::ContainerStatus,
+    sandbox_id: Option<String>,
+    info: &HashMap<String, String>,
+) -> ContainerStatus {
+    let state = container_state(st.state);
+    let extra: Option<serde_json::Value> =
+        info.get("info").and_then(|i| serde_json::from_str(i).ok());
+    let pid = extra
+        .as_ref()
+        .and_then(|v| v.get("pid"))
+        .and_then(|p| p.as_i64())
+        .filter(|p| *p > 0)
+        .and_then(|p| i32::try_from(p).ok());
+    let sandbox_id = sandbox_id.or_else(|| {
+        extra
+            .as_ref()
+            .and_then(|v| v.get("sandboxID"))
+            .and_then(|s| s.as_str())
+            .map(str::to_string)
+    });
+    ContainerStatus {
+        id: st.id,
+        name: st.metadata.map(|m| m.name).unwrap_or_default(),
+        sandbox_id,
+        image: st.image.map(|i| i.image).unwrap_or_default(),
+        image_digest: st.image_ref,
+        state,
+        pid,
+        created_at: st.created_at,
+        started_at: nonzero(st.started_at),
+        finished_at: nonzero(st.finished_at),
+        exit_code: (state == ContainerState::Exited).then_some(st.exit_code),
+        oom_killed: st.reason == "OOMKilled",
+        log_path: PathBuf::from(st.log_path),
+        error: (!st.message.is_empty()).then_some(st.message),
+    }
+}
+
+fn container_config(cfg: &ContainerConfig, log_path: &Path) -> Result<cri::ContainerConfig> {
+    let mut mounts = Vec::new();
+    for m in &cfg.mounts {
+        if m.kind == MountKind::Tmpfs {
+            return Err(unsupported(&format!(
+                "a tmpfs mount at {} (mount a tmpfs on the host and bind it)",
+                m.destination
+            )));
+        }
+        mounts.push(cri::Mount {
+            container_path: m.destination.clone(),
+            host_path: m.source.display().to_string(),
+            readonly: m.readonly,
+            ..Default::default()
+        });
+    }
+    let log = log_path.display().to_string();
+    let log_rel = log.trim_start_matches('/').to_string();
+    let r = &cfg.resources;
+    Ok(cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: cfg.name.clone(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: cfg.image.clone(),
+            ..Default::default()
+        }),
+        command: cfg.command.clone(),
+        args: cfg.args.clone(),
+        working_dir: cfg.working_dir.clone().unwrap_or_default(),
+        envs: cfg
+            .env
+            .iter()
+            .map(|(k, v)| cri::KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+        mounts,
+        devices: cfg
+            .devices
+            .iter()
+            .map(|d| cri::Device {
+                host_path: d.host_path.display().to_string(),
+                container_path: d
+                    .container_path
+                    .clone()
+                    .unwrap_or_else(|| d.host_path.display().to_string()),
+                permissions: d.permissions.clone().unwrap_or_else(|| "rwm".into()),
+            })
+            .collect(),
+        log_path: log_rel,
+        stdin: cfg.stdin,
+        stdin_once: cfg.stdin_once,
+        tty: cfg.tty,
+        linux: Some(cri::LinuxContainerConfig {
+            resources: Some(cri::LinuxContainerResources {
+                cpu_period: r
+                    .cpu_period
+                    .and_then(|p| i64::try_from(p).ok())
+                    .unwrap_or(0),
+                cpu_quota: r.cpu_quota.unwrap_or(0),
+                cpu_shares: r
+                    .cpu_shares
+                    .and_then(|s| i64::try_from(s).ok())
+                    .unwrap_or(0),
+                memory_limit_in_bytes: r.memory_limit.unwrap_or(0),
+                ..Default::default()
+            }),
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                capabilities: Some(cri::Capability {
+                    add_capabilities: cfg.cap_add.clone(),
+                    drop_capabilities: cfg.cap_drop.clone(),
+                    ..Default::default()
+                }),
+                privileged: cfg.privileged,
+                run_as_user: cfg.run_as_user.map(|u| cri::Int64Value {
+                    value: i64::from(u),
+                }),
+                run_as_group: cfg.run_as_group.map(|g| cri::Int64Value {
+                    value: i64::from(g),
+                }),
+                supplemental_groups: cfg
+                    .supplementary_groups
+                    .iter()
+                    .map(|g| i64::from(*g))
+                    .collect(),
+                readonly_rootfs: cfg.readonly_rootfs,
+                no_new_privs: cfg.no_new_privs,
+                seccomp: Some(cri::SecurityProfile {
+                    profile_type: if cfg.seccomp_runtime_default {
+                        cri::security_profile::ProfileType::RuntimeDefault as i32
+                    } else {
+                        cri::security_profile::ProfileType::Unconfined as i32
+                    },
+                    ..Default::default()
+                }),
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: if cfg.host_pid {
+                        cri::NamespaceMode::Node as i32
+                    } else {
+                        cri::NamespaceMode::Container as i32
+                    },
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
+    })
+}
+
+fn auth(creds: &Credentials) -> Option<cri::AuthConfig> {
+    match creds {
+        Credentials::Anonymous => None,
+        Credentials::Basic { username, password } => Some(cri::AuthConfig {
+            username: username.clone(),
+            password: password.clone(),
+            ..Default::default()
+        }),
+        Credentials::Bearer(token) => Some(cri::AuthConfig {
+            registry_token: token.clone(),
+            ..Default::default()
+        }),
+    }
+}
+
+fn image_info(i: cri::Image) -> ImageInfo {
+    ImageInfo {
+        id: i.id,
+        names: i.repo_tags,
+        size: i.size,
+    }
+}
+
+#[async_trait]
+impl Runtime for CriRuntime {
+    fn name(&self) -> String {
+        self.runtime_name.clone()
+    }
+
+    async fn run_sandbox(&self, cfg: SandboxConfig) -> Result<String> {
+        let config = self.sandbox_config(&cfg);
+        let id = self
+            .rt()
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "RunPodSandbox"))?
+            .into_inner()
+            .pod_sandbox_id;
+        if let Ok(mut m) = self.sandboxes.lock() {
+            m.insert(id.clone(), config);
+        }
+        Ok(id)
+    }
+
+    async fn stop_sandbox(&self, id: &str, grace: Duration) -> Result<()> {
+        // CRI's StopPodSandbox kills at once; give the containers their grace period first.
+        for c in self.list_containers().await? {
+            if c.sandbox_id.as_deref() == Some(id) && c.state == ContainerState::Running {
+                self.stop_container(&c.id, grace).await?;
+            }
+        }
+        self.rt()
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "StopPodSandbox"))?;
+        Ok(())
+    }
+
+    async fn remove_sandbox(&self, id: &str) -> Result<()> {
+        self.rt()
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "RemovePodSandbox"))?;
+        if let Ok(mut m) = self.sandboxes.lock() {
+            m.remove(id);
+        }
+        Ok(())
+    }
+
+    async fn sandbox_status(&self, id: &str) -> Result<SandboxStatus> {
+        let resp = self
+            .rt()
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: true,
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "PodSandboxStatus"))?
+            .into_inner();
+        let st = resp.status.ok_or_else(|| Error::NotFound {
+            kind: "sandbox",
+            id: id.into(),
+        })?;
+        Ok(sandbox_status(st, &resp.info))
+    }
+
+    async fn list_sandboxes(&self) -> Result<Vec<SandboxStatus>> {
+        let items = self
+            .rt()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ListPodSandbox"))?
+            .into_inner()
+            .items;
+        let mut out = Vec::with_capacity(items.len());
+        for s in items {
+            // The list lacks the netns path; ask for each sandbox's verbose status.
+            match self.sandbox_status(&s.id).await {
+                Ok(st) => out.push(st),
+                Err(e) => {
+                    tracing::debug!(sandbox = %s.id, error = %e, "sandbox vanished while listing")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn create_container(
+        &self,
+        sandbox_id: Option<&str>,
+        cfg: ContainerConfig,
+        log_path: PathBuf,
+    ) -> Result<String> {
+        let Some(sandbox_id) = sandbox_id else {
+            return Err(unsupported("a container without a pod sandbox"));
+        };
+        if let Some(dir) = log_path.parent() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(crate::error::io_err("create log directory", dir))?;
+        }
+        let sandbox_config = self.known_sandbox_config(sandbox_id).await?;
+        let config = container_config(&cfg, &log_path)?;
+        let id = self
+            .rt()
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: sandbox_id.into(),
+                config: Some(config),
+                sandbox_config: Some(sandbox_config),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "CreateContainer"))?
+            .into_inner()
+            .container_id;
+        Ok(id)
+    }
+
+    async fn start_container(&self, id: &str) -> Result<()> {
+        self.rt()
+            .start_container(cri::StartContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "StartContainer"))?;
+        Ok(())
+    }
+
+    async fn stop_container(&self, id: &str, grace: Duration) -> Result<ContainerStatus> {
+        self.rt()
+            .stop_container(cri::StopContainerRequest {
+                container_id: id.into(),
+                timeout: i64::try_from(grace.as_secs()).unwrap_or(i64::MAX),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "StopContainer"))?;
+        self.container_status(id).await
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<()> {
+        self.rt()
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "RemoveContainer"))?;
+        Ok(())
+    }
+
+    async fn container_status(&self, id: &str) -> Result<ContainerStatus> {
+        let resp = self
+            .rt()
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: true,
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ContainerStatus"))?
+            .into_inner();
+        let st = resp.status.ok_or_else(|| Error::NotFound {
+            kind: "container",
+            id: id.into(),
+        })?;
+        Ok(container_status(st, None, &resp.info))
+    }
+
+    async fn list_containers(&self) -> Result<Vec<ContainerStatus>> {
+        let items = self
+            .rt()
+            .list_containers(cri::ListContainersRequest { filter: None })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ListContainers"))?
+            .into_inner()
+            .containers;
+        let mut out = Vec::with_capacity(items.len());
+        for c in items {
+            match self.container_status(&c.id).await {
+                Ok(mut st) => {
+                    st.sandbox_id = Some(c.pod_sandbox_id);
+                    out.push(st);
+                }
+                Err(e) => {
+                    tracing::debug!(container = %c.id, error = %e, "container vanished while listing")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn container_stats(&self, id: &str) -> Result<CgroupStats> {
+        let stats = self
+            .rt()
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ContainerStats"))?
+            .into_inner()
+            .stats
+            .ok_or_else(|| Error::NotFound {
+                kind: "container",
+                id: id.into(),
+            })?;
+        let cpu = stats
+            .cpu
+            .and_then(|c| c.usage_core_nano_seconds)
+            .map(|v| v.value)
+            .unwrap_or(0);
+        let mem = stats.memory.unwrap_or_default();
+        Ok(CgroupStats {
+            cpu_usage_ns: cpu,
+            memory_usage_bytes: mem.usage_bytes.map(|v| v.value).unwrap_or(0),
+            memory_working_set_bytes: mem.working_set_bytes.map(|v| v.value).unwrap_or(0),
+        })
+    }
+
+    async fn exec_sync(
+        &self,
+        id: &str,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> Result<ExecOutput> {
+        let resp = self
+            .rt()
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: argv,
+                timeout: i64::try_from(timeout.as_secs().max(1)).unwrap_or(i64::MAX),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ExecSync"))?
+            .into_inner();
+        Ok(ExecOutput {
+            exit_code: resp.exit_code,
+            stdout: resp.stdout,
+            stderr: resp.stderr,
+        })
+    }
+
+    async fn exec(
+        &self,
+        _id: &str,
+        _argv: Vec<String>,
+        _tty: bool,
+    ) -> Result<Box<dyn ExecSession>> {
+        Err(unsupported("streaming exec"))
+    }
+
+    async fn attach(&self, _id: &str) -> Result<Box<dyn AttachSession>> {
+        Err(unsupported("attach"))
+    }
+
+    async fn resize(&self, _id: &str, _rows: u16, _cols: u16) -> Result<()> {
+        Err(unsupported("terminal resize"))
+    }
+
+    async fn port_forward(&self, _sandbox_id: &str, _port: u16) -> Result<Box<dyn DuplexStream>> {
+        Err(unsupported("port-forward"))
+    }
+
+    async fn pull_image(
+        &self,
+        reference: &str,
+        creds: &Credentials,
+        _progress: ProgressFn<'_>,
+    ) -> Result<String> {
+        // CRI reports no progress; the pull is one call.
+        let image_ref = self
+            .img()
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: reference.into(),
+                    ..Default::default()
+                }),
+                auth: auth(creds),
+                sandbox_config: None,
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "PullImage"))?
+            .into_inner()
+            .image_ref;
+        Ok(image_ref)
+    }
+
+    async fn import_image(&self, archive: PathBuf) -> Result<Vec<String>> {
+        Err(Error::InvalidState(format!(
+            "importing {} is not part of CRI; import it with the runtime's own tool (containerd: `ctr -n k8s.io images import {}`)",
+            archive.display(),
+            archive.display()
+        )))
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageInfo>> {
+        Ok(self
+            .img()
+            .list_images(cri::ListImagesRequest { filter: None })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ListImages"))?
+            .into_inner()
+            .images
+            .into_iter()
+            .map(image_info)
+            .collect())
+    }
+
+    async fn image_status(&self, reference: &str) -> Result<Option<ImageInfo>> {
+        Ok(self
+            .img()
+            .image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: reference.into(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ImageStatus"))?
+            .into_inner()
+            .image
+            .map(image_info))
+    }
+
+    async fn remove_image(&self, reference: &str) -> Result<bool> {
+        if self.image_status(reference).await?.is_none() {
+            return Ok(false);
+        }
+        self.img()
+            .remove_image(cri::RemoveImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: reference.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "RemoveImage"))?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_must_be_unix_sockets() {
+        assert_eq!(
+            socket_path("unix:///run/containerd/containerd.sock").unwrap(),
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
+        assert_eq!(
+            socket_path("/run/x.sock").unwrap(),
+            PathBuf::from("/run/x.sock")
+        );
+        let e = socket_path("tcp://127.0.0.1:1234").unwrap_err().to_string();
+        assert!(e.contains("unix socket"), "{e}");
+    }
+
+    #[test]
+    fn netns_path_is_read_from_containerd_verbose_info() {
+        let mut info = HashMap::new();
+        info.insert(
+            "info".to_string(),
+            r#"{"pid":42,"runtimeSpec":{"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"}]}}}"#
+                .to_string(),
+        );
+        assert_eq!(
+            netns_from_info(&info),
+            Some(PathBuf::from("/var/run/netns/cni-1"))
+        );
+        assert_eq!(netns_from_info(&HashMap::new()), None);
+    }
+
+    #[test]
+    fn container_config_maps_limits_security_and_log_path() {
+        let cfg = ContainerConfig {
+            name: "app".into(),
+            image: "busybox".into(),
+            command: vec!["sh".into()],
+            env: vec![("A".into(), "1".into())],
+            run_as_user: Some(1000),
+            cap_drop: vec!["ALL".into()],
+            readonly_rootfs: true,
+            resources: crate::spec::Resources {
+                memory_limit: Some(16 << 20),
+                cpu_quota: Some(50_000),
+                cpu_period: Some(100_000),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = container_config(&cfg, Path::new("/var/log/pods/x/app/0.log")).unwrap();
+        assert_eq!(c.log_path, "var/log/pods/x/app/0.log");
+        let linux = c.linux.unwrap();
+        let res = linux.resources.unwrap();
+        assert_eq!(res.memory_limit_in_bytes, 16 << 20);
+        assert_eq!(res.cpu_quota, 50_000);
+        let sc = linux.security_context.unwrap();
+        assert_eq!(sc.run_as_user.unwrap().value, 1000);
+        assert!(sc.readonly_rootfs);
+        assert_eq!(sc.capabilities.unwrap().drop_capabilities, vec!["ALL"]);
+        assert_eq!(c.envs[0].key, "A");
+
+        let tmpfs = ContainerConfig {
+            mounts: vec![crate::spec::Mount {
+                kind: MountKind::Tmpfs,
+                destination: "/scratch".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = container_config(&tmpfs, Path::new("/l"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/scratch"), "{e}");
+    }
+}
