@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DATA_DIR ?= /var/lib/skiff
 # Debian packages that building and testing need (the machine reaches Debian's mirrors only).
-DEB_PACKAGES := protobuf-compiler pkg-config libseccomp-dev etcd-server etcd-client umoci skopeo \
+DEB_PACKAGES := dnsmasq-base protobuf-compiler pkg-config libseccomp-dev etcd-server etcd-client umoci skopeo \
 	busybox-static nftables iproute2 docker-registry runc crun containerd containernetworking-plugins \
 	dnsperf wrk hyperfine jq binutils curl python3-venv
 # The official Python client for the e2e tests lives in a venv of the build dir (Debian's Python
@@ -14,7 +14,7 @@ PYVENV := $(CURDIR)/build/pyvenv
 export SKIFF_E2E_PYTHON := $(PYVENV)/bin/python3
 export PATH := $(HOME)/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-.PHONY: deps build release lint fmt images test bench bench-store bench-runtime bench-net bench-api run clean
+.PHONY: deps build release lint fmt images test bench bench-store bench-runtime bench-net bench-api bench-proxy bench-dns bench-pods run clean
 
 ## deps: install the Debian packages and cargo tools the build and tests need (idempotent, quiet)
 deps:
@@ -47,9 +47,11 @@ images:
 
 ## test: everything CI checks. Root-only tests (namespaces, cgroups, mounts) run too: CI is root.
 test: deps lint images
+	# the e2e harness builds `skiff` alone (its features differ from the workspace build): do it once, up front
+	$(CARGO) build --locked -p skiff
 	$(CARGO) nextest run --workspace --locked --no-fail-fast --run-ignored all
 
-bench: bench-store bench-runtime bench-net bench-api
+bench: bench-store bench-runtime bench-net bench-api bench-proxy bench-dns bench-pods
 
 ## bench-store: redb vs a real etcd (writes/s at 1/16/64 writers, reads/s, watch latency)
 bench-store: deps
@@ -77,3 +79,17 @@ run: deps release
 clean:
 	$(CARGO) clean
 	rm -rf build
+
+## bench-proxy: service proxy rule sync (build + render) for 1,000 Services x 10 endpoints
+bench-proxy: deps
+	$(CARGO) bench -p skiff-proxy --bench rule_sync
+
+## bench-dns: skiff-dns vs dnsmasq with dnsperf, same records, same run
+bench-dns: deps
+	$(CARGO) build --release -p skiff-dns --example bench_server
+	BIN=$${CARGO_TARGET_DIR:-target}/release/examples/bench_server sh crates/dns/bench/dnsperf.sh
+
+## bench-pods: a 100-replica Deployment on one real node, per-pod start-up p50/p99, RSS
+bench-pods: deps images
+	$(CARGO) build --profile bench-fast -p skiff --bin skiff -p skiff-bench
+	./$${CARGO_TARGET_DIR:-target}/bench-fast/skiff-bench pods --skiff $${CARGO_TARGET_DIR:-target}/bench-fast/skiff --image-tar build/images/busybox.tar
