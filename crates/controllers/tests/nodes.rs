@@ -72,7 +72,9 @@ async fn lost_lease_taints_node_and_evicts_pods() {
     };
     pod(&c, "patient", "dead", tol(2)).await;
     pod(&c, "stubborn", "dead", tol(3600)).await;
-    pod(&c, "impatient", "dead", json!([])).await;
+    // Admission gives pods without one a 300 s unreachable toleration (DefaultTolerationSeconds),
+    // so "impatient" asks for 0 s explicitly.
+    pod(&c, "impatient", "dead", tol(0)).await;
     pod(&c, "safe", "alive", json!([])).await;
     // Renew only the live node's lease.
     let api = c.dyn_api("coordination.k8s.io/v1", "Lease", Some("kube-node-lease"));
