@@ -135,6 +135,21 @@ fn count_files(dir: &Path) -> usize {
     n
 }
 
+/// The data of a configMap or secret a volume names: a missing object is empty when the volume
+/// marks it optional, and an error otherwise.
+fn source_data(
+    data: Option<BTreeMap<String, Vec<u8>>>,
+    optional: bool,
+    kind: &str,
+    name: &str,
+) -> Result<BTreeMap<String, Vec<u8>>, KubeletError> {
+    match data {
+        Some(d) => Ok(d),
+        None if optional => Ok(BTreeMap::new()),
+        None => Err(KubeletError::Invalid(format!("{kind} {name:?} not found"))),
+    }
+}
+
 fn items_or_all(
     data: BTreeMap<String, Vec<u8>>,
     items: Option<&Vec<KeyToPath>>,
@@ -285,16 +300,12 @@ pub async fn payload(
 ) -> Result<Option<Vec<Payload>>, KubeletError> {
     if let Some(c) = &vol.config_map {
         let optional = c.optional.unwrap_or(false);
-        let data = match src.config_map(&c.name).await? {
-            Some(d) => d,
-            None if optional => BTreeMap::new(),
-            None => {
-                return Err(KubeletError::Invalid(format!(
-                    "configmap {:?} not found",
-                    c.name
-                )));
-            }
-        };
+        let data = source_data(
+            src.config_map(&c.name).await?,
+            optional,
+            "configmap",
+            &c.name,
+        )?;
         let what = format!("configmap {}", c.name);
         return items_or_all(
             data,
@@ -308,13 +319,7 @@ pub async fn payload(
     if let Some(s) = &vol.secret {
         let name = s.secret_name.clone().unwrap_or_default();
         let optional = s.optional.unwrap_or(false);
-        let data = match src.secret(&name).await? {
-            Some(d) => d,
-            None if optional => BTreeMap::new(),
-            None => {
-                return Err(KubeletError::Invalid(format!("secret {name:?} not found")));
-            }
-        };
+        let data = source_data(src.secret(&name).await?, optional, "secret", &name)?;
         let what = format!("secret {name}");
         return items_or_all(
             data,
@@ -341,16 +346,12 @@ pub async fn payload(
         for s in p.sources.iter().flatten() {
             if let Some(c) = &s.config_map {
                 let optional = c.optional.unwrap_or(false);
-                let data = match src.config_map(&c.name).await? {
-                    Some(d) => d,
-                    None if optional => BTreeMap::new(),
-                    None => {
-                        return Err(KubeletError::Invalid(format!(
-                            "configmap {:?} not found",
-                            c.name
-                        )));
-                    }
-                };
+                let data = source_data(
+                    src.config_map(&c.name).await?,
+                    optional,
+                    "configmap",
+                    &c.name,
+                )?;
                 out.extend(items_or_all(
                     data,
                     c.items.as_ref(),
@@ -361,16 +362,8 @@ pub async fn payload(
             }
             if let Some(sec) = &s.secret {
                 let optional = sec.optional.unwrap_or(false);
-                let data = match src.secret(&sec.name).await? {
-                    Some(d) => d,
-                    None if optional => BTreeMap::new(),
-                    None => {
-                        return Err(KubeletError::Invalid(format!(
-                            "secret {:?} not found",
-                            sec.name
-                        )));
-                    }
-                };
+                let data =
+                    source_data(src.secret(&sec.name).await?, optional, "secret", &sec.name)?;
                 out.extend(items_or_all(
                     data,
                     sec.items.as_ref(),
