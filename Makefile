@@ -46,6 +46,8 @@ images:
 	@if [ -x images/build.sh ]; then images/build.sh build/images; else echo "images: no recipes yet"; fi
 
 ## test: everything CI checks. Root-only tests (namespaces, cgroups, mounts) run too: CI is root.
+# Incremental caches are several GB and useless on a clean CI clone.
+test: export CARGO_INCREMENTAL := 0
 test: deps lint images
 	# the e2e harness builds `skiff` alone (its features differ from the workspace build): do it once, up front
 	$(CARGO) build --locked -p skiff

@@ -1,7 +1,7 @@
 //! ReplicaSet controller against the real apiserver router and a memory store.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

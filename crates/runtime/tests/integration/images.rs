@@ -2,7 +2,7 @@
 //! whiteouts and opaque dirs under a real overlay mount, and refusal of escaping entries.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};

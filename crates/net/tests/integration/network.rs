@@ -1,7 +1,7 @@
 //! Root tests for the pod network: bridge, veth pairs, addresses and IPAM, all inside
 //! namespaces the tests create (a lab node plays the host; more lab nodes play pod sandboxes).
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -1,7 +1,7 @@
 //! Node IPAM and node lifecycle (lease expiry, taints, eviction by tolerationSeconds).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

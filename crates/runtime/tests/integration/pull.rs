@@ -2,7 +2,7 @@
 //! registry address, and by the unqualified name `busybox` through a docker.io mirror.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -1,7 +1,7 @@
 //! Endpoints and EndpointSlice controllers.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

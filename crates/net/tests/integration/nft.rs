@@ -2,7 +2,7 @@
 //! table name: atomic, idempotent apply; other tables untouched; DNAT to real listeners through a
 //! VIP; fast REJECT without endpoints; the 1,000 services x 10 endpoints timing.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

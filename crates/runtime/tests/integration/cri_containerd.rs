@@ -3,7 +3,7 @@
 //! route per pod, no bridge) with host-local IPAM kept in the temp dir; CNI DEL removes them.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

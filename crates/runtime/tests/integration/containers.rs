@@ -2,7 +2,7 @@
 //! sandboxes, exec, and re-adoption after the runtime's process dies.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -297,7 +297,7 @@ fn container_survives_sigkill_of_the_runtime_process_and_is_readopted() {
     let mut child = std::process::Command::new(exe)
         .args([
             "--exact",
-            "runtime_child_process",
+            "containers::runtime_child_process",
             "--nocapture",
             "--include-ignored",
         ])

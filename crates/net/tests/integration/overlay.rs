@@ -2,7 +2,7 @@
 //! each with its own pod bridge (`cni0`, inside the node) and one pod; pod -> pod TCP across the
 //! nodes over host-gw routes and over VXLAN.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -1,7 +1,7 @@
 //! Garbage collector: background, orphan and foreground deletion of a Deployment's tree.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

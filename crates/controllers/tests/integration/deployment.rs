@@ -1,7 +1,7 @@
 //! Deployment controller (with the ReplicaSet controller) against the real apiserver router.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The built-in runtime used only through `Arc<dyn Runtime>`, as the kubelet holds it: sandbox,
 //! container lifecycle, exec (sync and streaming), attach, stats and images.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

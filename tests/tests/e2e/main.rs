@@ -1,0 +1,12 @@
+//! Integration tests of this crate, in one test binary (one link instead of one per file:
+//! test binaries link every dependency, and disk on the build machines is limited).
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod admission;
+mod bad_input;
+mod controllers;
+mod kubectl;
+mod lifecycle;
+mod node_pods;
+mod python_client;
