@@ -254,14 +254,14 @@ async fn handle(
             }
             let (ct, body) = read_body(req).await?;
             let obj = parse_object(&ct, &body)?;
-            let warnings = field_validation(r, &obj, &q)?;
+            let warnings = field_validation(r, &obj, json_dups(&ct, &body), &q)?;
             let created = create(&st, &t, obj, &q).await?;
             Ok(with_warnings(json_response(201, &created), &warnings))
         }
         (Method::PUT, Some(name)) => {
             let (ct, body) = read_body(req).await?;
             let obj = parse_object(&ct, &body)?;
-            let warnings = field_validation(r, &obj, &q)?;
+            let warnings = field_validation(r, &obj, json_dups(&ct, &body), &q)?;
             let (code, obj) = update(&st, &t, &name, obj, &q, Mode::Main).await?;
             Ok(with_warnings(json_response(code, &obj), &warnings))
         }
@@ -271,7 +271,8 @@ async fn handle(
                 return server_side_apply(&st, &t, &name, &body, &q).await;
             }
             let current = get_obj(&st, &t, &name).await?;
-            let warnings = field_validation(r, &apply_patch(&ct, &body, &current)?, &q)?;
+            let patched = apply_patch(&ct, &body, &current)?;
+            let warnings = field_validation(r, &patched, json_dups(&ct, &body), &q)?;
             let obj = patch(&st, &t, &name, &ct, &body, &q, Mode::Main).await?;
             Ok(with_warnings(json_response(200, &obj), &warnings))
         }
@@ -325,7 +326,7 @@ async fn server_side_apply(
             "the name of the object ({body_name}) does not match the name on the URL ({name})"
         )));
     }
-    let warnings = field_validation(r, &applied, q)?;
+    let warnings = field_validation(r, &applied, Vec::new(), q)?;
     let conflict_err = |conflicts: Vec<skiff_api::ssa::Conflict>| {
         let n = conflicts.len();
         let message = if n == 1 {
@@ -398,9 +399,23 @@ async fn server_side_apply(
     Err(ApiError::conflict(r, name))
 }
 
-/// `fieldValidation`: Strict rejects unknown fields (400), Warn (the default) reports them in
-/// `Warning` headers, Ignore skips the check.
-fn field_validation(r: &ResourceInfo, obj: &Value, q: &Q) -> Result<Vec<String>, ApiError> {
+/// Duplicate field paths of a JSON request body (other media types are not scanned).
+fn json_dups(ct: &str, body: &[u8]) -> Vec<String> {
+    let media = ct.split(';').next().unwrap_or("").trim();
+    if media == "application/vnd.kubernetes.protobuf" || media.ends_with("yaml") {
+        return Vec::new();
+    }
+    crate::http_util::duplicate_fields(body)
+}
+
+/// `fieldValidation`: Strict rejects unknown and duplicate fields (400), Warn (the default)
+/// reports them in `Warning` headers, Ignore skips the check.
+fn field_validation(
+    r: &ResourceInfo,
+    obj: &Value,
+    dups: Vec<String>,
+    q: &Q,
+) -> Result<Vec<String>, ApiError> {
     let mode = q
         .get("fieldValidation")
         .map(String::as_str)
@@ -411,6 +426,7 @@ fn field_validation(r: &ResourceInfo, obj: &Value, q: &Q) -> Result<Vec<String>,
     let unknown: Vec<String> = crate::schemas::unknown_fields(&r.api_version(), r.kind, obj)
         .into_iter()
         .map(|f| format!("unknown field \"{f}\""))
+        .chain(dups.into_iter().map(|f| format!("duplicate field \"{f}\"")))
         .collect();
     if unknown.is_empty() {
         return Ok(unknown);

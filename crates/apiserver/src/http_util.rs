@@ -161,3 +161,107 @@ pub fn parse_object(ct: &str, body: &[u8]) -> Result<Value, ApiError> {
     }
     Ok(v)
 }
+
+/// Field paths that appear twice in one JSON object of `body` (`spec.replicas`,
+/// `spec.containers[0].image`), in the order found. serde_json keeps the last of duplicate keys
+/// silently; kube-apiserver reports them under `fieldValidation` (Strict: 400, Warn: warning),
+/// so the raw body is scanned once more with a visitor that remembers keys per object.
+pub fn duplicate_fields(body: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let _ = serde::de::DeserializeSeed::deserialize(
+        DupScan {
+            path: String::new(),
+            out: &mut out,
+        },
+        &mut de,
+    );
+    out
+}
+
+struct DupScan<'a> {
+    path: String,
+    out: &'a mut Vec<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for DupScan<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for DupScan<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0usize;
+        loop {
+            let seed = DupScan {
+                path: format!("{}[{i}]", self.path),
+                out: &mut *self.out,
+            };
+            if seq.next_element_seed(seed)?.is_none() {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = if self.path.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.path)
+            };
+            if !seen.insert(key) {
+                self.out.push(path.clone());
+            }
+            map.next_value_seed(DupScan {
+                path,
+                out: &mut *self.out,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod duplicate_tests {
+    #[test]
+    fn duplicate_fields_are_found_with_paths() {
+        let body = br#"{"kind":"Deployment","spec":{"replicas":1,"replicas":2,
+            "template":{"spec":{"containers":[{"name":"a","image":"x","image":"y"}]}}},"kind":"Deployment"}"#;
+        assert_eq!(
+            super::duplicate_fields(body),
+            vec![
+                "spec.replicas".to_string(),
+                "spec.template.spec.containers[0].image".to_string(),
+                "kind".to_string()
+            ]
+        );
+        assert!(super::duplicate_fields(br#"{"a":{"b":1},"c":{"b":2}}"#).is_empty());
+        assert!(super::duplicate_fields(b"not json").is_empty());
+    }
+}

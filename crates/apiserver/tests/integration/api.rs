@@ -814,6 +814,36 @@ async fn field_validation_strict_warn_ignore() {
             )
         )
     );
+    // Duplicate fields: serde keeps the last; the API reports them as kube-apiserver does.
+    let dup = br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"dup"},"data":{"a":"1","a":"2"}}"#;
+    let (code, _, b) = a
+        .send(
+            Method::POST,
+            &format!("{CMS}?fieldValidation=Strict"),
+            "application/json",
+            "",
+            dup.to_vec(),
+        )
+        .await;
+    assert_eq!(code, 400);
+    let st: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        st["message"],
+        "ConfigMap in version \"v1\" cannot be handled as a ConfigMap: strict decoding error: duplicate field \"data.a\""
+    );
+    let (code, headers, b) = a
+        .send(Method::POST, CMS, "application/json", "", dup.to_vec())
+        .await;
+    assert_eq!(code, 201);
+    assert_eq!(
+        headers["warning"],
+        "299 - \"duplicate field \\\"data.a\\\"\""
+    );
+    let created: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        created["data"]["a"], "2",
+        "the last of duplicate keys wins, as in kube-apiserver"
+    );
 }
 
 #[tokio::test]
