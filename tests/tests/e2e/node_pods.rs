@@ -267,3 +267,137 @@ fn node_server_restart_keeps_pods_running() {
     );
     assert_eq!(jp(&k, "keep", "{.status.phase}"), "Running");
 }
+
+const STREAM_POD: &str = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"stream"},"spec":{"nodeName":"skiff-e2e",
+  "containers":[{"name":"c","image":"skiff.local/busybox:stable","imagePullPolicy":"Never",
+  "command":["sh","-c","mkdir -p /www && echo hello-pf > /www/index.html && httpd -p 8080 -h /www && echo started && i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]}]}}"#;
+
+const ATTACH_POD: &str = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"NAME"},"spec":{"nodeName":"skiff-e2e",
+  "restartPolicy":"Never","containers":[{"name":"c","image":"skiff.local/busybox:stable","imagePullPolicy":"Never",
+  "stdin":true,"stdinOnce":true,"command":["sh","-c","read line; echo got:$line"]}]}}"#;
+
+/// `kubectl port-forward pod/stream :8080` and one HTTP GET through it; returns the response.
+fn http_through_port_forward(k: &Kubectl) -> String {
+    use std::io::{Read, Write};
+    let (_pf, lines) = k.spawn_lines(&["port-forward", "pod/stream", ":8080"]);
+    let line = lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("kubectl port-forward printed no 'Forwarding from' line");
+    // "Forwarding from 127.0.0.1:41234 -> 8080"
+    let port: u16 = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected port-forward line {line:?}"));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    resp
+}
+
+/// logs, exec (stdout, stdin, exit codes), attach, cp and port-forward through the API server
+/// to the kubelet, with kubectl 1.27 (SPDY) and 1.33 (WebSocket, the default since 1.31).
+#[test]
+fn node_kubectl_logs_exec_attach_cp_port_forward() {
+    let server = node_server();
+    let k33 = Kubectl::new(Some("1.33"), &server);
+    let k27 = Kubectl::new(Some("1.27"), &server);
+    k33.ok_stdin(&["apply", "-f", "-"], STREAM_POD);
+    k33.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/stream",
+        "--timeout=120s",
+    ]);
+
+    for (v, k) in [("1.27", &k27), ("1.33", &k33)] {
+        // logs, --tail, and -f streaming new lines.
+        wait_until("the pod logged its first tick", 30, || {
+            String::from_utf8_lossy(&k.run(&["logs", "stream"]).stdout).contains("tick 1")
+        });
+        let all = k.ok(&["logs", "stream"]);
+        assert!(
+            all.starts_with("started\ntick 0\n"),
+            "kubectl {v} logs: {all:?}"
+        );
+        let tail = k.ok(&["logs", "stream", "--tail=1"]);
+        assert_eq!(
+            tail.lines().count(),
+            1,
+            "kubectl {v} logs --tail=1: {tail:?}"
+        );
+        let (_f, lines) = k.spawn_lines(&["logs", "-f", "--tail=0", "stream"]);
+        let next = lines
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("kubectl {v} logs -f streamed nothing in 10 s"));
+        assert!(next.starts_with("tick "), "kubectl {v} logs -f: {next:?}");
+
+        // exec: stdout, stdin, and the command's exit code.
+        assert_eq!(
+            k.ok(&["exec", "stream", "--", "cat", "/www/index.html"]),
+            "hello-pf\n",
+            "kubectl {v} exec"
+        );
+        assert_eq!(
+            k.ok_stdin(&["exec", "-i", "stream", "--", "cat"], "from stdin\n"),
+            "from stdin\n",
+            "kubectl {v} exec -i"
+        );
+        let out = k.run(&["exec", "stream", "--", "sh", "-c", "echo oops >&2; exit 3"]);
+        assert_eq!(out.status.code(), Some(3), "kubectl {v} exec exit code");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("oops"), "kubectl {v} exec stderr: {err}");
+        let missing = k.fails(&["exec", "stream", "-c", "nope", "--", "true"]);
+        assert!(
+            missing.contains("nope"),
+            "kubectl {v} exec -c nope: {missing}"
+        );
+
+        // cp both ways (kubectl cp runs tar in the container).
+        let local = server.dir.path().join(format!("cp-in-{v}"));
+        std::fs::write(&local, format!("copied by {v}\n")).unwrap();
+        k.ok(&[
+            "cp",
+            &local.display().to_string(),
+            &format!("stream:/tmp/cp-{v}"),
+        ]);
+        assert_eq!(
+            k.ok(&["exec", "stream", "--", "cat", &format!("/tmp/cp-{v}")]),
+            format!("copied by {v}\n"),
+            "kubectl {v} cp into the pod"
+        );
+        let back = server.dir.path().join(format!("cp-out-{v}"));
+        k.ok(&["cp", "stream:/www/index.html", &back.display().to_string()]);
+        assert_eq!(std::fs::read_to_string(&back).unwrap(), "hello-pf\n");
+
+        // port-forward to the pod's httpd.
+        let resp = http_through_port_forward(k);
+        assert!(
+            resp.starts_with("HTTP/1.") && resp.contains("hello-pf"),
+            "kubectl {v} port-forward response: {resp:?}"
+        );
+
+        // attach -i to a container that waits for one line on stdin.
+        let name = format!("attach-{}", v.replace('.', "-"));
+        k.ok_stdin(&["apply", "-f", "-"], &ATTACH_POD.replace("NAME", &name));
+        k.ok(&[
+            "wait",
+            "--for=condition=Ready",
+            &format!("pod/{name}"),
+            "--timeout=120s",
+        ]);
+        let out = k.run_stdin(&["attach", "-i", &name], Some("hi\n"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("got:hi"),
+            "kubectl {v} attach -i: status {} stdout {stdout:?} stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    k33.ok(&["delete", "pod", "--all", "--timeout=60s"]);
+}
