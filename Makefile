@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DATA_DIR ?= /var/lib/skiff
 # Debian packages that building and testing need (the machine reaches Debian's mirrors only).
-DEB_PACKAGES := dnsmasq-base protobuf-compiler pkg-config libseccomp-dev etcd-server etcd-client umoci skopeo \
+DEB_PACKAGES := dnsmasq-base protobuf-compiler libprotobuf-dev pkg-config libseccomp-dev etcd-server etcd-client umoci skopeo \
 	busybox-static nftables iproute2 docker-registry runc crun containerd containernetworking-plugins \
 	dnsperf wrk hyperfine jq binutils curl python3-venv
 # The official Python client for the e2e tests lives in a venv of the build dir (Debian's Python
