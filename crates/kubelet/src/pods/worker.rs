@@ -184,6 +184,8 @@ pub struct Worker {
     transitions: BTreeMap<String, (String, Time)>,
     sandbox_error: Option<String>,
     adopted: bool,
+    /// Set once `activeDeadlineSeconds` ran out: the pod is Failed with this message.
+    deadline_exceeded: Option<String>,
 }
 
 impl Worker {
@@ -217,6 +219,7 @@ impl Worker {
             transitions: BTreeMap::new(),
             sandbox_error: None,
             adopted: false,
+            deadline_exceeded: None,
         }
     }
 
@@ -1071,7 +1074,24 @@ impl Worker {
             return Ok(Flow::Done);
         }
         let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
-        if matches!(phase.as_deref(), Some("Succeeded" | "Failed")) && self.all_exited() {
+        let terminal = matches!(phase.as_deref(), Some("Succeeded" | "Failed"));
+        if self.deadline_exceeded.is_none() && !terminal && self.past_deadline(pod) {
+            let msg = "Pod was active on the node longer than the specified deadline";
+            tracing::info!(pod = %self.name, namespace = %self.namespace, "active deadline exceeded; stopping the pod");
+            events::record(&self.sh, pod, "Warning", "DeadlineExceeded", msg).await;
+            self.deadline_exceeded = Some(msg.into());
+            for i in 0..self.ctrs.len() {
+                if self.ctrs[i].running() {
+                    self.kill(pod, i, "exceeded the pod's active deadline")
+                        .await;
+                }
+            }
+        }
+        if self.deadline_exceeded.is_some() {
+            self.write_status(pod).await?;
+            return Ok(Flow::Continue);
+        }
+        if terminal && self.all_exited() {
             self.publish(pod);
             return Ok(Flow::Continue);
         }
@@ -1160,6 +1180,18 @@ impl Worker {
         }
         self.write_status(pod).await?;
         Ok(Flow::Continue)
+    }
+
+    /// Whether the pod has run longer than its `activeDeadlineSeconds` (counted from startTime).
+    fn past_deadline(&self, pod: &Pod) -> bool {
+        let Some(limit) = pod.spec.as_ref().and_then(|s| s.active_deadline_seconds) else {
+            return false;
+        };
+        let Some(start) = &self.start_time else {
+            return false;
+        };
+        let ran = k8s_openapi::jiff::Timestamp::now().as_second() - start.0.as_second();
+        ran >= limit
     }
 
     fn all_exited(&self) -> bool {
@@ -1311,6 +1343,16 @@ impl Worker {
                 }
             }
         };
+        let mut message = self.sandbox_error.clone();
+        let mut reason = None;
+        let phase = match &self.deadline_exceeded {
+            Some(m) => {
+                message = Some(m.clone());
+                reason = Some("DeadlineExceeded".to_string());
+                "Failed"
+            }
+            None => phase,
+        };
         let all_ready = !apps.is_empty() && app_statuses.iter().all(|s| s.ready);
         let sandbox_ok = self.sandbox_id.is_some() && self.sandbox_error.is_none();
         let terminal = phase == "Succeeded" || phase == "Failed";
@@ -1348,9 +1390,9 @@ impl Worker {
         }
         let host_ip = self.sh.node_ip.to_string();
         let pod_ip = self.pod_ip.map(|i| i.to_string());
-        let message = self.sandbox_error.clone();
         PodStatus {
             phase: Some(phase.into()),
+            reason,
             conditions: Some(conditions),
             host_ip: Some(host_ip.clone()),
             host_ips: Some(vec![HostIP { ip: host_ip }]),

@@ -502,6 +502,34 @@ async fn node_registration_pods_probes_restarts_and_deletion() {
         .unwrap();
     assert_eq!(t.reason.as_deref(), Some("OOMKilled"), "{t:?}");
 
+    // activeDeadlineSeconds: the pod is stopped and Failed with reason DeadlineExceeded.
+    let slow: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "deadline"},
+        "spec": {
+            "nodeName": node.name, "activeDeadlineSeconds": 3, "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "c", "image": "skiff.local/busybox:stable", "imagePullPolicy": "Never",
+                "command": ["sleep", "3600"]
+            }]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &slow).await.unwrap();
+    let p = pod_where(&pods, "deadline", 60, "Failed (DeadlineExceeded)", |p| {
+        phase(p) == "Failed"
+    })
+    .await;
+    let st = p.status.clone().unwrap();
+    assert_eq!(st.reason.as_deref(), Some("DeadlineExceeded"), "{st:?}");
+    assert!(!ready(&p));
+    wait_for("deadline pod's container stopped", 30, async || {
+        let p = pods.get("deadline").await.unwrap();
+        status_of(&p, "c")
+            .and_then(|s| s.state.clone())
+            .and_then(|s| s.terminated)
+    })
+    .await;
+
     // Graceful delete with preStop: the object stays until the hook ran.
     let started = Instant::now();
     pods.delete("web", &DeleteParams::default()).await.unwrap();
@@ -514,7 +542,7 @@ async fn node_registration_pods_probes_restarts_and_deletion() {
         "deleted after {:?}, before the 2 s preStop hook could finish",
         started.elapsed()
     );
-    for name in ["crash", "live", "oom"] {
+    for name in ["crash", "live", "oom", "deadline"] {
         pods.delete(name, &DeleteParams::default()).await.unwrap();
     }
     wait_for("all pods gone and sandboxes removed", 60, async || {
