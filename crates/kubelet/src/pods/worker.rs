@@ -22,6 +22,7 @@ use skiff_runtime::{
 use crate::config::{KubeletError, io_err, rt_err};
 use crate::node::now;
 use crate::pods::probe::{Outcome, run_hook, run_probe};
+use crate::pods::pullsecrets;
 use crate::pods::spec::{
     expand, hosts_file, qos_class, quantity_bytes, quantity_milli, resolv_conf,
 };
@@ -423,6 +424,61 @@ impl Worker {
         }
     }
 
+    /// The credentials to try for pulling `image`: those of the pod's imagePullSecrets that
+    /// match its registry (most specific first), or anonymous when none match. A missing secret gives a
+    /// warning event, as the kubelet's, and the pull goes on without it.
+    async fn pull_credentials(
+        &self,
+        pod: &Pod,
+        image: &str,
+    ) -> Vec<skiff_runtime::pull::Credentials> {
+        let names: Vec<String> = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.image_pull_secrets.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|r| r.name.clone())
+            .filter(|n| !n.is_empty())
+            .collect();
+        let mut keyed = Vec::new();
+        let mut missing = Vec::new();
+        let api: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(self.sh.client.clone(), &self.namespace);
+        for n in &names {
+            match api.get_opt(n).await {
+                Ok(Some(s)) => keyed.extend(pullsecrets::secret_credentials(&s)),
+                Ok(None) => missing.push(n.clone()),
+                Err(e) => {
+                    tracing::warn!(pod = %self.name, secret = %n, error = %e, "reading image pull secret failed");
+                    missing.push(n.clone());
+                }
+            }
+        }
+        if !missing.is_empty() {
+            events::record(
+                &self.sh,
+                pod,
+                "Warning",
+                "FailedToRetrieveImagePullSecret",
+                &format!(
+                    "Unable to retrieve some image pull secrets ({}); attempting to pull the image may not succeed.",
+                    missing.join(", ")
+                ),
+            )
+            .await;
+        }
+        let normalized =
+            skiff_runtime::reference::normalize(image).unwrap_or_else(|_| image.to_string());
+        let out = pullsecrets::for_image(&normalized, &keyed);
+        if out.is_empty() {
+            // No secret names this registry: pull anonymously (as the kubelet does; when some
+            // match, their failures are final, without an anonymous retry).
+            return vec![skiff_runtime::pull::Credentials::Anonymous];
+        }
+        out
+    }
+
     /// Makes sure the image is there; returns its id.
     async fn ensure_image(&mut self, pod: &Pod, i: usize) -> Result<Option<String>, KubeletError> {
         let Some(c) = Self::container_spec(pod, &self.ctrs[i]).cloned() else {
@@ -466,14 +522,18 @@ impl Worker {
             &format!("Pulling image \"{image}\""),
         )
         .await;
-        match rt
-            .pull_image(
-                &image,
-                &skiff_runtime::pull::Credentials::default(),
-                &|_| {},
-            )
-            .await
-        {
+        let candidates = self.pull_credentials(pod, &image).await;
+        let mut result = Err(skiff_runtime::Error::InvalidReference {
+            reference: image.clone(),
+            reason: "no credentials tried".into(),
+        });
+        for creds in &candidates {
+            result = rt.pull_image(&image, creds, &|_| {}).await;
+            if result.is_ok() {
+                break;
+            }
+        }
+        match result {
             Ok(id) => {
                 let ctr = &mut self.ctrs[i];
                 ctr.pull_failures = 0;
