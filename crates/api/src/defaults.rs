@@ -340,6 +340,23 @@ pub fn apply_defaults(group: &str, kind: &str, obj: &mut Value) {
         ("", "Secret") => {
             if let Some(o) = obj.as_object_mut() {
                 set_default(o, "type", json!("Opaque"));
+                // `stringData` is write-only: its entries are merged into `data` (base64),
+                // overriding keys of the same name, and never stored.
+                if let Some(Value::Object(sd)) = o.remove("stringData") {
+                    use base64::Engine;
+                    if let Some(data) = ensure_obj(o, "data") {
+                        for (k, v) in sd {
+                            let text = match v {
+                                Value::String(t) => t,
+                                other => other.to_string(),
+                            };
+                            data.insert(
+                                k,
+                                json!(base64::engine::general_purpose::STANDARD.encode(text)),
+                            );
+                        }
+                    }
+                }
             }
         }
         ("", "PersistentVolumeClaim") => {
@@ -457,5 +474,17 @@ mod tests {
         assert_eq!(s["spec"]["type"], "ClusterIP");
         assert_eq!(s["spec"]["sessionAffinity"], "None");
         assert_eq!(s["spec"]["ports"][0]["targetPort"], 80);
+    }
+
+    #[test]
+    fn secret_string_data_merges_into_data() {
+        let mut s =
+            json!({"data": {"a": "b2xk", "keep": "eA=="}, "stringData": {"a": "new", "b": "two"}});
+        apply_defaults("", "Secret", &mut s);
+        assert_eq!(s["type"], "Opaque");
+        assert_eq!(s["data"]["a"], "bmV3");
+        assert_eq!(s["data"]["b"], "dHdv");
+        assert_eq!(s["data"]["keep"], "eA==");
+        assert!(s.get("stringData").is_none());
     }
 }

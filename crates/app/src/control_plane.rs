@@ -41,7 +41,8 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 /// Starts the scheduler and the controllers (each only while this server holds its lease).
-pub fn start(router: axum::Router, cfg: &ServerConfig) -> ControlPlane {
+/// `ca_pem` is the cluster CA, published in every namespace as `kube-root-ca.crt`.
+pub fn start(router: axum::Router, cfg: &ServerConfig, ca_pem: &str) -> ControlPlane {
     let (stop, stop_rx) = watch::channel(false);
     let id = identity(cfg);
     let sched_client =
@@ -53,6 +54,7 @@ pub fn start(router: axum::Router, cfg: &ServerConfig) -> ControlPlane {
     );
     let controller_config = skiff_controllers::ControllerConfig {
         cluster_cidr: cfg.cluster_cidr.clone(),
+        root_ca_pem: Some(ca_pem.to_string()),
         ..Default::default()
     };
     let mut tasks = Vec::new();

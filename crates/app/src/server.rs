@@ -297,7 +297,7 @@ pub async fn run(
     };
     let state = ApiState::new(store, api_config).await?;
     let router = skiff_apiserver::router(state);
-    let control_plane = crate::control_plane::start(router.clone(), &cfg);
+    let control_plane = crate::control_plane::start(router.clone(), &cfg, &pki.ca_cert_pem);
     let acceptor = tls_acceptor(&pki)?;
 
     let (node_stop, node_stop_rx) = tokio::sync::watch::channel(false);

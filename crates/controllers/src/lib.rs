@@ -8,8 +8,10 @@ pub mod informer;
 pub mod ipam;
 pub mod leader;
 pub mod nodelifecycle;
+pub mod podgc;
 pub mod queue;
 pub mod replicaset;
+pub mod serviceaccount;
 pub mod util;
 
 use std::future::Future;
@@ -46,6 +48,16 @@ pub struct ControllerConfig {
     pub node_monitor_grace: Duration,
     /// How often node health is checked.
     pub node_monitor_period: Duration,
+    /// The cluster CA (PEM) published as `kube-root-ca.crt` in every namespace; None: not
+    /// published.
+    pub root_ca_pem: Option<String>,
+    /// How often PodGC runs (kube-controller-manager: 20 s).
+    pub podgc_period: Duration,
+    /// How long pods of a vanished node wait before PodGC checks the node again and deletes them.
+    pub podgc_quarantine: Duration,
+    /// Terminated pods kept before PodGC deletes the oldest (`--terminated-pod-gc-threshold`,
+    /// 12500; 0 disables).
+    pub terminated_pod_gc_threshold: usize,
 }
 
 impl Default for ControllerConfig {
@@ -55,6 +67,10 @@ impl Default for ControllerConfig {
             node_cidr_mask: 24,
             node_monitor_grace: Duration::from_secs(40),
             node_monitor_period: Duration::from_secs(5),
+            root_ca_pem: None,
+            podgc_period: Duration::from_secs(20),
+            podgc_quarantine: Duration::from_secs(40),
+            terminated_pod_gc_threshold: 12_500,
         }
     }
 }
@@ -131,6 +147,8 @@ pub async fn run(
         tokio::spawn(ipam::run(ctx.clone())),
         tokio::spawn(endpoints::run(ctx.clone())),
         tokio::spawn(nodelifecycle::run(ctx.clone())),
+        tokio::spawn(podgc::run(ctx.clone())),
+        tokio::spawn(serviceaccount::run(ctx.clone())),
     ];
     shutdown.await;
     for t in &tasks {

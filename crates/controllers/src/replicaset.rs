@@ -1,4 +1,4 @@
-//! ReplicaSet controller: keeps `spec.replicas` pods that match the selector, adopts orphans
+//! ReplicaSet (and ReplicationController) controller: keeps `spec.replicas` pods that match the selector, adopts orphans
 //! and releases pods that stop matching, creates in slow-start batches, deletes the least
 //! valuable pods first, and reports replicas / ready / available / observedGeneration.
 
@@ -6,13 +6,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec, ReplicaSetStatus};
+use k8s_openapi::api::core::v1::{Pod, ReplicationController};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use crate::informer::Informer;
 use crate::queue::Queue;
 use crate::util::{self, controller_ref, deleting, is_active, key, selector_matches, split_key};
 use crate::{ControllerError, Ctx};
@@ -29,68 +30,196 @@ struct Expect {
     at: Option<Instant>,
 }
 
-/// Runs the controller until the task is aborted.
-pub async fn run(ctx: Arc<Ctx>) {
-    let queue = Queue::default();
-    let rs_inf = ctx.replicasets.clone();
-    crate::informer::feed(
-        &ctx.replicasets,
-        queue.clone(),
-        |rs: &ReplicaSet| vec![key(&rs.metadata)],
-        move || {
-            rs_inf
+/// The kind a pass manages: ReplicaSets, or ReplicationControllers seen as ReplicaSets (their
+/// map selector becomes `matchLabels`), as upstream runs one controller for both.
+#[derive(Clone)]
+enum Source {
+    ReplicaSets(Arc<Informer<ReplicaSet>>),
+    ReplicationControllers(Arc<Informer<ReplicationController>>),
+}
+
+impl Source {
+    fn kind(&self) -> &'static str {
+        match self {
+            Source::ReplicaSets(_) => "ReplicaSet",
+            Source::ReplicationControllers(_) => "ReplicationController",
+        }
+    }
+
+    fn api_version(&self) -> &'static str {
+        match self {
+            Source::ReplicaSets(_) => "apps/v1",
+            Source::ReplicationControllers(_) => "v1",
+        }
+    }
+
+    /// The object `ns/name` as a ReplicaSet.
+    fn get(&self, ns: &str, name: &str) -> Option<Arc<ReplicaSet>> {
+        match self {
+            Source::ReplicaSets(i) => i.get(ns, name),
+            Source::ReplicationControllers(i) => i.get(ns, name).map(|rc| Arc::new(rc_as_rs(&rc))),
+        }
+    }
+
+    /// Every object of namespace `ns` (all namespaces when None) as ReplicaSets.
+    fn all(&self, ns: Option<&str>) -> Vec<Arc<ReplicaSet>> {
+        let keep = |m: &ObjectMeta| ns.is_none() || m.namespace.as_deref() == ns;
+        match self {
+            Source::ReplicaSets(i) => i
                 .store
                 .state()
+                .into_iter()
+                .filter(|r| keep(&r.metadata))
+                .collect(),
+            Source::ReplicationControllers(i) => i
+                .store
+                .state()
+                .into_iter()
+                .filter(|r| keep(&r.metadata))
+                .map(|rc| Arc::new(rc_as_rs(&rc)))
+                .collect(),
+        }
+    }
+
+    async fn patch_status(
+        &self,
+        ctx: &Ctx,
+        ns: &str,
+        name: &str,
+        status: serde_json::Value,
+    ) -> kube::Result<()> {
+        let pp = PatchParams::default();
+        let patch = Patch::Merge(json!({"status": status}));
+        match self {
+            Source::ReplicaSets(_) => {
+                Api::<ReplicaSet>::namespaced(ctx.client.clone(), ns)
+                    .patch_status(name, &pp, &patch)
+                    .await?;
+            }
+            Source::ReplicationControllers(_) => {
+                Api::<ReplicationController>::namespaced(ctx.client.clone(), ns)
+                    .patch_status(name, &pp, &patch)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A ReplicationController as the ReplicaSet it is equivalent to. An empty selector means the
+/// template's labels (the v1 defaulting rule).
+fn rc_as_rs(rc: &ReplicationController) -> ReplicaSet {
+    let spec = rc.spec.clone().unwrap_or_default();
+    let tmpl_labels = spec
+        .template
+        .as_ref()
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.labels.clone());
+    let selector = spec.selector.filter(|s| !s.is_empty()).or(tmpl_labels);
+    let status = rc.status.as_ref();
+    ReplicaSet {
+        metadata: rc.metadata.clone(),
+        spec: Some(ReplicaSetSpec {
+            replicas: spec.replicas,
+            min_ready_seconds: spec.min_ready_seconds,
+            selector: LabelSelector {
+                match_labels: selector,
+                match_expressions: None,
+            },
+            template: spec.template,
+        }),
+        status: status.map(|s| ReplicaSetStatus {
+            replicas: s.replicas,
+            fully_labeled_replicas: s.fully_labeled_replicas,
+            ready_replicas: s.ready_replicas,
+            available_replicas: s.available_replicas,
+            observed_generation: s.observed_generation,
+            ..Default::default()
+        }),
+    }
+}
+
+/// Runs the ReplicaSet and ReplicationController controllers until the task is aborted.
+pub async fn run(ctx: Arc<Ctx>) {
+    let rcs = Informer::<ReplicationController>::spawn(
+        Api::all(ctx.client.clone()),
+        "replicationcontrollers",
+    );
+    rcs.synced().await;
+    let a = run_kind(ctx.clone(), Source::ReplicaSets(ctx.replicasets.clone()));
+    let b = run_kind(ctx, Source::ReplicationControllers(rcs.clone()));
+    futures::future::join(a, b).await;
+}
+
+async fn run_kind(ctx: Arc<Ctx>, src: Source) {
+    let queue = Queue::default();
+    let keys = {
+        let src = src.clone();
+        move || {
+            src.all(None)
                 .iter()
                 .map(|r| key(&r.metadata))
-                .collect()
-        },
-    );
-    let c2 = ctx.clone();
-    let rs_inf = ctx.replicasets.clone();
+                .collect::<Vec<_>>()
+        }
+    };
+    match &src {
+        Source::ReplicaSets(i) => {
+            crate::informer::feed(
+                i,
+                queue.clone(),
+                |rs: &ReplicaSet| vec![key(&rs.metadata)],
+                keys.clone(),
+            );
+        }
+        Source::ReplicationControllers(i) => {
+            crate::informer::feed(
+                i,
+                queue.clone(),
+                |rc: &ReplicationController| vec![key(&rc.metadata)],
+                keys.clone(),
+            );
+        }
+    }
+    let src2 = src.clone();
     crate::informer::feed(
         &ctx.pods,
         queue.clone(),
-        move |p: &Pod| owners_of(&c2, p),
-        move || {
-            rs_inf
-                .store
-                .state()
-                .iter()
-                .map(|r| key(&r.metadata))
-                .collect()
-        },
+        move |p: &Pod| owners_of(&src2, p),
+        keys.clone(),
     );
-    for rs in ctx.replicasets.store.state() {
-        queue.add(key(&rs.metadata));
+    for k in keys() {
+        queue.add(k);
     }
     let exp: Arc<Mutex<HashMap<String, Expect>>> = Arc::default();
+    let name = if matches!(src, Source::ReplicaSets(_)) {
+        "replicaset"
+    } else {
+        "replicationcontroller"
+    };
     queue
-        .work("replicaset", |k| sync(ctx.clone(), exp.clone(), k))
+        .work(name, |k| sync(ctx.clone(), src.clone(), exp.clone(), k))
         .await;
 }
 
-/// The ReplicaSets a pod event concerns: its controller, or (for orphans) every ReplicaSet in
+/// The controllers a pod event concerns: its controller, or (for orphans) every controller in
 /// its namespace whose selector matches.
-fn owners_of(ctx: &Ctx, pod: &Pod) -> Vec<String> {
+fn owners_of(src: &Source, pod: &Pod) -> Vec<String> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("");
     if let Some(r) = controller_ref(&pod.metadata) {
-        if r.kind == "ReplicaSet" {
+        if r.kind == src.kind() {
             return vec![format!("{ns}/{}", r.name)];
         }
         return vec![];
     }
-    ctx.replicasets
-        .in_namespace(ns)
+    src.all(Some(ns))
         .iter()
         .filter(|rs| {
-            selector_matches(
-                &rs.spec
-                    .as_ref()
-                    .map(|s| s.selector.clone())
-                    .unwrap_or_default(),
-                pod.metadata.labels.as_ref(),
-            )
+            let sel = rs
+                .spec
+                .as_ref()
+                .map(|s| s.selector.clone())
+                .unwrap_or_default();
+            !util::selector_is_empty(&sel) && selector_matches(&sel, pod.metadata.labels.as_ref())
         })
         .map(|rs| key(&rs.metadata))
         .collect()
@@ -105,11 +234,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 async fn sync(
     ctx: Arc<Ctx>,
+    src: Source,
     exp: Arc<Mutex<HashMap<String, Expect>>>,
     k: String,
 ) -> Result<Option<Duration>, ControllerError> {
     let (ns, name) = split_key(&k);
-    let Some(rs) = ctx.replicasets.get(ns, name) else {
+    let Some(rs) = src.get(ns, name) else {
         lock(&exp).remove(&k);
         return Ok(None);
     };
@@ -118,7 +248,7 @@ async fn sync(
     };
     let uid = rs.metadata.uid.clone().unwrap_or_default();
     let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), ns);
-    let owner = util::owner_ref("apps/v1", "ReplicaSet", &rs.metadata);
+    let owner = util::owner_ref(src.api_version(), src.kind(), &rs.metadata);
     let mut owned: Vec<Arc<Pod>> = Vec::new();
     for p in ctx.pods.in_namespace(ns) {
         let matches = !util::selector_is_empty(&spec.selector)
@@ -241,15 +371,7 @@ async fn sync(
             && s.observed_generation.unwrap_or(0) == rs.metadata.generation.unwrap_or(0)
     });
     if !same {
-        let api = Api::<ReplicaSet>::namespaced(ctx.client.clone(), ns);
-        match api
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
-            )
-            .await
-        {
+        match src.patch_status(&ctx, ns, name, status).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
             Err(e) => return Err(e.into()),

@@ -89,8 +89,8 @@ impl RegistriesConfig {
     }
 }
 
-/// Credentials for one pull (as imagePullSecrets give them).
-#[derive(Debug, Clone, Default)]
+/// Credentials for one pull (as imagePullSecrets give them). `Debug` never shows the secret.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum Credentials {
     /// none
     #[default]
@@ -104,6 +104,20 @@ pub enum Credentials {
     },
     /// a bearer token
     Bearer(String),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Anonymous => f.write_str("Anonymous"),
+            Credentials::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Credentials::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+        }
+    }
 }
 
 /// Progress of a pull: events per blob as its bytes arrive (at most one per 256 KiB), and a

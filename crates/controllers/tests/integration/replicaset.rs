@@ -141,3 +141,52 @@ async fn min_ready_seconds_delays_available() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn replication_controller_keeps_its_pods() {
+    let c = common::cluster().await;
+    // No selector: the template's labels are the selector (v1 defaulting).
+    c.create(json!({
+        "apiVersion": "v1", "kind": "ReplicationController",
+        "metadata": {"name": "legacy", "namespace": "default"},
+        "spec": {"replicas": 2,
+            "template": {"metadata": {"labels": {"app": "legacy"}},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}
+    }))
+    .await;
+    c.wait("2 pods", T, || async { c.pods("default").await.len() == 2 })
+        .await;
+    for p in c.pods("default").await {
+        let r = &p.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(r.kind, "ReplicationController");
+        assert_eq!(r.api_version, "v1");
+        assert_eq!(r.name, "legacy");
+        assert_eq!(r.controller, Some(true));
+    }
+    c.mark_ready("default").await;
+    c.wait("rc status 2 ready", T, || async {
+        let rc = c
+            .get("v1", "ReplicationController", Some("default"), "legacy")
+            .await
+            .unwrap();
+        rc["status"]["readyReplicas"] == 2
+            && rc["status"]["availableReplicas"] == 2
+            && rc["status"]["replicas"] == 2
+            && rc["status"]["observedGeneration"] == rc["metadata"]["generation"]
+    })
+    .await;
+    // A ReplicaSet with the same labels does not take the RC's pods.
+    c.create(rs("other", 0)).await;
+    c.patch(
+        "v1",
+        "ReplicationController",
+        Some("default"),
+        "legacy",
+        json!({"spec": {"replicas": 3}}),
+    )
+    .await;
+    c.wait("3 pods", T, || async {
+        c.pods("default").await.iter().filter(|p| active(p)).count() == 3
+    })
+    .await;
+}

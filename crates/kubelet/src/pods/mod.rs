@@ -5,6 +5,7 @@
 pub mod env;
 pub mod events;
 pub mod probe;
+pub mod pullsecrets;
 pub mod spec;
 pub mod volumes;
 pub mod worker;

@@ -1,11 +1,11 @@
-//! Probe and lifecycle-hook actions: exec in the container, HTTP GET and TCP connect to the pod
-//! address (or the host for host-network pods).
+//! Probe and lifecycle-hook actions: exec in the container, HTTP GET, TCP connect and gRPC health
+//! checks (`grpc.health.v1.Health/Check`) to the pod address (or the host for host-network pods).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Container, ExecAction, HTTPGetAction, LifecycleHandler, Probe, TCPSocketAction,
+    Container, ExecAction, GRPCAction, HTTPGetAction, LifecycleHandler, Probe, TCPSocketAction,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use skiff_runtime::Runtime;
@@ -124,6 +124,53 @@ async fn tcp(a: &TCPSocketAction, c: &Container, pod_ip: IpAddr, timeout: Durati
     }
 }
 
+/// A gRPC health check as the kubelet makes it: `Check` with the probe's `service` (empty by
+/// default) on the pod address; only `SERVING` passes.
+async fn grpc(a: &GRPCAction, pod_ip: IpAddr, timeout: Duration) -> Outcome {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let Ok(port) = u16::try_from(a.port) else {
+        return Outcome::Failure(format!("invalid gRPC probe port {}", a.port));
+    };
+    let addr = SocketAddr::new(pod_ip, port);
+    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(e) => e.connect_timeout(timeout).timeout(timeout),
+        Err(e) => return Outcome::Failure(format!("gRPC probe address {addr}: {e}")),
+    };
+    let service = a.service.clone().unwrap_or_default();
+    let run = async {
+        let channel = endpoint.connect().await.map_err(|e| {
+            format!("timeout: failed to connect service {addr:?} within {timeout:?}: {e}")
+        })?;
+        let resp = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.clone(),
+            })
+            .await
+            .map_err(|s| {
+                format!(
+                    "error: health rpc probe failed: rpc error: code = {:?} desc = {}",
+                    s.code(),
+                    s.message()
+                )
+            })?;
+        Ok::<i32, String>(resp.into_inner().status)
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Err(_) => Outcome::Failure(format!(
+            "timeout: health rpc did not complete within {timeout:?}"
+        )),
+        Ok(Err(m)) => Outcome::Failure(m),
+        Ok(Ok(st)) if st == ServingStatus::Serving as i32 => Outcome::Success,
+        Ok(Ok(st)) => {
+            let name = ServingStatus::try_from(st)
+                .map(|s| s.as_str_name().to_string())
+                .unwrap_or_else(|_| st.to_string());
+            Outcome::Failure(format!("service unhealthy (responded with {name:?})"))
+        }
+    }
+}
+
 /// Runs a probe once.
 pub async fn run_probe(
     rt: &dyn Runtime,
@@ -139,8 +186,8 @@ pub async fn run_probe(
         http_get(a, c, pod_ip, timeout).await
     } else if let Some(a) = &p.tcp_socket {
         tcp(a, c, pod_ip, timeout).await
-    } else if p.grpc.is_some() {
-        Outcome::Failure("grpc probes are not supported by this kubelet".into())
+    } else if let Some(a) = &p.grpc {
+        grpc(a, pod_ip, timeout).await
     } else {
         Outcome::Failure("probe has no action".into())
     }
@@ -172,6 +219,47 @@ pub async fn run_hook(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn grpc_probe_against_a_local_health_server() {
+        use tonic_health::ServingStatus;
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        reporter
+            .set_service_status("db", ServingStatus::NotServing)
+            .await;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let t = Duration::from_secs(2);
+        let probe = |svc: Option<&str>, port: u16| GRPCAction {
+            port: i32::from(port),
+            service: svc.map(str::to_string),
+        };
+        assert_eq!(grpc(&probe(None, port), ip, t).await, Outcome::Success);
+        assert!(matches!(
+            grpc(&probe(Some("db"), port), ip, t).await,
+            Outcome::Failure(m) if m.contains("NOT_SERVING")
+        ));
+        assert!(matches!(
+            grpc(&probe(Some("unknown"), port), ip, t).await,
+            Outcome::Failure(m) if m.contains("NotFound")
+        ));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let cport = closed.local_addr().unwrap().port();
+        drop(closed);
+        assert!(matches!(
+            grpc(&probe(None, cport), ip, t).await,
+            Outcome::Failure(m) if m.contains("failed to connect")
+        ));
+    }
 
     #[tokio::test]
     async fn http_and_tcp_probes_against_a_local_listener() {

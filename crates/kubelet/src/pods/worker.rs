@@ -22,6 +22,7 @@ use skiff_runtime::{
 use crate::config::{KubeletError, io_err, rt_err};
 use crate::node::now;
 use crate::pods::probe::{Outcome, run_hook, run_probe};
+use crate::pods::pullsecrets;
 use crate::pods::spec::{
     expand, hosts_file, qos_class, quantity_bytes, quantity_milli, resolv_conf,
 };
@@ -184,6 +185,8 @@ pub struct Worker {
     transitions: BTreeMap<String, (String, Time)>,
     sandbox_error: Option<String>,
     adopted: bool,
+    /// Set once `activeDeadlineSeconds` ran out: the pod is Failed with this message.
+    deadline_exceeded: Option<String>,
 }
 
 impl Worker {
@@ -217,6 +220,7 @@ impl Worker {
             transitions: BTreeMap::new(),
             sandbox_error: None,
             adopted: false,
+            deadline_exceeded: None,
         }
     }
 
@@ -420,6 +424,61 @@ impl Worker {
         }
     }
 
+    /// The credentials to try for pulling `image`: those of the pod's imagePullSecrets that
+    /// match its registry (most specific first), or anonymous when none match. A missing secret gives a
+    /// warning event, as the kubelet's, and the pull goes on without it.
+    async fn pull_credentials(
+        &self,
+        pod: &Pod,
+        image: &str,
+    ) -> Vec<skiff_runtime::pull::Credentials> {
+        let names: Vec<String> = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.image_pull_secrets.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|r| r.name.clone())
+            .filter(|n| !n.is_empty())
+            .collect();
+        let mut keyed = Vec::new();
+        let mut missing = Vec::new();
+        let api: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(self.sh.client.clone(), &self.namespace);
+        for n in &names {
+            match api.get_opt(n).await {
+                Ok(Some(s)) => keyed.extend(pullsecrets::secret_credentials(&s)),
+                Ok(None) => missing.push(n.clone()),
+                Err(e) => {
+                    tracing::warn!(pod = %self.name, secret = %n, error = %e, "reading image pull secret failed");
+                    missing.push(n.clone());
+                }
+            }
+        }
+        if !missing.is_empty() {
+            events::record(
+                &self.sh,
+                pod,
+                "Warning",
+                "FailedToRetrieveImagePullSecret",
+                &format!(
+                    "Unable to retrieve some image pull secrets ({}); attempting to pull the image may not succeed.",
+                    missing.join(", ")
+                ),
+            )
+            .await;
+        }
+        let normalized =
+            skiff_runtime::reference::normalize(image).unwrap_or_else(|_| image.to_string());
+        let out = pullsecrets::for_image(&normalized, &keyed);
+        if out.is_empty() {
+            // No secret names this registry: pull anonymously (as the kubelet does; when some
+            // match, their failures are final, without an anonymous retry).
+            return vec![skiff_runtime::pull::Credentials::Anonymous];
+        }
+        out
+    }
+
     /// Makes sure the image is there; returns its id.
     async fn ensure_image(&mut self, pod: &Pod, i: usize) -> Result<Option<String>, KubeletError> {
         let Some(c) = Self::container_spec(pod, &self.ctrs[i]).cloned() else {
@@ -463,14 +522,18 @@ impl Worker {
             &format!("Pulling image \"{image}\""),
         )
         .await;
-        match rt
-            .pull_image(
-                &image,
-                &skiff_runtime::pull::Credentials::default(),
-                &|_| {},
-            )
-            .await
-        {
+        let candidates = self.pull_credentials(pod, &image).await;
+        let mut result = Err(skiff_runtime::Error::InvalidReference {
+            reference: image.clone(),
+            reason: "no credentials tried".into(),
+        });
+        for creds in &candidates {
+            result = rt.pull_image(&image, creds, &|_| {}).await;
+            if result.is_ok() {
+                break;
+            }
+        }
+        match result {
             Ok(id) => {
                 let ctr = &mut self.ctrs[i];
                 ctr.pull_failures = 0;
@@ -1071,7 +1134,24 @@ impl Worker {
             return Ok(Flow::Done);
         }
         let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
-        if matches!(phase.as_deref(), Some("Succeeded" | "Failed")) && self.all_exited() {
+        let terminal = matches!(phase.as_deref(), Some("Succeeded" | "Failed"));
+        if self.deadline_exceeded.is_none() && !terminal && self.past_deadline(pod) {
+            let msg = "Pod was active on the node longer than the specified deadline";
+            tracing::info!(pod = %self.name, namespace = %self.namespace, "active deadline exceeded; stopping the pod");
+            events::record(&self.sh, pod, "Warning", "DeadlineExceeded", msg).await;
+            self.deadline_exceeded = Some(msg.into());
+            for i in 0..self.ctrs.len() {
+                if self.ctrs[i].running() {
+                    self.kill(pod, i, "exceeded the pod's active deadline")
+                        .await;
+                }
+            }
+        }
+        if self.deadline_exceeded.is_some() {
+            self.write_status(pod).await?;
+            return Ok(Flow::Continue);
+        }
+        if terminal && self.all_exited() {
             self.publish(pod);
             return Ok(Flow::Continue);
         }
@@ -1160,6 +1240,18 @@ impl Worker {
         }
         self.write_status(pod).await?;
         Ok(Flow::Continue)
+    }
+
+    /// Whether the pod has run longer than its `activeDeadlineSeconds` (counted from startTime).
+    fn past_deadline(&self, pod: &Pod) -> bool {
+        let Some(limit) = pod.spec.as_ref().and_then(|s| s.active_deadline_seconds) else {
+            return false;
+        };
+        let Some(start) = &self.start_time else {
+            return false;
+        };
+        let ran = k8s_openapi::jiff::Timestamp::now().as_second() - start.0.as_second();
+        ran >= limit
     }
 
     fn all_exited(&self) -> bool {
@@ -1311,6 +1403,16 @@ impl Worker {
                 }
             }
         };
+        let mut message = self.sandbox_error.clone();
+        let mut reason = None;
+        let phase = match &self.deadline_exceeded {
+            Some(m) => {
+                message = Some(m.clone());
+                reason = Some("DeadlineExceeded".to_string());
+                "Failed"
+            }
+            None => phase,
+        };
         let all_ready = !apps.is_empty() && app_statuses.iter().all(|s| s.ready);
         let sandbox_ok = self.sandbox_id.is_some() && self.sandbox_error.is_none();
         let terminal = phase == "Succeeded" || phase == "Failed";
@@ -1348,9 +1450,9 @@ impl Worker {
         }
         let host_ip = self.sh.node_ip.to_string();
         let pod_ip = self.pod_ip.map(|i| i.to_string());
-        let message = self.sandbox_error.clone();
         PodStatus {
             phase: Some(phase.into()),
+            reason,
             conditions: Some(conditions),
             host_ip: Some(host_ip.clone()),
             host_ips: Some(vec![HostIP { ip: host_ip }]),

@@ -228,11 +228,24 @@ async fn pod_where(
     what: &str,
     pred: impl Fn(&Pod) -> bool,
 ) -> Pod {
-    wait_for(&format!("pod {name}: {what}"), secs, async || {
-        let p = pods.get_opt(name).await.unwrap()?;
-        pred(&p).then_some(p)
-    })
-    .await
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let p = pods.get_opt(name).await.unwrap();
+        if let Some(p) = p {
+            if pred(&p) {
+                return p;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for pod {name}: {what}; status: {:?}",
+                    p.status
+                );
+            }
+        } else if Instant::now() > deadline {
+            panic!("timed out waiting for pod {name}: {what}; the pod does not exist");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn status_of<'a>(p: &'a Pod, c: &str) -> Option<&'a k8s_openapi::api::core::v1::ContainerStatus> {
@@ -502,6 +515,34 @@ async fn node_registration_pods_probes_restarts_and_deletion() {
         .unwrap();
     assert_eq!(t.reason.as_deref(), Some("OOMKilled"), "{t:?}");
 
+    // activeDeadlineSeconds: the pod is stopped and Failed with reason DeadlineExceeded.
+    let slow: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "deadline"},
+        "spec": {
+            "nodeName": node.name, "activeDeadlineSeconds": 3, "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "c", "image": "skiff.local/busybox:stable", "imagePullPolicy": "Never",
+                "command": ["sleep", "3600"]
+            }]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &slow).await.unwrap();
+    let p = pod_where(&pods, "deadline", 60, "Failed (DeadlineExceeded)", |p| {
+        phase(p) == "Failed"
+    })
+    .await;
+    let st = p.status.clone().unwrap();
+    assert_eq!(st.reason.as_deref(), Some("DeadlineExceeded"), "{st:?}");
+    assert!(!ready(&p));
+    wait_for("deadline pod's container stopped", 30, async || {
+        let p = pods.get("deadline").await.unwrap();
+        status_of(&p, "c")
+            .and_then(|s| s.state.clone())
+            .and_then(|s| s.terminated)
+    })
+    .await;
+
     // Graceful delete with preStop: the object stays until the hook ran.
     let started = Instant::now();
     pods.delete("web", &DeleteParams::default()).await.unwrap();
@@ -514,7 +555,7 @@ async fn node_registration_pods_probes_restarts_and_deletion() {
         "deleted after {:?}, before the 2 s preStop hook could finish",
         started.elapsed()
     );
-    for name in ["crash", "live", "oom"] {
+    for name in ["crash", "live", "oom", "deadline"] {
         pods.delete(name, &DeleteParams::default()).await.unwrap();
     }
     wait_for("all pods gone and sandboxes removed", 60, async || {
@@ -603,4 +644,162 @@ async fn node_restart_readopts_and_cleans_pods_deleted_while_down() {
     })
     .await;
     k2.stop().await;
+}
+
+/// Debian's docker-registry on a free loopback port with htpasswd basic auth; killed on drop.
+struct AuthRegistry {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl AuthRegistry {
+    fn start(dir: &Path, user: &str, password: &str) -> AuthRegistry {
+        assert!(
+            Path::new("/usr/bin/docker-registry").exists(),
+            "Debian package docker-registry must be installed (make deps)"
+        );
+        let hash = bcrypt::hash_with_result(password, 4)
+            .unwrap()
+            .format_for_version(bcrypt::Version::TwoY);
+        std::fs::write(dir.join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = dir.join("registry.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: skiff-test\n    path: {}\n",
+                dir.join("data").display(),
+                dir.join("htpasswd").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        AuthRegistry { child, port }
+    }
+}
+
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_image_pull_secrets_authenticate_pulls() {
+    let node = TestNode::new();
+    let regdir = tempfile::tempdir().unwrap();
+    let reg = AuthRegistry::start(regdir.path(), "puller", "s3cret-pw");
+    let out = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--insecure-policy",
+        ])
+        .arg("--dest-creds=puller:s3cret-pw")
+        .arg(format!("oci-archive:{}", busybox_tar().display()))
+        .arg(format!("docker://127.0.0.1:{}/team/busybox:1", reg.port))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo push: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = api_client().await;
+    let k = start(&client, node.runtime(), node.config());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), "default");
+    let dockercfg = json!({"auths": {format!("127.0.0.1:{}", reg.port): {
+        "username": "puller", "password": "s3cret-pw"}}});
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "regcred"},
+                "type": "kubernetes.io/dockerconfigjson",
+                "stringData": {".dockerconfigjson": dockercfg.to_string()}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let image = format!("127.0.0.1:{}/team/busybox:1", reg.port);
+    let pod = |name: &str, secret: Option<&str>| -> Pod {
+        let mut spec = json!({
+            "nodeName": node.name, "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "c", "image": image, "command": ["sleep", "3600"]}]
+        });
+        if let Some(s) = secret {
+            spec["imagePullSecrets"] = json!([{"name": "missing"}, {"name": s}]);
+        }
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("anon", None))
+        .await
+        .unwrap();
+    // Without credentials first (once pulled, IfNotPresent would use the local image).
+    let p = pod_where(&pods, "anon", 60, "ErrImagePull without credentials", |p| {
+        status_of(p, "c")
+            .and_then(|s| s.state.as_ref())
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| w.reason.as_deref())
+            .is_some_and(|r| r == "ErrImagePull" || r == "ImagePullBackOff")
+    })
+    .await;
+    assert_eq!(phase(&p), "Pending");
+    pods.create(&PostParams::default(), &pod("authed", Some("regcred")))
+        .await
+        .unwrap();
+    pod_where(
+        &pods,
+        "authed",
+        90,
+        "Running with the secret's credentials",
+        |p| phase(p) == "Running",
+    )
+    .await;
+    // The missing secret is reported, and the password never appears in events.
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
+    let evs = events.list(&Default::default()).await.unwrap().items;
+    assert!(
+        evs.iter()
+            .any(|e| e.reason.as_deref() == Some("FailedToRetrieveImagePullSecret")),
+        "{evs:?}"
+    );
+    assert!(
+        !evs.iter()
+            .any(|e| e.message.as_deref().unwrap_or("").contains("s3cret-pw"))
+    );
+    for n in ["anon", "authed"] {
+        pods.delete(n, &DeleteParams::default()).await.unwrap();
+    }
+    wait_for("pods gone", 60, async || {
+        pods.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    k.stop().await;
 }
