@@ -73,6 +73,9 @@ struct Probing {
 struct Ctr {
     name: String,
     init: bool,
+    /// An init container with `restartPolicy: Always` (a sidecar): started in init order, kept
+    /// running (restarted whatever the pod's policy) beside the app containers, stopped last.
+    sidecar: bool,
     index: usize,
     attempt: u32,
     id: Option<String>,
@@ -99,6 +102,7 @@ impl Ctr {
         Ctr {
             name,
             init,
+            sidecar: false,
             index,
             attempt: 0,
             id: None,
@@ -135,6 +139,16 @@ impl Ctr {
 
     fn succeeded(&self) -> bool {
         self.exited().is_some_and(|s| s.exit_code == Some(0))
+    }
+
+    /// Whether this init container no longer holds back the next ones: it succeeded, or it is
+    /// a sidecar that has started (passed its startup probe) or already ran.
+    fn init_complete(&self) -> bool {
+        if self.sidecar {
+            (self.running() && self.started) || self.exited().is_some() || self.previous.is_some()
+        } else {
+            self.succeeded()
+        }
     }
 }
 
@@ -196,7 +210,9 @@ impl Worker {
         let spec = pod.spec.clone().unwrap_or_default();
         let mut ctrs = Vec::new();
         for (i, c) in spec.init_containers.iter().flatten().enumerate() {
-            ctrs.push(Ctr::new(c.name.clone(), true, i, sh.cfg.initial_backoff));
+            let mut ctr = Ctr::new(c.name.clone(), true, i, sh.cfg.initial_backoff);
+            ctr.sidecar = c.restart_policy.as_deref() == Some("Always");
+            ctrs.push(ctr);
         }
         for (i, c) in spec.containers.iter().enumerate() {
             ctrs.push(Ctr::new(c.name.clone(), false, i, sh.cfg.initial_backoff));
@@ -1188,9 +1204,34 @@ impl Worker {
         // Init containers, in order.
         let mut init_done = true;
         let mut failed_init = false;
+        let apps_finished = self.apps_finished(&policy);
         for i in 0..self.ctrs.len() {
             if !self.ctrs[i].init {
                 continue;
+            }
+            if self.ctrs[i].sidecar {
+                if self.ctrs[i].running() {
+                    self.probe(pod, i).await;
+                    if self.ctrs[i].started {
+                        continue;
+                    }
+                    init_done = false;
+                    break;
+                }
+                if self.ctrs[i].init_complete() {
+                    // It ran and exited: sidecars restart whatever the pod's restartPolicy
+                    // (with back-off), unless the app containers are done for good.
+                    self.ctrs[i].ready = false;
+                    if !apps_finished && self.restart_due(i) {
+                        self.start(pod, i).await?;
+                    }
+                    continue;
+                }
+                init_done = false;
+                if self.ctrs[i].id.is_none() || self.restart_due(i) {
+                    self.start(pod, i).await?;
+                }
+                break;
             }
             if self.ctrs[i].succeeded() {
                 continue;
@@ -1238,8 +1279,27 @@ impl Worker {
                 }
             }
         }
+        if init_done && !failed_init && self.apps_finished(&policy) {
+            // The app containers are done for good: stop the sidecars, last started first.
+            for i in (0..self.ctrs.len()).rev() {
+                if self.ctrs[i].sidecar && self.ctrs[i].running() {
+                    self.kill(pod, i, "is a sidecar of a completed pod").await;
+                }
+            }
+        }
         self.write_status(pod).await?;
         Ok(Flow::Continue)
+    }
+
+    /// Whether every app container has exited and none will be restarted under `policy`.
+    fn apps_finished(&self, policy: &str) -> bool {
+        let apps: Vec<&Ctr> = self.ctrs.iter().filter(|c| !c.init).collect();
+        !apps.is_empty()
+            && apps.iter().all(|c| {
+                c.exited().is_some_and(|st| {
+                    policy == "Never" || (policy == "OnFailure" && st.exit_code == Some(0))
+                })
+            })
     }
 
     /// Whether the pod has run longer than its `activeDeadlineSeconds` (counted from startTime).
@@ -1325,7 +1385,7 @@ impl Worker {
             image,
             image_id: ctr.image_id.clone(),
             container_id: ctr.id.as_ref().map(|i| format!("skiff://{i}")),
-            ready: if ctr.init {
+            ready: if ctr.init && !ctr.sidecar {
                 ctr.succeeded()
             } else {
                 running && ctr.ready && ctr.waiting.is_none()
@@ -1363,11 +1423,11 @@ impl Worker {
         let policy = Self::restart_policy(pod);
         let inits: Vec<&Ctr> = self.ctrs.iter().filter(|c| c.init).collect();
         let apps: Vec<&Ctr> = self.ctrs.iter().filter(|c| !c.init).collect();
-        let init_done = inits.iter().all(|c| c.succeeded());
+        let init_done = inits.iter().all(|c| c.init_complete());
         let init_failed = policy == "Never"
             && inits
                 .iter()
-                .any(|c| c.exited().is_some_and(|s| s.exit_code != Some(0)));
+                .any(|c| !c.sidecar && c.exited().is_some_and(|s| s.exit_code != Some(0)));
         let init_running = !init_done;
         let init_statuses: Vec<KStatus> = inits
             .iter()
@@ -1413,7 +1473,12 @@ impl Worker {
             }
             None => phase,
         };
-        let all_ready = !apps.is_empty() && app_statuses.iter().all(|s| s.ready);
+        let sidecars_ready = inits
+            .iter()
+            .zip(&init_statuses)
+            .filter(|(c, _)| c.sidecar)
+            .all(|(_, s)| s.ready);
+        let all_ready = !apps.is_empty() && app_statuses.iter().all(|s| s.ready) && sidecars_ready;
         let sandbox_ok = self.sandbox_id.is_some() && self.sandbox_error.is_none();
         let terminal = phase == "Succeeded" || phase == "Failed";
         let mut conditions = vec![
@@ -1535,7 +1600,7 @@ impl Worker {
         let ip = self.probe_ip();
         let mut stops = Vec::new();
         for ctr in &self.ctrs {
-            if !ctr.running() {
+            if !ctr.running() || ctr.sidecar {
                 continue;
             }
             let Some(id) = ctr.id.clone() else { continue };
@@ -1564,7 +1629,36 @@ impl Worker {
             )
             .await;
         }
+        let any_sidecar = self.ctrs.iter().any(|c| c.sidecar && c.running());
+        if stops.is_empty() && any_sidecar {
+            events::record(
+                &self.sh,
+                pod,
+                "Normal",
+                "Killing",
+                "Stopping pod containers",
+            )
+            .await;
+        }
         futures::future::join_all(stops).await;
+        // Sidecars outlive the app containers and stop in reverse order, within what is left of
+        // the grace period.
+        for ctr in self.ctrs.iter().rev() {
+            if !ctr.sidecar || !ctr.running() {
+                continue;
+            }
+            let Some(id) = ctr.id.clone() else { continue };
+            if let Some(c) = Self::container_spec(pod, ctr)
+                && let Some(h) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref())
+            {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let _ = tokio::time::timeout(left, run_hook(&*rt, &id, h, c, ip, left)).await;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(e) = rt.stop_container(&id, left).await {
+                tracing::warn!(container = %id, error = %e, "stopping sidecar failed");
+            }
+        }
         self.cleanup().await;
         let api: Api<Pod> = Api::namespaced(self.sh.client.clone(), &self.namespace);
         let dp = DeleteParams {

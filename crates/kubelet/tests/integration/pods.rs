@@ -803,3 +803,123 @@ async fn node_image_pull_secrets_authenticate_pulls() {
     .await;
     k.stop().await;
 }
+
+fn init_status<'a>(p: &'a Pod, c: &str) -> Option<&'a k8s_openapi::api::core::v1::ContainerStatus> {
+    p.status
+        .as_ref()?
+        .init_container_statuses
+        .as_ref()?
+        .iter()
+        .find(|s| s.name == c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_sidecar_containers_run_beside_the_app_and_stop_after_it() {
+    let node = TestNode::new();
+    let client = api_client().await;
+    let rt = node.runtime();
+    rt.import_image(busybox_tar()).await.unwrap();
+    let k = start(&client, rt.clone(), node.config());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    // restartPolicy Never, as a Job's pod: the sidecar starts first (the next init container
+    // sees its file), is restarted when it exits, and is stopped once the app has finished.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "with-sidecar"},
+        "spec": {
+            "nodeName": node.name, "restartPolicy": "Never", "terminationGracePeriodSeconds": 2,
+            "initContainers": [
+                {"name": "side", "image": "skiff.local/busybox:stable", "imagePullPolicy": "Never",
+                 "restartPolicy": "Always",
+                 "command": ["sh", "-c", "date >> /work/side; trap 'exit 0' TERM; while true; do sleep 1; done"],
+                 "readinessProbe": {"exec": {"command": ["test", "-f", "/work/side"]}, "periodSeconds": 1},
+                 "volumeMounts": [{"name": "work", "mountPath": "/work"}]},
+                {"name": "check", "image": "skiff.local/busybox:stable", "imagePullPolicy": "Never",
+                 "command": ["test", "-f", "/work/side"],
+                 "volumeMounts": [{"name": "work", "mountPath": "/work"}]}
+            ],
+            "containers": [{
+                "name": "app", "image": "skiff.local/busybox:stable", "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "while [ ! -f /work/done ]; do sleep 0.2; done; wc -l < /work/side > /work/runs"],
+                "volumeMounts": [{"name": "work", "mountPath": "/work"}]
+            }],
+            "volumes": [{"name": "work", "emptyDir": {}}]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let p = pod_where(&pods, "with-sidecar", 60, "Running and Ready", |p| {
+        phase(p) == "Running" && ready(p)
+    })
+    .await;
+    let side = init_status(&p, "side").unwrap();
+    assert_eq!(side.started, Some(true), "{side:?}");
+    assert!(side.ready, "{side:?}");
+    assert!(side.state.as_ref().unwrap().running.is_some(), "{side:?}");
+    let check = init_status(&p, "check").unwrap();
+    assert_eq!(
+        check
+            .state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .unwrap()
+            .exit_code,
+        0
+    );
+    // The sidecar exits: it is restarted although the pod's policy is Never.
+    let sid = side
+        .container_id
+        .clone()
+        .unwrap()
+        .trim_start_matches("skiff://")
+        .to_string();
+    rt.exec_sync(
+        &sid,
+        vec!["kill".into(), "1".into()],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    pod_where(&pods, "with-sidecar", 60, "sidecar restarted", |p| {
+        init_status(p, "side").is_some_and(|s| {
+            s.restart_count >= 1 && s.state.as_ref().is_some_and(|st| st.running.is_some())
+        })
+    })
+    .await;
+    // Let the app finish: the pod succeeds and the sidecar is stopped.
+    let p = pods.get("with-sidecar").await.unwrap();
+    let app = status_of(&p, "app")
+        .and_then(|s| s.container_id.clone())
+        .unwrap()
+        .trim_start_matches("skiff://")
+        .to_string();
+    rt.exec_sync(
+        &app,
+        vec!["touch".into(), "/work/done".into()],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let p = pod_where(&pods, "with-sidecar", 60, "Succeeded", |p| {
+        phase(p) == "Succeeded"
+    })
+    .await;
+    let side = init_status(&p, "side").unwrap();
+    assert!(
+        side.state.as_ref().unwrap().terminated.is_some(),
+        "the sidecar is stopped after the app: {side:?}"
+    );
+    pods.delete("with-sidecar", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("pod gone", 60, async || {
+        pods.get_opt("with-sidecar")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    k.stop().await;
+}
