@@ -6,6 +6,7 @@ pub mod endpoints;
 pub mod gc;
 pub mod informer;
 pub mod ipam;
+pub mod job;
 pub mod leader;
 pub mod nodelifecycle;
 pub mod queue;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -46,6 +48,8 @@ pub struct ControllerConfig {
     pub node_monitor_grace: Duration,
     /// How often node health is checked.
     pub node_monitor_period: Duration,
+    /// First wait before a failed Job pod is replaced; doubles with each failure (upstream: 10 s).
+    pub job_pod_failure_backoff: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -55,6 +59,7 @@ impl Default for ControllerConfig {
             node_cidr_mask: 24,
             node_monitor_grace: Duration::from_secs(40),
             node_monitor_period: Duration::from_secs(5),
+            job_pod_failure_backoff: Duration::from_secs(10),
         }
     }
 }
@@ -81,6 +86,10 @@ pub struct Ctx {
     pub slices: Arc<Informer<EndpointSlice>>,
     /// Node leases (namespace `kube-node-lease`).
     pub leases: Arc<Informer<Lease>>,
+    /// All Jobs.
+    pub jobs: Arc<Informer<Job>>,
+    /// All CronJobs.
+    pub cronjobs: Arc<Informer<CronJob>>,
 }
 
 impl Ctx {
@@ -95,6 +104,8 @@ impl Ctx {
             endpoints: Informer::spawn(Api::all(client.clone()), "endpoints"),
             slices: Informer::spawn(Api::all(client.clone()), "endpointslices"),
             leases: Informer::spawn(Api::namespaced(client.clone(), "kube-node-lease"), "leases"),
+            jobs: Informer::spawn(Api::all(client.clone()), "jobs"),
+            cronjobs: Informer::spawn(Api::all(client.clone()), "cronjobs"),
             client,
             config,
         };
@@ -106,6 +117,8 @@ impl Ctx {
         ctx.endpoints.synced().await;
         ctx.slices.synced().await;
         ctx.leases.synced().await;
+        ctx.jobs.synced().await;
+        ctx.cronjobs.synced().await;
         Arc::new(ctx)
     }
 }
@@ -131,6 +144,7 @@ pub async fn run(
         tokio::spawn(ipam::run(ctx.clone())),
         tokio::spawn(endpoints::run(ctx.clone())),
         tokio::spawn(nodelifecycle::run(ctx.clone())),
+        tokio::spawn(job::run(ctx.clone())),
     ];
     shutdown.await;
     for t in &tasks {

@@ -7,5 +7,6 @@ mod common;
 mod deployment;
 mod endpoints;
 mod gc;
+mod job;
 mod nodes;
 mod replicaset;
