@@ -98,6 +98,16 @@ fn kinds(ctx: &Ctx) -> Vec<Kind> {
             namespaced: true,
             source: ctx.leases.clone(),
         },
+        Kind {
+            ar: ar("batch/v1", "Job", "jobs"),
+            namespaced: true,
+            source: ctx.jobs.clone(),
+        },
+        Kind {
+            ar: ar("batch/v1", "CronJob", "cronjobs"),
+            namespaced: true,
+            source: ctx.cronjobs.clone(),
+        },
     ]
 }
 
@@ -122,6 +132,8 @@ pub async fn run(ctx: Arc<Ctx>) {
     watch!(ctx.endpoints);
     watch!(ctx.slices);
     watch!(ctx.leases);
+    watch!(ctx.jobs);
+    watch!(ctx.cronjobs);
     queue.add("scan");
     let kinds = Arc::new(kinds(&ctx));
     queue

@@ -11,6 +11,7 @@ pub mod leader;
 pub mod nodelifecycle;
 pub mod queue;
 pub mod replicaset;
+pub mod ttl;
 pub mod util;
 
 use std::future::Future;
@@ -145,6 +146,7 @@ pub async fn run(
         tokio::spawn(endpoints::run(ctx.clone())),
         tokio::spawn(nodelifecycle::run(ctx.clone())),
         tokio::spawn(job::run(ctx.clone())),
+        tokio::spawn(ttl::run(ctx.clone())),
     ];
     shutdown.await;
     for t in &tasks {

@@ -361,3 +361,30 @@ async fn pod_failure_policy_exit_codes() {
     .await;
     assert_eq!(get_job(&c, "policy").await["status"]["failed"], 1);
 }
+
+#[tokio::test]
+async fn ttl_after_finished_deletes_job_and_pods() {
+    let c = common::cluster().await;
+    c.create(job("short", json!({"ttlSecondsAfterFinished": 1})))
+        .await;
+    c.wait("a pod", T, || async {
+        active_pods(&c, "short").await.len() == 1
+    })
+    .await;
+    let p = active_pods(&c, "short").await.remove(0);
+    c.finish_pod(NS, pname(&p), 0).await;
+    c.wait("Complete", T, || async {
+        cond(&get_job(&c, "short").await, "Complete").is_some()
+    })
+    .await;
+    // Still there right after it finished, gone about a second later, pods with it.
+    assert!(c.get("batch/v1", "Job", Some(NS), "short").await.is_some());
+    c.wait("job deleted", T, || async {
+        c.get("batch/v1", "Job", Some(NS), "short").await.is_none()
+    })
+    .await;
+    c.wait("pods collected", T, || async {
+        c.pods(NS).await.is_empty()
+    })
+    .await;
+}
