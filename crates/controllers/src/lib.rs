@@ -1,6 +1,7 @@
 //! skiff-controllers: one module per controller, each a client of the API through `kube`,
 //! sharing one reflector per resource type, run by the controller manager inside `skiff server`.
 
+pub mod cronjob;
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
@@ -147,6 +148,7 @@ pub async fn run(
         tokio::spawn(nodelifecycle::run(ctx.clone())),
         tokio::spawn(job::run(ctx.clone())),
         tokio::spawn(ttl::run(ctx.clone())),
+        tokio::spawn(cronjob::run(ctx.clone())),
     ];
     shutdown.await;
     for t in &tasks {
