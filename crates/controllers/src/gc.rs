@@ -108,6 +108,16 @@ fn kinds(ctx: &Ctx) -> Vec<Kind> {
             namespaced: true,
             source: ctx.cronjobs.clone(),
         },
+        Kind {
+            ar: ar("apps/v1", "DaemonSet", "daemonsets"),
+            namespaced: true,
+            source: ctx.daemonsets.clone(),
+        },
+        Kind {
+            ar: ar("apps/v1", "ControllerRevision", "controllerrevisions"),
+            namespaced: true,
+            source: ctx.revisions.clone(),
+        },
     ]
 }
 
@@ -134,6 +144,8 @@ pub async fn run(ctx: Arc<Ctx>) {
     watch!(ctx.leases);
     watch!(ctx.jobs);
     watch!(ctx.cronjobs);
+    watch!(ctx.daemonsets);
+    watch!(ctx.revisions);
     queue.add("scan");
     let kinds = Arc::new(kinds(&ctx));
     queue

@@ -2,6 +2,7 @@
 //! sharing one reflector per resource type, run by the controller manager inside `skiff server`.
 
 pub mod cronjob;
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
@@ -19,7 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
@@ -92,6 +93,10 @@ pub struct Ctx {
     pub jobs: Arc<Informer<Job>>,
     /// All CronJobs.
     pub cronjobs: Arc<Informer<CronJob>>,
+    /// All DaemonSets.
+    pub daemonsets: Arc<Informer<DaemonSet>>,
+    /// All ControllerRevisions.
+    pub revisions: Arc<Informer<ControllerRevision>>,
 }
 
 impl Ctx {
@@ -108,6 +113,8 @@ impl Ctx {
             leases: Informer::spawn(Api::namespaced(client.clone(), "kube-node-lease"), "leases"),
             jobs: Informer::spawn(Api::all(client.clone()), "jobs"),
             cronjobs: Informer::spawn(Api::all(client.clone()), "cronjobs"),
+            daemonsets: Informer::spawn(Api::all(client.clone()), "daemonsets"),
+            revisions: Informer::spawn(Api::all(client.clone()), "controllerrevisions"),
             client,
             config,
         };
@@ -121,6 +128,8 @@ impl Ctx {
         ctx.leases.synced().await;
         ctx.jobs.synced().await;
         ctx.cronjobs.synced().await;
+        ctx.daemonsets.synced().await;
+        ctx.revisions.synced().await;
         Arc::new(ctx)
     }
 }
@@ -149,6 +158,7 @@ pub async fn run(
         tokio::spawn(job::run(ctx.clone())),
         tokio::spawn(ttl::run(ctx.clone())),
         tokio::spawn(cronjob::run(ctx.clone())),
+        tokio::spawn(daemonset::run(ctx.clone())),
     ];
     shutdown.await;
     for t in &tasks {
