@@ -118,6 +118,16 @@ fn kinds(ctx: &Ctx) -> Vec<Kind> {
             namespaced: true,
             source: ctx.revisions.clone(),
         },
+        Kind {
+            ar: ar("apps/v1", "StatefulSet", "statefulsets"),
+            namespaced: true,
+            source: ctx.statefulsets.clone(),
+        },
+        Kind {
+            ar: ar("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
+            namespaced: true,
+            source: ctx.pvcs.clone(),
+        },
     ]
 }
 
@@ -146,6 +156,8 @@ pub async fn run(ctx: Arc<Ctx>) {
     watch!(ctx.cronjobs);
     watch!(ctx.daemonsets);
     watch!(ctx.revisions);
+    watch!(ctx.statefulsets);
+    watch!(ctx.pvcs);
     queue.add("scan");
     let kinds = Arc::new(kinds(&ctx));
     queue

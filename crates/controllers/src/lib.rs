@@ -13,6 +13,7 @@ pub mod leader;
 pub mod nodelifecycle;
 pub mod queue;
 pub mod replicaset;
+pub mod statefulset;
 pub mod ttl;
 pub mod util;
 
@@ -20,10 +21,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{
+    ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
+};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 
@@ -97,6 +100,10 @@ pub struct Ctx {
     pub daemonsets: Arc<Informer<DaemonSet>>,
     /// All ControllerRevisions.
     pub revisions: Arc<Informer<ControllerRevision>>,
+    /// All StatefulSets.
+    pub statefulsets: Arc<Informer<StatefulSet>>,
+    /// All PersistentVolumeClaims.
+    pub pvcs: Arc<Informer<PersistentVolumeClaim>>,
 }
 
 impl Ctx {
@@ -115,6 +122,8 @@ impl Ctx {
             cronjobs: Informer::spawn(Api::all(client.clone()), "cronjobs"),
             daemonsets: Informer::spawn(Api::all(client.clone()), "daemonsets"),
             revisions: Informer::spawn(Api::all(client.clone()), "controllerrevisions"),
+            statefulsets: Informer::spawn(Api::all(client.clone()), "statefulsets"),
+            pvcs: Informer::spawn(Api::all(client.clone()), "persistentvolumeclaims"),
             client,
             config,
         };
@@ -130,6 +139,8 @@ impl Ctx {
         ctx.cronjobs.synced().await;
         ctx.daemonsets.synced().await;
         ctx.revisions.synced().await;
+        ctx.statefulsets.synced().await;
+        ctx.pvcs.synced().await;
         Arc::new(ctx)
     }
 }
@@ -159,6 +170,7 @@ pub async fn run(
         tokio::spawn(ttl::run(ctx.clone())),
         tokio::spawn(cronjob::run(ctx.clone())),
         tokio::spawn(daemonset::run(ctx.clone())),
+        tokio::spawn(statefulset::run(ctx.clone())),
     ];
     shutdown.await;
     for t in &tasks {

@@ -12,3 +12,4 @@ mod gc;
 mod job;
 mod nodes;
 mod replicaset;
+mod statefulset;
