@@ -360,15 +360,15 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
     let all_healthy = in_range.len() == usize::try_from(replicas).unwrap_or(0)
         && in_range.iter().all(|(_, p)| healthy(p))
         && condemned.is_empty();
-    if !on_delete && all_healthy {
-        if let Some((_, p)) = in_range
+    if !on_delete
+        && all_healthy
+        && let Some((_, p)) = in_range
             .iter()
             .rev()
             .filter(|(o, _)| **o - start >= partition)
             .find(|(_, p)| pod_hash(p) != Some(update_rev.as_str()))
-        {
-            delete_pod(&pods_api, p).await?;
-        }
+    {
+        delete_pod(&pods_api, p).await?;
     }
 
     // Status.
