@@ -176,6 +176,52 @@ fn default_template(obj: &mut Value, path: &[&str]) {
     }
 }
 
+/// A Job without `manualSelector: true` gets a selector on its own uid and the matching
+/// template labels (`batch.kubernetes.io/controller-uid`, `batch.kubernetes.io/job-name` and the
+/// legacy `controller-uid`, `job-name`), as kube-apiserver's Job strategy does on create.
+fn job_selector(obj: &mut Value) {
+    let uid = obj
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let (Some(uid), Some(name)) = (uid, name) else {
+        return;
+    };
+    let Some(spec) = obj_at(obj, &["spec"]) else {
+        return;
+    };
+    if spec.get("manualSelector") == Some(&json!(true))
+        || spec.get("selector").is_some_and(|s| !s.is_null())
+    {
+        return;
+    }
+    spec.insert(
+        "selector".into(),
+        json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}),
+    );
+    let Some(tmpl) = ensure_obj(spec, "template") else {
+        return;
+    };
+    let Some(meta) = ensure_obj(tmpl, "metadata") else {
+        return;
+    };
+    let Some(labels) = ensure_obj(meta, "labels") else {
+        return;
+    };
+    for (k, v) in [
+        ("batch.kubernetes.io/controller-uid", &uid),
+        ("batch.kubernetes.io/job-name", &name),
+        ("controller-uid", &uid),
+        ("job-name", &name),
+    ] {
+        labels.entry(k).or_insert_with(|| json!(v));
+    }
+}
+
 /// Applies the defaults of `kind` (in `group`) to a new or updated object.
 pub fn apply_defaults(group: &str, kind: &str, obj: &mut Value) {
     match (group, kind) {
@@ -278,6 +324,7 @@ pub fn apply_defaults(group: &str, kind: &str, obj: &mut Value) {
                 set_default(spec, "suspend", json!(false));
                 set_default(spec, "podReplacementPolicy", json!("TerminatingOrFailed"));
             }
+            job_selector(obj);
             default_template(obj, &["spec", "template", "spec"]);
         }
         ("batch", "CronJob") => {
@@ -486,5 +533,34 @@ mod tests {
         assert_eq!(s["data"]["b"], "dHdv");
         assert_eq!(s["data"]["keep"], "eA==");
         assert!(s.get("stringData").is_none());
+    }
+}
+
+#[cfg(test)]
+mod job_tests {
+    use super::*;
+
+    #[test]
+    fn job_gets_selector_and_labels_on_its_uid() {
+        let mut j = json!({"metadata": {"name": "pi", "uid": "u1"},
+            "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "busybox"}]}}}});
+        apply_defaults("batch", "Job", &mut j);
+        assert_eq!(
+            j["spec"]["selector"],
+            json!({"matchLabels": {"batch.kubernetes.io/controller-uid": "u1"}})
+        );
+        let l = &j["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(l["batch.kubernetes.io/job-name"], "pi");
+        assert_eq!(l["job-name"], "pi");
+        assert_eq!(l["controller-uid"], "u1");
+        let mut manual = json!({"metadata": {"name": "m", "uid": "u2"},
+            "spec": {"manualSelector": true, "selector": {"matchLabels": {"a": "b"}},
+                "template": {"metadata": {"labels": {"a": "b"}}}}});
+        apply_defaults("batch", "Job", &mut manual);
+        assert_eq!(
+            manual["spec"]["selector"],
+            json!({"matchLabels": {"a": "b"}})
+        );
+        assert!(manual["spec"]["template"]["metadata"]["labels"]["job-name"].is_null());
     }
 }

@@ -179,7 +179,7 @@ fn status_of(rs: &ReplicaSet) -> (i32, i32, i32) {
         .unwrap_or((0, 0, 0))
 }
 
-fn resolve(v: Option<&IntOrString>, total: i32, round_up: bool, default: &str) -> i32 {
+pub(crate) fn resolve(v: Option<&IntOrString>, total: i32, round_up: bool, default: &str) -> i32 {
     match v {
         Some(IntOrString::Int(i)) => *i,
         Some(IntOrString::String(s)) => pct(s, total, round_up),

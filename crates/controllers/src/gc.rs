@@ -98,6 +98,36 @@ fn kinds(ctx: &Ctx) -> Vec<Kind> {
             namespaced: true,
             source: ctx.leases.clone(),
         },
+        Kind {
+            ar: ar("batch/v1", "Job", "jobs"),
+            namespaced: true,
+            source: ctx.jobs.clone(),
+        },
+        Kind {
+            ar: ar("batch/v1", "CronJob", "cronjobs"),
+            namespaced: true,
+            source: ctx.cronjobs.clone(),
+        },
+        Kind {
+            ar: ar("apps/v1", "DaemonSet", "daemonsets"),
+            namespaced: true,
+            source: ctx.daemonsets.clone(),
+        },
+        Kind {
+            ar: ar("apps/v1", "ControllerRevision", "controllerrevisions"),
+            namespaced: true,
+            source: ctx.revisions.clone(),
+        },
+        Kind {
+            ar: ar("apps/v1", "StatefulSet", "statefulsets"),
+            namespaced: true,
+            source: ctx.statefulsets.clone(),
+        },
+        Kind {
+            ar: ar("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
+            namespaced: true,
+            source: ctx.pvcs.clone(),
+        },
     ]
 }
 
@@ -122,6 +152,12 @@ pub async fn run(ctx: Arc<Ctx>) {
     watch!(ctx.endpoints);
     watch!(ctx.slices);
     watch!(ctx.leases);
+    watch!(ctx.jobs);
+    watch!(ctx.cronjobs);
+    watch!(ctx.daemonsets);
+    watch!(ctx.revisions);
+    watch!(ctx.statefulsets);
+    watch!(ctx.pvcs);
     queue.add("scan");
     let kinds = Arc::new(kinds(&ctx));
     queue

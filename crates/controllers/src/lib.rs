@@ -1,26 +1,34 @@
 //! skiff-controllers: one module per controller, each a client of the API through `kube`,
 //! sharing one reflector per resource type, run by the controller manager inside `skiff server`.
 
+pub mod cronjob;
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
 pub mod informer;
 pub mod ipam;
+pub mod job;
 pub mod leader;
 pub mod nodelifecycle;
 pub mod podgc;
 pub mod queue;
 pub mod replicaset;
 pub mod serviceaccount;
+pub mod statefulset;
+pub mod ttl;
 pub mod util;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{
+    ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
+};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 
@@ -58,6 +66,8 @@ pub struct ControllerConfig {
     /// Terminated pods kept before PodGC deletes the oldest (`--terminated-pod-gc-threshold`,
     /// 12500; 0 disables).
     pub terminated_pod_gc_threshold: usize,
+    /// First wait before a failed Job pod is replaced; doubles with each failure (upstream: 10 s).
+    pub job_pod_failure_backoff: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -71,6 +81,7 @@ impl Default for ControllerConfig {
             podgc_period: Duration::from_secs(20),
             podgc_quarantine: Duration::from_secs(40),
             terminated_pod_gc_threshold: 12_500,
+            job_pod_failure_backoff: Duration::from_secs(10),
         }
     }
 }
@@ -97,6 +108,18 @@ pub struct Ctx {
     pub slices: Arc<Informer<EndpointSlice>>,
     /// Node leases (namespace `kube-node-lease`).
     pub leases: Arc<Informer<Lease>>,
+    /// All Jobs.
+    pub jobs: Arc<Informer<Job>>,
+    /// All CronJobs.
+    pub cronjobs: Arc<Informer<CronJob>>,
+    /// All DaemonSets.
+    pub daemonsets: Arc<Informer<DaemonSet>>,
+    /// All ControllerRevisions.
+    pub revisions: Arc<Informer<ControllerRevision>>,
+    /// All StatefulSets.
+    pub statefulsets: Arc<Informer<StatefulSet>>,
+    /// All PersistentVolumeClaims.
+    pub pvcs: Arc<Informer<PersistentVolumeClaim>>,
 }
 
 impl Ctx {
@@ -111,6 +134,12 @@ impl Ctx {
             endpoints: Informer::spawn(Api::all(client.clone()), "endpoints"),
             slices: Informer::spawn(Api::all(client.clone()), "endpointslices"),
             leases: Informer::spawn(Api::namespaced(client.clone(), "kube-node-lease"), "leases"),
+            jobs: Informer::spawn(Api::all(client.clone()), "jobs"),
+            cronjobs: Informer::spawn(Api::all(client.clone()), "cronjobs"),
+            daemonsets: Informer::spawn(Api::all(client.clone()), "daemonsets"),
+            revisions: Informer::spawn(Api::all(client.clone()), "controllerrevisions"),
+            statefulsets: Informer::spawn(Api::all(client.clone()), "statefulsets"),
+            pvcs: Informer::spawn(Api::all(client.clone()), "persistentvolumeclaims"),
             client,
             config,
         };
@@ -122,6 +151,12 @@ impl Ctx {
         ctx.endpoints.synced().await;
         ctx.slices.synced().await;
         ctx.leases.synced().await;
+        ctx.jobs.synced().await;
+        ctx.cronjobs.synced().await;
+        ctx.daemonsets.synced().await;
+        ctx.revisions.synced().await;
+        ctx.statefulsets.synced().await;
+        ctx.pvcs.synced().await;
         Arc::new(ctx)
     }
 }
@@ -149,6 +184,11 @@ pub async fn run(
         tokio::spawn(nodelifecycle::run(ctx.clone())),
         tokio::spawn(podgc::run(ctx.clone())),
         tokio::spawn(serviceaccount::run(ctx.clone())),
+        tokio::spawn(job::run(ctx.clone())),
+        tokio::spawn(ttl::run(ctx.clone())),
+        tokio::spawn(cronjob::run(ctx.clone())),
+        tokio::spawn(daemonset::run(ctx.clone())),
+        tokio::spawn(statefulset::run(ctx.clone())),
     ];
     shutdown.await;
     for t in &tasks {

@@ -406,3 +406,111 @@ fn lost_node_is_tainted_and_its_pods_replaced() {
     );
     k.ok(&["rollout", "status", "deployment/survivor", "--timeout=60s"]);
 }
+
+/// Jobs, DaemonSets, StatefulSets and CronJobs with real kubectl: `kubectl wait
+/// --for=condition=complete`, `kubectl rollout status ds/...` and `sts/...`, and a
+/// `*/1 * * * *` CronJob that starts a Job within 70 s (hollow nodes finish pods labelled
+/// `skiff.dev/hollow-exit=0`).
+#[test]
+fn workloads_job_daemonset_statefulset_cronjob() {
+    let server = Server::start();
+    let _nodes = hollow(&server, "wl", 3);
+    let k = Kubectl::new(None, &server);
+    wait_for("3 nodes Ready", Duration::from_secs(30), || {
+        k.ok(&[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={.items[*].status.conditions[?(@.type=='Ready')].status}",
+        ])
+        .split_whitespace()
+        .filter(|s| *s == "True")
+        .count()
+            == 3
+    });
+
+    // A Job with completions=3 completes.
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "pi"},
+            "spec": {"completions": 3, "parallelism": 2, "template": {
+                "metadata": {"labels": {"skiff.dev/hollow-exit": "0"}},
+                "spec": {"restartPolicy": "Never",
+                    "containers": [{"name": "pi", "image": "busybox"}]}}}}"#,
+    );
+    k.ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/pi",
+        "--timeout=60s",
+    ]);
+    assert_eq!(
+        k.ok(&["get", "job", "pi", "-o", "jsonpath={.status.succeeded}"]),
+        "3"
+    );
+
+    // A DaemonSet lands on every node.
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent"},
+            "spec": {"selector": {"matchLabels": {"app": "agent"}}, "template": {
+                "metadata": {"labels": {"app": "agent"}},
+                "spec": {"containers": [{"name": "a", "image": "busybox"}]}}}}"#,
+    );
+    k.ok(&["rollout", "status", "ds/agent", "--timeout=60s"]);
+    let nodes: std::collections::BTreeSet<String> = live_pods(&k, "default", "agent")
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(nodes.len(), 3, "one agent pod per node: {nodes:?}");
+
+    // A StatefulSet creates web-0, web-1, web-2 and their PVCs.
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "web"},
+            "spec": {"replicas": 3, "serviceName": "web",
+                "selector": {"matchLabels": {"app": "web"}}, "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "w", "image": "busybox"}]}},
+                "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": "1Gi"}}}}]}}"#,
+    );
+    k.ok(&["rollout", "status", "sts/web", "--timeout=60s"]);
+    let mut names: Vec<String> = live_pods(&k, "default", "web")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["web-0", "web-1", "web-2"]);
+    let pvcs = k.ok(&["get", "pvc", "-o", "jsonpath={.items[*].metadata.name}"]);
+    for n in ["data-web-0", "data-web-1", "data-web-2"] {
+        assert!(pvcs.contains(n), "pvc {n} in {pvcs}");
+    }
+
+    // A CronJob starts a scheduled Job within 70 s. (`kubectl create job --from=cronjob/...`
+    // is not here: kubectl posts that Job as protobuf, which the API server rejects.)
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "tick"},
+            "spec": {"schedule": "*/1 * * * *", "jobTemplate": {"spec": {"template": {
+                "metadata": {"labels": {"skiff.dev/hollow-exit": "0"}},
+                "spec": {"restartPolicy": "Never",
+                    "containers": [{"name": "t", "image": "busybox"}]}}}}}}"#,
+    );
+    wait_for("a scheduled job", Duration::from_secs(70), || {
+        k.ok(&["get", "jobs", "-o", "jsonpath={.items[*].metadata.name}"])
+            .split_whitespace()
+            .any(|n| n.starts_with("tick-"))
+    });
+    wait_for("lastScheduleTime", Duration::from_secs(10), || {
+        !k.ok(&[
+            "get",
+            "cronjob",
+            "tick",
+            "-o",
+            "jsonpath={.status.lastScheduleTime}",
+        ])
+        .is_empty()
+    });
+}

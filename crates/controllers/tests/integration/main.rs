@@ -4,9 +4,13 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
+mod cronjob;
+mod daemonset;
 mod deployment;
 mod endpoints;
 mod gc;
+mod job;
 mod namespaces;
 mod nodes;
 mod replicaset;
+mod statefulset;

@@ -52,6 +52,7 @@ pub fn fast_config() -> ControllerConfig {
     ControllerConfig {
         node_monitor_grace: Duration::from_secs(3),
         node_monitor_period: Duration::from_millis(200),
+        job_pod_failure_backoff: Duration::from_millis(100),
         ..Default::default()
     }
 }
@@ -168,6 +169,24 @@ impl Cluster {
                 )
                 .await;
         }
+    }
+
+    /// Ends pod `name` as a kubelet would: phase `Succeeded` (exit code 0) or `Failed` with
+    /// `exit_code` in container `c`.
+    pub async fn finish_pod(&self, ns: &str, name: &str, exit_code: i32) {
+        let phase = if exit_code == 0 {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
+        let st = json!({"status": {"phase": phase, "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "c", "image": "busybox", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"terminated": {"exitCode": exit_code,
+                "reason": if exit_code == 0 { "Completed" } else { "Error" }}}}]}});
+        Api::<Pod>::namespaced(self.client.clone(), ns)
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(st))
+            .await
+            .unwrap();
     }
 
     /// Waits until `f` returns true (polling), or panics with `what`.
