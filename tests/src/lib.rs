@@ -74,13 +74,18 @@ impl Server {
     /// and runs `skiff killall --data-dir`, so no container, bridge, veth, nftables table or
     /// mount is left on the host (also when the test fails). Tests using it are named `node_*`.
     pub fn start_with_agent(dir: tempfile::TempDir, extra: &[&str]) -> Server {
+        Self::start_with_agent_on(dir, "127.0.0.1", extra)
+    }
+
+    /// [`Server::start_with_agent`] with the node's InternalIP `node_ip` (`--node-ip`).
+    pub fn start_with_agent_on(dir: tempfile::TempDir, node_ip: &str, extra: &[&str]) -> Server {
         let node = [
             "--kubelet-port",
             "0",
             "--node-name",
             "skiff-e2e",
             "--node-ip",
-            "127.0.0.1",
+            node_ip,
             "--pod-cidr",
             "10.42.0.0/24",
         ];

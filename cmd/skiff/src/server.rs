@@ -55,6 +55,10 @@ pub struct Args {
     /// Port of the kubelet's HTTPS server; 0 picks a free port.
     #[arg(long, default_value_t = 10250)]
     kubelet_port: u16,
+    /// resolv.conf whose nameservers the cluster DNS forwards to and dnsPolicy Default pods get
+    /// (default: /etc/resolv.conf).
+    #[arg(long)]
+    resolv_conf: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -76,6 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             cluster_dns: args.cluster_dns,
             pod_cidr: args.pod_cidr,
             kubelet_port: args.kubelet_port,
+            resolv_conf: args.resolv_conf,
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod control_plane;
 pub mod node;
+mod node_net;
 pub mod server;
 
 pub use server::{AppError, ServerConfig};

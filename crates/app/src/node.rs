@@ -1,6 +1,8 @@
 //! The node half of `skiff server` (and later `skiff agent`): the built-in runtime, the kubelet
-//! with its HTTPS server, wired to an API client; and `skiff killall`, which removes everything
-//! the node half of a data dir created on the host.
+//! with its HTTPS server, and, once the node's pod CIDR is known, the pod bridge, the service
+//! proxy (`inet skiff` nftables table) and the node-local cluster DNS on the bridge gateway, each
+//! with its own API client; and `skiff killall`, which removes everything the node half of a data
+//! dir created on the host.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use skiff_kubelet::KubeletConfig;
 use skiff_runtime::{BuiltinRuntime, ImageStore, Runtime, RuntimeConfig};
 
+use crate::node_net::ServicesSetup;
 use crate::server::AppError;
 
 /// Node flags shared by `skiff server` and `skiff agent`.
@@ -34,6 +37,22 @@ pub struct NodeConfig {
     pub bind_address: IpAddr,
     /// Label the node as control plane.
     pub control_plane: bool,
+    /// Cluster (pod) CIDR: pod traffic leaving it is masqueraded.
+    pub cluster_cidr: Option<String>,
+    /// resolv.conf giving the DNS upstreams and pods' dnsPolicy Default nameservers
+    /// (None: `/etc/resolv.conf`).
+    pub resolv_conf: Option<PathBuf>,
+}
+
+/// The API clients of the node's components, one identity each.
+#[derive(Clone)]
+pub struct NodeClients {
+    /// The kubelet (`system:node:<name>`).
+    pub kubelet: kube::Client,
+    /// The service proxy (`system:kube-proxy`).
+    pub proxy: kube::Client,
+    /// The cluster DNS (`system:kube-dns`).
+    pub dns: kube::Client,
 }
 
 /// The cgroup under which this data dir's pods live: `skiff` for the default data dir, else
@@ -110,27 +129,44 @@ fn kubelet_config(data_dir: &Path, cfg: &NodeConfig) -> Result<KubeletConfig, Ap
     k.pod_cidr_override = cfg.pod_cidr.clone();
     k.service_cidr = cfg.service_cidr.clone();
     k.control_plane = cfg.control_plane;
+    if let Some(r) = &cfg.resolv_conf {
+        k.resolv_conf = r.clone();
+    }
     Ok(k)
 }
 
-/// Starts runtime + kubelet + kubelet server with `client`; runs until `stop` fires.
-/// Returns the task and, once bound, the kubelet server's address.
+/// The kubelet server's address: the API server dials the node's InternalIP, so with a loopback
+/// `--bind-address` and a non-loopback `--node-ip` the kubelet listens on the node IP.
+fn kubelet_bind_address(cfg: &NodeConfig) -> IpAddr {
+    match cfg.node_ip {
+        Some(ip) if cfg.bind_address.is_loopback() && !ip.is_loopback() => ip,
+        _ => cfg.bind_address,
+    }
+}
+
+/// Starts runtime + kubelet + kubelet server, and the node's service network (bridge, proxy,
+/// DNS) once the pod CIDR is known; runs until `stop` fires. Returns the task (it ends when
+/// everything stopped) and, once bound, the kubelet server's address.
 pub async fn start(
     data_dir: &Path,
     cfg: &NodeConfig,
-    client: kube::Client,
+    clients: NodeClients,
     pki: &skiff_pki::ServerPki,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(tokio::task::JoinHandle<()>, SocketAddr), AppError> {
     let kcfg = kubelet_config(data_dir, cfg)?;
+    let services = ServicesSetup::new(cfg, &kcfg)?;
+    let client = clients.kubelet.clone();
     let runtime: Arc<dyn Runtime> = Arc::new(open_runtime(data_dir)?);
     let server_cfg = skiff_kubelet::server::ServerConfig {
-        listen: SocketAddr::new(cfg.bind_address, cfg.kubelet_port),
+        listen: SocketAddr::new(kubelet_bind_address(cfg), cfg.kubelet_port),
         serving_cert_pem: pki.kubelet_serving_cert_pem.clone(),
         serving_key_pem: pki.kubelet_serving_key_pem.clone(),
         client_ca_pem: pki.ca_cert_pem.clone(),
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let kcfg2 = kcfg.clone();
+    let services_stop = stop.clone();
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.changed().await;
@@ -146,6 +182,12 @@ pub async fn start(
     match addr_rx.await {
         Ok(a) => {
             tracing::info!(kubelet = %a, node = %cfg.node_name, "kubelet server listening");
+            let svc_stop = services_stop.clone();
+            let svc_task = tokio::spawn(services.run(clients, kcfg2, svc_stop));
+            let task = tokio::spawn(async move {
+                let _ = task.await;
+                let _ = svc_task.await;
+            });
             Ok((task, a))
         }
         Err(_) => {

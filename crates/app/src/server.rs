@@ -58,6 +58,9 @@ pub struct NodeFlags {
     pub pod_cidr: Option<String>,
     /// Kubelet port (0 = free).
     pub kubelet_port: u16,
+    /// resolv.conf for the cluster DNS upstreams and dnsPolicy Default pods (None:
+    /// `/etc/resolv.conf`).
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl Default for NodeFlags {
@@ -69,6 +72,7 @@ impl Default for NodeFlags {
             cluster_dns: "10.43.0.10".into(),
             pod_cidr: None,
             kubelet_port: 10250,
+            resolv_conf: None,
         }
     }
 }
@@ -269,6 +273,14 @@ pub async fn run(
     if !cfg.bind_address.is_unspecified() {
         sans.push(cfg.bind_address.to_string());
     }
+    if !cfg.disable_agent {
+        // The API server dials the kubelet at the node's InternalIP.
+        let node_ip = match cfg.node.node_ip {
+            Some(ip) => ip,
+            None => IpAddr::V4(skiff_kubelet::node::detect_node_ip(None)),
+        };
+        sans.push(node_ip.to_string());
+    }
     sans.push(std::net::Ipv4Addr::from(u32::from(service_net.0).wrapping_add(1)).to_string());
     let pki = skiff_pki::ensure_server_pki(&cfg.data_dir.join("server").join("tls"), &sans)?;
     let host = if cfg.bind_address.is_unspecified() || cfg.bind_address.is_loopback() {
@@ -366,7 +378,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Starts the node half (runtime, kubelet, kubelet server) with an in-process client.
+/// Starts the node half (runtime, kubelet, kubelet server; service proxy and cluster DNS once the
+/// pod CIDR is known) with in-process clients, one identity per component.
 async fn start_node(
     cfg: &ServerConfig,
     router: &axum::Router,
@@ -379,11 +392,23 @@ async fn start_node(
         .or_else(hostname)
         .ok_or_else(|| AppError::Config("no --node-name and no hostname to use".into()))?;
     let user = format!("system:node:{node_name}");
-    let client = crate::client::in_process_client(
-        router.clone(),
-        &user,
-        &["system:nodes", "system:masters"],
-    );
+    let clients = crate::node::NodeClients {
+        kubelet: crate::client::in_process_client(
+            router.clone(),
+            &user,
+            &["system:nodes", "system:masters"],
+        ),
+        proxy: crate::client::in_process_client(
+            router.clone(),
+            "system:kube-proxy",
+            &["system:masters"],
+        ),
+        dns: crate::client::in_process_client(
+            router.clone(),
+            "system:kube-dns",
+            &["system:masters"],
+        ),
+    };
     let node_cfg = crate::node::NodeConfig {
         node_name,
         node_ip: cfg.node.node_ip,
@@ -395,7 +420,9 @@ async fn start_node(
         kubelet_port: cfg.node.kubelet_port,
         bind_address: cfg.bind_address,
         control_plane: true,
+        cluster_cidr: Some(cfg.cluster_cidr.clone()),
+        resolv_conf: cfg.node.resolv_conf.clone(),
     };
-    let (task, _addr) = crate::node::start(&cfg.data_dir, &node_cfg, client, pki, stop).await?;
+    let (task, _addr) = crate::node::start(&cfg.data_dir, &node_cfg, clients, pki, stop).await?;
     Ok(task)
 }

@@ -153,16 +153,22 @@ impl Forwarder {
             let Ok(sock) = tokio::net::UdpSocket::bind(bind).await else {
                 continue;
             };
-            if sock.send_to(&bytes, up).await.is_err() {
+            // Connected: the kernel drops datagrams from other sources, and an ICMP port
+            // unreachable (nothing listening upstream) fails the receive at once instead of
+            // after the timeout.
+            if sock.connect(up).await.is_err() || sock.send(&bytes).await.is_err() {
                 continue;
             }
             let mut buf = vec![0u8; 4096];
             let reply = tokio::time::timeout(self.timeout, async {
                 loop {
-                    let (n, from) = sock.recv_from(&mut buf).await.ok()?;
-                    if from != *up {
-                        continue;
-                    }
+                    let n = match sock.recv(&mut buf).await {
+                        Ok(n) => n,
+                        Err(e) => {
+                            tracing::debug!(upstream = %up, error = %e, "upstream unreachable");
+                            return None;
+                        }
+                    };
                     if let Ok(m) = Message::from_vec(&buf[..n])
                         && m.metadata.id == msg.metadata.id
                     {

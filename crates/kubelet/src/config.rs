@@ -30,6 +30,9 @@ pub struct KubeletConfig {
     pub cluster_dns: Ipv4Addr,
     /// Cluster domain (`cluster.local`).
     pub cluster_domain: String,
+    /// The node's resolv.conf: nameservers of dnsPolicy Default pods and search domains of
+    /// ClusterFirst pods come from it (`/etc/resolv.conf`, or `--resolv-conf`).
+    pub resolv_conf: PathBuf,
     /// Use this pod CIDR instead of waiting for the Node's `spec.podCIDR` (tests).
     pub pod_cidr_override: Option<String>,
     /// The service CIDR, routed to the bridge when set.
@@ -63,6 +66,7 @@ impl KubeletConfig {
             bridge_name: skiff_net::DEFAULT_BRIDGE.to_string(),
             cluster_dns: Ipv4Addr::new(10, 43, 0, 10),
             cluster_domain: "cluster.local".into(),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
             pod_cidr_override: None,
             service_cidr: None,
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -148,17 +148,31 @@ impl Network {
             let index = match netlink::link_by_name(&h, name).await? {
                 Some(link) => link.header.index,
                 None => {
-                    h.link()
+                    match h
+                        .link()
                         .add(LinkBridge::new(name).mtu(mtu).build())
                         .execute()
                         .await
-                        .map_err(|e| NetError::netlink(format!("create bridge {name}"), e))?;
-                    tracing::info!(bridge = name, %gw, mtu, "created pod bridge");
+                    {
+                        Ok(()) => tracing::info!(bridge = name, %gw, mtu, "created pod bridge"),
+                        // Created concurrently (the kubelet and the node's DNS both ensure it).
+                        Err(e) if is_eexist(&e) => {}
+                        Err(e) => {
+                            return Err(NetError::netlink(format!("create bridge {name}"), e));
+                        }
+                    }
                     netlink::must_index(&h, name).await?
                 }
             };
             if !netlink::has_addr(&h, index, gw).await? {
-                netlink::add_addr(&h, index, gw, prefix, &format!("bridge {name}")).await?;
+                match netlink::add_addr(&h, index, gw, prefix, &format!("bridge {name}")).await {
+                    Ok(()) => {}
+                    // Added concurrently: check it is there now.
+                    Err(e) if netlink::has_addr(&h, index, gw).await? => {
+                        tracing::debug!(bridge = name, error = %e, "gateway address added concurrently");
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             netlink::set_up(&h, index, &format!("bridge {name}")).await
         })
@@ -417,6 +431,10 @@ pub(crate) fn check_ifname(name: &str) -> Result<(), NetError> {
         Some(reason) => Err(NetError::invalid(name, reason)),
         None => Ok(()),
     }
+}
+
+fn is_eexist(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -(nix::errno::Errno::EEXIST as i32))
 }
 
 #[cfg(test)]

@@ -9,4 +9,5 @@ mod controllers;
 mod kubectl;
 mod lifecycle;
 mod node_pods;
+mod node_services;
 mod python_client;

@@ -369,7 +369,7 @@ impl Worker {
             std::fs::write(&hosts, text).map_err(io_err("writing", &hosts))?;
         }
         let resolv = self.dir.join("resolv.conf");
-        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let host_resolv = std::fs::read_to_string(&self.sh.cfg.resolv_conf).unwrap_or_default();
         let text = resolv_conf(
             pod,
             &self.sh.cfg.cluster_dns.to_string(),
