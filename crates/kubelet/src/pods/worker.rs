@@ -1619,18 +1619,8 @@ impl Worker {
                 }
             });
         }
-        if !stops.is_empty() {
-            events::record(
-                &self.sh,
-                pod,
-                "Normal",
-                "Killing",
-                "Stopping pod containers",
-            )
-            .await;
-        }
         let any_sidecar = self.ctrs.iter().any(|c| c.sidecar && c.running());
-        if stops.is_empty() && any_sidecar {
+        if !stops.is_empty() || any_sidecar {
             events::record(
                 &self.sh,
                 pod,
