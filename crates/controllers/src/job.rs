@@ -39,6 +39,12 @@ struct Memory {
     /// Failures seen and when the last one was noticed (replacement back-off).
     failed_seen: i32,
     last_failure: Option<Instant>,
+    /// resourceVersion of this controller's last status write: a cached Job older than it is
+    /// stale (it would count pods again or lose counts), so the sync waits for the cache.
+    written_rv: Option<u64>,
+    /// Pods whose tracking finalizer this controller removed (they are counted); the cache may
+    /// still show the finalizer for a moment, and they must not be counted twice.
+    released: HashSet<String>,
 }
 
 /// Runs the controller until the task is aborted.
@@ -328,6 +334,16 @@ async fn sync(
     let job_uid = job.metadata.uid.clone().unwrap_or_default();
     let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), ns);
     let jobs_api = Api::<Job>::namespaced(ctx.client.clone(), ns);
+    let cached_rv = job
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(w) = lock(&mem).get(&k).and_then(|m| m.written_rv)
+        && cached_rv.is_some_and(|c| c < w)
+    {
+        return Ok(Some(Duration::from_millis(50)));
+    }
     let now = Timestamp::now();
     let owned: Vec<Arc<Pod>> = ctx
         .pods
@@ -370,10 +386,22 @@ async fn sync(
     });
     let finishing = failure.is_some() || true_cond(Some(&old), "SuccessCriteriaMet").is_some();
 
+    // Pods released earlier that the cache still shows with the finalizer are counted already.
+    let released_before: HashSet<String> = {
+        let mut m = lock(&mem);
+        let e = m.entry(k.clone()).or_default();
+        e.released
+            .retain(|u| owned.iter().any(|p| uid(p) == *u && has_finalizer(p)));
+        e.released.clone()
+    };
+
     // 1. Record newly finished pods as uncounted before their finalizers go.
     let mut release: Vec<Arc<Pod>> = Vec::new();
     let mut new_uncounted = false;
-    for p in owned.iter().filter(|p| has_finalizer(p)) {
+    for p in owned
+        .iter()
+        .filter(|p| has_finalizer(p) && !released_before.contains(&uid(p)))
+    {
         let u = uid(p);
         if unc_s.contains(&u) || unc_f.contains(&u) {
             release.push(p.clone());
@@ -411,22 +439,30 @@ async fn sync(
     }
     if new_uncounted {
         let unc_json = json!({"succeeded": unc_s, "failed": unc_f});
-        patch_status(
+        let rv = patch_status(
             &jobs_api,
             name,
             json!({"uncountedTerminatedPods": unc_json}),
         )
         .await?;
+        lock(&mem).entry(k.clone()).or_default().written_rv = rv;
     }
 
     // 2. Remove the finalizers, then count the pods.
     for p in &release {
         remove_finalizer(&pods_api, p).await?;
+        lock(&mem)
+            .entry(k.clone())
+            .or_default()
+            .released
+            .insert(uid(p));
     }
     let released: HashSet<String> = release.iter().map(|p| uid(p)).collect();
     let still_held: HashSet<String> = owned
         .iter()
-        .filter(|p| has_finalizer(p) && !released.contains(&uid(p)))
+        .filter(|p| {
+            has_finalizer(p) && !released.contains(&uid(p)) && !released_before.contains(&uid(p))
+        })
         .map(|p| uid(p))
         .collect();
     let by_uid: HashMap<String, &Arc<Pod>> = owned.iter().map(|p| (uid(p), p)).collect();
@@ -650,7 +686,8 @@ async fn sync(
         if st.completed_indexes.is_none() {
             v["completedIndexes"] = serde_json::Value::Null;
         }
-        patch_status(&jobs_api, name, v).await?;
+        let rv = patch_status(&jobs_api, name, v).await?;
+        lock(&mem).entry(k.clone()).or_default().written_rv = rv;
         tracing::debug!(job = %k, active = active.len(), succeeded, failed, "job status");
     }
     if let Some(e) = manage_err {
@@ -861,11 +898,12 @@ async fn delete_pod(api: &Api<Pod>, p: &Pod, uncounted: bool) -> Result<(), Cont
     }
 }
 
+/// Patches the Job's status; returns the resourceVersion written.
 async fn patch_status(
     api: &Api<Job>,
     name: &str,
     status: serde_json::Value,
-) -> Result<(), ControllerError> {
+) -> Result<Option<u64>, ControllerError> {
     match api
         .patch_status(
             name,
@@ -874,8 +912,12 @@ async fn patch_status(
         )
         .await
     {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Ok(j) => Ok(j
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok())),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
