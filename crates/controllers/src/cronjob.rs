@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::job::{finished, true_cond};
 use crate::queue::Queue;
-use crate::util::{self, controller_ref, key, split_key};
+use crate::util::{self, controller_ref, split_key};
 use crate::{ControllerError, Ctx};
 
 /// Annotation on a Job with the time it was scheduled for (RFC 3339, in the CronJob's zone).
@@ -116,29 +116,7 @@ fn to_time(t: DateTime<Utc>) -> Time {
 /// Runs the controller until the task is aborted.
 pub async fn run(ctx: Arc<Ctx>) {
     let queue = Queue::default();
-    let cjs = ctx.cronjobs.clone();
-    let all = move || cjs.store.state().iter().map(|c| key(&c.metadata)).collect();
-    crate::informer::feed(
-        &ctx.cronjobs,
-        queue.clone(),
-        |c: &CronJob| vec![key(&c.metadata)],
-        all.clone(),
-    );
-    crate::informer::feed(
-        &ctx.jobs,
-        queue.clone(),
-        |j: &Job| {
-            let ns = j.metadata.namespace.as_deref().unwrap_or("");
-            match controller_ref(&j.metadata) {
-                Some(r) if r.kind == "CronJob" => vec![format!("{ns}/{}", r.name)],
-                _ => vec![],
-            }
-        },
-        all,
-    );
-    for c in ctx.cronjobs.store.state() {
-        queue.add(key(&c.metadata));
-    }
+    let _ = crate::informer::feed_owner(&ctx.cronjobs, &ctx.jobs, "CronJob", &queue);
     queue.work("cronjob", |k| sync(ctx.clone(), k)).await;
 }
 

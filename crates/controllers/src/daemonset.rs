@@ -20,7 +20,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::queue::Queue;
-use crate::util::{self, controller_ref, deleting, key, split_key};
+use crate::util::{self, controller_ref, deleting, split_key};
 use crate::{ControllerError, Ctx};
 
 /// Label with the hash of the ControllerRevision a pod was made from.
@@ -31,37 +31,9 @@ pub const TEMPLATE_GENERATION: &str = "pod-template-generation";
 /// Runs the controller until the task is aborted.
 pub async fn run(ctx: Arc<Ctx>) {
     let queue = Queue::default();
-    let dss = ctx.daemonsets.clone();
-    let all = move || {
-        dss.store
-            .state()
-            .iter()
-            .map(|d| key(&d.metadata))
-            .collect::<Vec<_>>()
-    };
-    crate::informer::feed(
-        &ctx.daemonsets,
-        queue.clone(),
-        |d: &DaemonSet| vec![key(&d.metadata)],
-        all.clone(),
-    );
-    crate::informer::feed(
-        &ctx.pods,
-        queue.clone(),
-        |p: &Pod| {
-            let ns = p.metadata.namespace.as_deref().unwrap_or("");
-            match controller_ref(&p.metadata) {
-                Some(r) if r.kind == "DaemonSet" => vec![format!("{ns}/{}", r.name)],
-                _ => vec![],
-            }
-        },
-        all.clone(),
-    );
+    let all = crate::informer::feed_owner(&ctx.daemonsets, &ctx.pods, "DaemonSet", &queue);
     let all2 = all.clone();
     crate::informer::feed(&ctx.nodes, queue.clone(), move |_: &Node| all2(), all);
-    for d in ctx.daemonsets.store.state() {
-        queue.add(key(&d.metadata));
-    }
     queue.work("daemonset", |k| sync(ctx.clone(), k)).await;
 }
 

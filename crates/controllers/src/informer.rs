@@ -132,3 +132,49 @@ where
         }
     });
 }
+
+/// The usual wiring of a controller of `kind` whose objects come from `owners` and who owns
+/// objects of `owned` (pods, Jobs): every owner change queues its key, every owned object's change
+/// queues its controller's key (when it is of `kind`), and every existing owner is queued once.
+/// Returns the closure that lists every owner key, for further feeds.
+pub fn feed_owner<K, O>(
+    owners: &Arc<Informer<K>>,
+    owned: &Informer<O>,
+    kind: &'static str,
+    queue: &crate::queue::Queue,
+) -> impl Fn() -> Vec<String> + Clone + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    O: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    let inf = owners.clone();
+    let all = move || {
+        inf.store
+            .state()
+            .iter()
+            .map(|o| crate::util::key(o.meta()))
+            .collect::<Vec<_>>()
+    };
+    feed(
+        owners,
+        queue.clone(),
+        |o: &K| vec![crate::util::key(o.meta())],
+        all.clone(),
+    );
+    feed(
+        owned,
+        queue.clone(),
+        move |o: &O| {
+            let ns = o.meta().namespace.as_deref().unwrap_or("");
+            match crate::util::controller_ref(o.meta()) {
+                Some(r) if r.kind == kind => vec![format!("{ns}/{}", r.name)],
+                _ => vec![],
+            }
+        },
+        all.clone(),
+    );
+    for k in all() {
+        queue.add(k);
+    }
+    all
+}

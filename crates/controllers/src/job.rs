@@ -18,7 +18,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::queue::Queue;
-use crate::util::{self, controller_ref, deleting, key, split_key};
+use crate::util::{self, controller_ref, deleting, split_key};
 use crate::{ControllerError, Ctx};
 
 /// Finalizer that keeps a finished pod until the Job has counted it.
@@ -50,35 +50,7 @@ struct Memory {
 /// Runs the controller until the task is aborted.
 pub async fn run(ctx: Arc<Ctx>) {
     let queue = Queue::default();
-    let jobs = ctx.jobs.clone();
-    let all = move || {
-        jobs.store
-            .state()
-            .iter()
-            .map(|j| key(&j.metadata))
-            .collect()
-    };
-    crate::informer::feed(
-        &ctx.jobs,
-        queue.clone(),
-        |j: &Job| vec![key(&j.metadata)],
-        all.clone(),
-    );
-    crate::informer::feed(
-        &ctx.pods,
-        queue.clone(),
-        |p: &Pod| {
-            let ns = p.metadata.namespace.as_deref().unwrap_or("");
-            match controller_ref(&p.metadata) {
-                Some(r) if r.kind == "Job" => vec![format!("{ns}/{}", r.name)],
-                _ => vec![],
-            }
-        },
-        all,
-    );
-    for j in ctx.jobs.store.state() {
-        queue.add(key(&j.metadata));
-    }
+    let _ = crate::informer::feed_owner(&ctx.jobs, &ctx.pods, "Job", &queue);
     let mem: Arc<Mutex<HashMap<String, Memory>>> = Arc::default();
     queue
         .work("job", |k| sync(ctx.clone(), mem.clone(), k))

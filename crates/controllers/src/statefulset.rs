@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::daemonset::REVISION_HASH;
 use crate::queue::Queue;
-use crate::util::{self, controller_ref, deleting, key, split_key};
+use crate::util::{self, controller_ref, deleting, split_key};
 use crate::{ControllerError, Ctx};
 
 /// Label with a StatefulSet pod's name.
@@ -30,35 +30,7 @@ pub const POD_INDEX: &str = "apps.kubernetes.io/pod-index";
 /// Runs the controller until the task is aborted.
 pub async fn run(ctx: Arc<Ctx>) {
     let queue = Queue::default();
-    let sets = ctx.statefulsets.clone();
-    let all = move || {
-        sets.store
-            .state()
-            .iter()
-            .map(|s| key(&s.metadata))
-            .collect::<Vec<_>>()
-    };
-    crate::informer::feed(
-        &ctx.statefulsets,
-        queue.clone(),
-        |s: &StatefulSet| vec![key(&s.metadata)],
-        all.clone(),
-    );
-    crate::informer::feed(
-        &ctx.pods,
-        queue.clone(),
-        |p: &Pod| {
-            let ns = p.metadata.namespace.as_deref().unwrap_or("");
-            match controller_ref(&p.metadata) {
-                Some(r) if r.kind == "StatefulSet" => vec![format!("{ns}/{}", r.name)],
-                _ => vec![],
-            }
-        },
-        all,
-    );
-    for s in ctx.statefulsets.store.state() {
-        queue.add(key(&s.metadata));
-    }
+    let _ = crate::informer::feed_owner(&ctx.statefulsets, &ctx.pods, "StatefulSet", &queue);
     queue.work("statefulset", |k| sync(ctx.clone(), k)).await;
 }
 
