@@ -14,7 +14,7 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
 use crate::job::{finished, true_cond};
@@ -288,19 +288,8 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
         == active.iter().map(|r| &r.uid).collect::<Vec<_>>()
         && old.last_schedule_time == last_schedule
         && old.last_successful_time == last_success;
-    if !same {
-        match cj_api
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
+    if !same && !util::patch_status(&cj_api, name, status).await? {
+        return Ok(None);
     }
     Ok(requeue)
 }

@@ -84,6 +84,27 @@ pub fn owner_ref(api_version: &str, kind: &str, meta: &ObjectMeta) -> OwnerRefer
     }
 }
 
+/// Merge-patches `status` into object `name`'s status subresource. Returns false when the
+/// object is gone (404), which callers treat as "nothing left to do".
+pub async fn patch_status<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    status: serde_json::Value,
+) -> Result<bool, crate::ControllerError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = kube::api::Patch::Merge(serde_json::json!({ "status": status }));
+    match api
+        .patch_status(name, &kube::api::PatchParams::default(), &patch)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Whether the object is being deleted.
 pub fn deleting(meta: &ObjectMeta) -> bool {
     meta.deletion_timestamp.is_some()
