@@ -225,23 +225,6 @@ fn pod_for(ds: &DaemonSet, node: &str, hash: &str) -> Pod {
     }
 }
 
-async fn delete_pod(api: &Api<Pod>, p: &Pod) -> Result<(), ControllerError> {
-    if deleting(&p.metadata) {
-        return Ok(());
-    }
-    match api
-        .delete(
-            p.metadata.name.as_deref().unwrap_or(""),
-            &DeleteParams::default(),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Makes sure a ControllerRevision exists for the current template; returns its hash.
 pub(crate) async fn ensure_revision(
     ctx: &Ctx,
@@ -497,7 +480,7 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
 
     let mut err = None;
     for p in &to_delete {
-        if let Err(e) = delete_pod(&pods_api, p).await {
+        if let Err(e) = util::delete_pod(&pods_api, p).await {
             err = Some(e);
         }
     }

@@ -167,23 +167,6 @@ async fn ensure_claims(ctx: &Ctx, sts: &StatefulSet, ord: i32) -> Result<(), Con
     Ok(())
 }
 
-async fn delete_pod(api: &Api<Pod>, p: &Pod) -> Result<(), ControllerError> {
-    if deleting(&p.metadata) {
-        return Ok(());
-    }
-    match api
-        .delete(
-            p.metadata.name.as_deref().unwrap_or(""),
-            &DeleteParams::default(),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerError> {
     let (ns, name) = split_key(&k);
     let Some(sts) = ctx.statefulsets.get(ns, name) else {
@@ -258,7 +241,7 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
     // Failed pods are deleted (and re-created on a later pass).
     for p in pods.values() {
         if util::phase(p) == "Failed" {
-            delete_pod(&pods_api, p).await?;
+            util::delete_pod(&pods_api, p).await?;
         }
     }
     // Create missing ordinals, in order.
@@ -301,7 +284,7 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
         .collect();
     if !blocked || parallel {
         for p in &condemned {
-            delete_pod(&pods_api, p).await?;
+            util::delete_pod(&pods_api, p).await?;
             if !parallel {
                 break;
             }
@@ -340,7 +323,7 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
             .filter(|(o, _)| **o - start >= partition)
             .find(|(_, p)| pod_hash(p) != Some(update_rev.as_str()))
     {
-        delete_pod(&pods_api, p).await?;
+        util::delete_pod(&pods_api, p).await?;
     }
 
     // Status.

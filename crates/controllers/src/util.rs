@@ -105,6 +105,25 @@ where
     }
 }
 
+/// Deletes pod `p` (default grace) unless it is already being deleted; a pod already gone is
+/// not an error.
+pub async fn delete_pod(api: &kube::Api<Pod>, p: &Pod) -> Result<(), crate::ControllerError> {
+    if deleting(&p.metadata) {
+        return Ok(());
+    }
+    match api
+        .delete(
+            p.metadata.name.as_deref().unwrap_or(""),
+            &kube::api::DeleteParams::default(),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Whether the object is being deleted.
 pub fn deleting(meta: &ObjectMeta) -> bool {
     meta.deletion_timestamp.is_some()
