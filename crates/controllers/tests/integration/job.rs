@@ -365,7 +365,9 @@ async fn pod_failure_policy_exit_codes() {
 #[tokio::test]
 async fn ttl_after_finished_deletes_job_and_pods() {
     let c = common::cluster().await;
-    c.create(job("short", json!({"ttlSecondsAfterFinished": 1})))
+    // completionTime is stored in whole seconds, so a 1 s TTL can expire within milliseconds of
+    // the Complete condition; 3 s leaves at least 2 s to observe the finished Job.
+    c.create(job("short", json!({"ttlSecondsAfterFinished": 3})))
         .await;
     c.wait("a pod", T, || async {
         active_pods(&c, "short").await.len() == 1
@@ -377,7 +379,7 @@ async fn ttl_after_finished_deletes_job_and_pods() {
         cond(&get_job(&c, "short").await, "Complete").is_some()
     })
     .await;
-    // Still there right after it finished, gone about a second later, pods with it.
+    // Still there right after it finished, gone a few seconds later, pods with it.
     assert!(c.get("batch/v1", "Job", Some(NS), "short").await.is_some());
     c.wait("job deleted", T, || async {
         c.get("batch/v1", "Job", Some(NS), "short").await.is_none()
