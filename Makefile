@@ -14,7 +14,7 @@ PYVENV := $(CURDIR)/build/pyvenv
 export SKIFF_E2E_PYTHON := $(PYVENV)/bin/python3
 export PATH := $(HOME)/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-.PHONY: deps build release lint fmt images test bench bench-store bench-runtime bench-net bench-api bench-proxy bench-dns bench-pods run clean
+.PHONY: deps build release lint fmt images test bench bench-store bench-runtime bench-net bench-api bench-proxy bench-dns bench-pods bench-scheduler run clean
 
 ## deps: install the Debian packages and cargo tools the build and tests need (idempotent, quiet)
 deps:
@@ -53,7 +53,7 @@ test: deps lint images
 	$(CARGO) build --locked -p skiff
 	$(CARGO) nextest run --workspace --locked --no-fail-fast --run-ignored all
 
-bench: bench-store bench-runtime bench-net bench-api bench-proxy bench-dns bench-pods
+bench: bench-store bench-runtime bench-net bench-api bench-proxy bench-dns bench-pods bench-scheduler
 
 ## bench-store: redb vs a real etcd (writes/s at 1/16/64 writers, reads/s, watch latency)
 bench-store: deps
@@ -91,7 +91,14 @@ bench-dns: deps
 	$(CARGO) build --release -p skiff-dns --example bench_server
 	BIN=$${CARGO_TARGET_DIR:-target}/release/examples/bench_server sh crates/dns/bench/dnsperf.sh
 
+## bench-scheduler: 1,000 hollow nodes, 10,000 pods against a real skiff server: pods/s, create->bound p99, RSS
+bench-scheduler: deps
+	$(CARGO) build --profile bench-fast -p skiff --bin skiff
+	$(CARGO) build --profile bench-fast -p skiff-bench
+	./$${CARGO_TARGET_DIR:-target}/bench-fast/skiff-bench scheduler --skiff $${CARGO_TARGET_DIR:-target}/bench-fast/skiff
+
 ## bench-pods: a 100-replica Deployment on one real node, per-pod start-up p50/p99, RSS
 bench-pods: deps images
-	$(CARGO) build --profile bench-fast -p skiff --bin skiff -p skiff-bench
+	$(CARGO) build --profile bench-fast -p skiff --bin skiff
+	$(CARGO) build --profile bench-fast -p skiff-bench
 	./$${CARGO_TARGET_DIR:-target}/bench-fast/skiff-bench pods --skiff $${CARGO_TARGET_DIR:-target}/bench-fast/skiff --image-tar build/images/busybox.tar

@@ -44,7 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     rt.block_on(run_async(args))
 }
 
-struct ServerProc {
+pub(crate) struct ServerProc {
     child: Child,
     _dir: tempfile::TempDir,
     tls: Arc<rustls::ClientConfig>,
@@ -68,7 +68,17 @@ impl Drop for ServerProc {
 }
 
 impl ServerProc {
-    fn rss_kib(&self) -> anyhow::Result<u64> {
+    /// The admin kubeconfig the server wrote.
+    pub(crate) fn kubeconfig(&self) -> PathBuf {
+        self._dir.path().join("kubeconfig.yaml")
+    }
+
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn rss_kib(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
         status
             .lines()
@@ -101,7 +111,7 @@ fn skiff_path(args: &Args) -> anyhow::Result<PathBuf> {
     Ok(exe.with_file_name("skiff"))
 }
 
-fn start_server(bin: &Path) -> anyhow::Result<ServerProc> {
+pub(crate) fn start_server(bin: &Path) -> anyhow::Result<ServerProc> {
     let dir = tempfile::tempdir()?;
     let mut child = Command::new(bin)
         .args([

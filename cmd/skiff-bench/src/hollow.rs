@@ -40,6 +40,9 @@ pub struct HollowConfig {
     pub pods: String,
     /// Lease renewal interval.
     pub renew: Duration,
+    /// Run the fake kubelet (mark bound pods Running). The scheduler benchmark turns it off to
+    /// measure scheduling alone, as kube-scheduler's scheduler_perf does.
+    pub kubelet: bool,
 }
 
 impl Default for HollowConfig {
@@ -51,6 +54,7 @@ impl Default for HollowConfig {
             memory: "16Gi".into(),
             pods: "110".into(),
             renew: Duration::from_secs(10),
+            kubelet: true,
         }
     }
 }
@@ -144,7 +148,7 @@ impl HollowNodes {
             cidrs: Mutex::default(),
             next_ip: Mutex::default(),
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(leases(
                 client.clone(),
                 shared.clone(),
@@ -156,8 +160,10 @@ impl HollowNodes {
                 shared.clone(),
                 cfg.prefix.clone(),
             )),
-            tokio::spawn(kubelet(client, shared.clone())),
         ];
+        if cfg.kubelet {
+            tasks.push(tokio::spawn(kubelet(client, shared.clone())));
+        }
         Ok(HollowNodes {
             names,
             shared,

@@ -5,6 +5,7 @@
 
 mod api;
 mod pods;
+mod scheduler;
 mod store;
 
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
     HollowNodes(HollowArgs),
     /// Pod start-up on one real node: an N-replica Deployment from create to all Running.
     Pods(pods::Args),
+    /// Scheduling throughput: N hollow nodes, M pods, against a real `skiff server`.
+    Scheduler(scheduler::Args),
 }
 
 /// `skiff-bench hollow-nodes`.
@@ -68,6 +71,7 @@ fn hollow_nodes(args: HollowArgs) -> anyhow::Result<()> {
             memory: args.memory,
             pods: args.pods,
             renew: std::time::Duration::from_secs(args.renew_seconds.max(1)),
+            kubelet: true,
         };
         let nodes = skiff_bench::hollow::HollowNodes::start(client, cfg).await?;
         println!("hollow nodes ready: {}", nodes.names.join(","));
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         Command::Api(args) => api::run(args),
         Command::HollowNodes(args) => hollow_nodes(args),
         Command::Pods(args) => pods::run(args),
+        Command::Scheduler(args) => scheduler::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
