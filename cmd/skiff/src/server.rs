@@ -59,6 +59,11 @@ pub struct Args {
     /// (default: /etc/resolv.conf).
     #[arg(long)]
     resolv_conf: Option<PathBuf>,
+    /// YAML file of flag values (keys = flag names without `--`; default /etc/skiff/config.yaml
+    /// when it exists). Flags on the command line win; `key+:` appends to repeatable flags.
+    #[arg(long)]
+    #[allow(dead_code)] // read by config_file::expand before clap parses the command line
+    config: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {

@@ -173,3 +173,46 @@ fn etcd_datastore_holds_objects_under_registry_keys() {
         "b"
     );
 }
+
+/// `--config FILE` (k3s's config.yaml format): the file's flags apply, the command line wins,
+/// and a key that is not a flag stops the server with exit 2 naming the file and the key.
+#[test]
+fn config_file_sets_flags_and_bad_keys_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        "tls-san:\n  - from-config.example\ndisable-agent: true\ncluster-dns: 10.43.0.99\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir, &["--config", cfg.to_str().unwrap()]);
+    let k = Kubectl::new(None, &server);
+    k.ok(&["get", "--raw", "/readyz"]);
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(server.dir.path().join("server/tls/serving.crt"))
+        .output()
+        .unwrap();
+    let sans = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        sans.contains("DNS:from-config.example"),
+        "the config file's tls-san must be in the serving certificate: {sans}"
+    );
+
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(&bad, "tls-sans: [x]\n").unwrap();
+    let out = Command::new(skiff_binary())
+        .args(["server", "--https-listen-port", "0", "--config"])
+        .arg(&bad)
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("unknown key `tls-sans`") && err.contains("bad.yaml"),
+        "{err}"
+    );
+}
