@@ -10,4 +10,5 @@ mod kubectl;
 mod lifecycle;
 mod node_pods;
 mod node_services;
+mod protobuf;
 mod python_client;
