@@ -1,10 +1,11 @@
 //! Generates `crates/apiserver/src/proto_schema.rs`, the field table the protobuf request decoder
 //! (`src/proto.rs`) walks.
 //!
-//! Run from the repository root:
-//! `cargo run -p skiff-apiserver --example gen_proto_schema > crates/apiserver/src/proto_schema.rs`
-//! (then `cargo fmt --all`). An optional argument names k8s-pb's `src` directory; by default
-//! it is found with `cargo metadata` (k8s-pb is a dev-dependency of this crate).
+//! Run `cargo run -p skiff-apiserver --example gen_proto_schema && cargo fmt --all`: it rewrites
+//! the file in place (only after a successful generation: the library it links includes the old
+//! table, so the output must not be a shell redirection onto it). An optional argument names
+//! k8s-pb's `src` directory; by default it is found with `cargo metadata` (k8s-pb is a
+//! dev-dependency of this crate).
 //!
 //! Inputs: the prost-generated Rust of the `k8s-pb` crate (field numbers, wire types, message
 //! types, repeated/map) and the k8s-openapi JSON schemas the apiserver already serves as OpenAPI
@@ -295,8 +296,20 @@ struct Named {
 fn main() -> ExitCode {
     match run() {
         Ok(s) => {
-            print!("{s}");
-            ExitCode::SUCCESS
+            let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/proto_schema.rs");
+            match std::fs::write(&out, s) {
+                Ok(()) => {
+                    eprintln!(
+                        "gen_proto_schema: wrote {} (now run cargo fmt --all)",
+                        out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gen_proto_schema: writing {}: {e}", out.display());
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(e) => {
             eprintln!("gen_proto_schema: {e}");

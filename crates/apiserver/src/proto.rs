@@ -6,7 +6,8 @@
 //! Every kind of the resource table (and the kinds its subresources accept: Scale, Binding,
 //! Eviction, TokenRequest) is decoded by one generic walker driven by the generated field table
 //! in `proto_schema.rs` (tag → JSON name, type, repeated/map/inline). The table is produced by
-//! `examples/gen_proto_schema.rs` from k8s-pb's prost code (field numbers and types) and the
+//! `examples/gen_proto_schema.rs` (run it with `cargo run -p skiff-apiserver --example
+//! gen_proto_schema`) from k8s-pb's prost code (field numbers and types) and the
 //! k8s-openapi schemas (JSON names); regenerate it when either crate is upgraded.
 //!
 //! The JSON follows what Go's encoder would have produced for the same object:
