@@ -9,6 +9,7 @@ mod handlers;
 mod http_util;
 mod kubelet_proxy;
 mod metrics;
+mod openapi_v2;
 mod proto;
 mod proto_schema;
 mod schemas;

@@ -580,3 +580,53 @@ async fn malformed_protobuf_bodies_are_bad_requests() {
     assert_eq!(code, 201, "{got}");
     assert_eq!(got["data"], json!({"a": "1"}));
 }
+
+#[tokio::test]
+async fn openapi_v2_is_json_when_json_is_acceptable_and_a_stub_for_protobuf_clients() {
+    let r = app().await;
+    let get = |accept: &'static str| {
+        let r = r.clone();
+        async move {
+            let mut req = Request::builder()
+                .uri("/openapi/v2")
+                .header("accept", accept)
+                .body(Body::empty())
+                .unwrap();
+            req.extensions_mut().insert(Identity {
+                user: "system:admin".into(),
+                groups: vec!["system:masters".into()],
+                uid: String::new(),
+            });
+            let resp = r.oneshot(req).await.unwrap();
+            let code = resp.status().as_u16();
+            let ct = resp
+                .headers()
+                .get("content-type")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (code, ct, body)
+        }
+    };
+    let (code, ct, body) = get("application/json").await;
+    assert_eq!((code, ct.as_str()), (200, "application/json"));
+    let doc: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["swagger"], "2.0");
+    assert!(doc["definitions"]["io.k8s.api.apps.v1.Deployment"].is_object());
+    // Cached: the same bytes again.
+    let (_, _, again) = get("application/json, */*").await;
+    assert_eq!(body, again);
+    // kubectl's Accept: gnostic protobuf only.
+    let (code, ct, body) = get("application/com.github.proto-openapi.spec.v2@v1.0+protobuf").await;
+    assert_eq!(code, 200);
+    assert!(ct.contains("protobuf"), "{ct}");
+    assert!(
+        body.starts_with(b"\x0a\x032.0"),
+        "gnostic Document.swagger first"
+    );
+    let (code, _, _) = get("text/html").await;
+    assert_eq!(code, 406);
+}
