@@ -17,12 +17,13 @@
 //!   `JSONSchemaPropsOr{Bool,Array,StringArray}` unions; `bytes` become base64;
 //! - Go embedded structs (`Probe.handler`, `Volume.volumeSource`, ...) are inlined;
 //! - Go writes every non-pointer field in protobuf, but `omitempty` drops empty ones from JSON.
-//!   Protobuf cannot tell a pointer from a value, so: singular empty strings/bytes and zero
-//!   (empty) `Time`/`RawExtension` are dropped, present numbers and booleans are kept (a pointer
-//!   `replicas: 0` must survive), empty messages are kept (`emptyDir: {}`), and the few
-//!   non-pointer numbers that kube-apiserver's defaulting treats as unset when zero (probe
-//!   timings, a Service port's `targetPort`) are dropped when zero (`ZERO_IS_UNSET`), so that
-//!   defaulting gives the same object as for the JSON form;
+//!   Protobuf cannot tell a pointer from a value, so: singular empty strings/bytes and an empty
+//!   `RawExtension` are dropped, a zero `Time` is `null` (as Go writes it), present numbers and booleans are kept (a pointer
+//!   `replicas: 0` must survive), empty messages are kept (`emptyDir: {}`), and the common
+//!   non-pointer numbers/booleans that Go's JSON omits or kube-apiserver's defaulting treats as
+//!   unset when zero (`stdin`, `hostPort`, `minReadySeconds`, probe timings, a Service port's
+//!   `targetPort`, ...) are dropped when zero (`ZERO_IS_UNSET`), so that defaulting and the
+//!   stored object match the JSON form;
 //! - unknown fields are skipped (newer clients); truncated or invalid input is an error (400).
 //!
 //! Responses stay JSON: a client that accepts only protobuf gets 406 (`http_util::negotiate`).
@@ -89,13 +90,43 @@ pub(crate) enum C {
     Inline,
 }
 
-/// Non-pointer numbers that kube-apiserver defaults when zero: (message, JSON field).
+/// Non-pointer Go numbers and booleans whose zero value is not an explicit choice, dropped when
+/// zero/false: Go writes them to protobuf always, but its JSON encoder omits them (`omitempty`)
+/// and kube-apiserver's defaulting treats a zero as unset (probe timings, a Service port's
+/// `targetPort`). A fact table of the Go types for the fields kubectl's `create` commands and
+/// typed clients fill most; other zeros are kept, as a pointer's `0`/`false` must be
+/// (`replicas: 0`, `automountServiceAccountToken: false`). (message, JSON field)
 const ZERO_IS_UNSET: &[(&str, &str)] = &[
+    (
+        "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta",
+        "generation",
+    ),
+    ("io.k8s.api.core.v1.Probe", "initialDelaySeconds"),
     ("io.k8s.api.core.v1.Probe", "timeoutSeconds"),
     ("io.k8s.api.core.v1.Probe", "periodSeconds"),
     ("io.k8s.api.core.v1.Probe", "successThreshold"),
     ("io.k8s.api.core.v1.Probe", "failureThreshold"),
+    ("io.k8s.api.core.v1.Container", "stdin"),
+    ("io.k8s.api.core.v1.Container", "stdinOnce"),
+    ("io.k8s.api.core.v1.Container", "tty"),
+    ("io.k8s.api.core.v1.EphemeralContainerCommon", "stdin"),
+    ("io.k8s.api.core.v1.EphemeralContainerCommon", "stdinOnce"),
+    ("io.k8s.api.core.v1.EphemeralContainerCommon", "tty"),
+    ("io.k8s.api.core.v1.ContainerPort", "hostPort"),
+    ("io.k8s.api.core.v1.VolumeMount", "readOnly"),
+    ("io.k8s.api.core.v1.PodSpec", "hostNetwork"),
+    ("io.k8s.api.core.v1.PodSpec", "hostPID"),
+    ("io.k8s.api.core.v1.PodSpec", "hostIPC"),
+    ("io.k8s.api.core.v1.ServiceSpec", "healthCheckNodePort"),
+    ("io.k8s.api.core.v1.ServiceSpec", "publishNotReadyAddresses"),
+    ("io.k8s.api.core.v1.ServicePort", "nodePort"),
     ("io.k8s.api.core.v1.ServicePort", "targetPort"),
+    ("io.k8s.api.apps.v1.DeploymentSpec", "minReadySeconds"),
+    ("io.k8s.api.apps.v1.DeploymentSpec", "paused"),
+    ("io.k8s.api.apps.v1.ReplicaSetSpec", "minReadySeconds"),
+    ("io.k8s.api.apps.v1.DaemonSetSpec", "minReadySeconds"),
+    ("io.k8s.api.apps.v1.StatefulSetSpec", "minReadySeconds"),
+    ("io.k8s.api.scheduling.v1.PriorityClass", "globalDefault"),
 ];
 
 /// Deeper nesting than this is refused (no Kubernetes object comes close; protects the stack).
@@ -272,7 +303,9 @@ fn go_duration(d: i64) -> String {
 
 fn time_value(b: &[u8], micro: bool, field: &'static str) -> Result<Option<Value>, ProtoError> {
     if b.is_empty() {
-        return Ok(None); // Go's zero time: `null` in JSON
+        // Go's zero time, written by Go as an empty message; its JSON is `null` (what
+        // kube-apiserver shows as a template's `creationTimestamp: null`).
+        return Ok(Some(Value::Null));
     }
     let (mut secs, mut nanos) = (0i64, 0i64);
     let mut r = Reader::new(b);
@@ -452,7 +485,10 @@ fn decode_into(
                 let drop = match &v {
                     None => true,
                     Some(Value::String(s)) => s.is_empty() && matches!(f.ty, T::Str | T::Bytes),
-                    Some(v) => *v == json!(0) && ZERO_IS_UNSET.contains(&(msg.name, f.json)),
+                    Some(v) => {
+                        (*v == json!(0) || *v == json!(false))
+                            && ZERO_IS_UNSET.contains(&(msg.name, f.json))
+                    }
                 };
                 match v {
                     Some(v) if !drop => {

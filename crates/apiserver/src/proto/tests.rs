@@ -202,7 +202,7 @@ fn pod_spec_json() -> Value {
             "name": "web",
             "image": "nginx:1.25",
             "command": ["nginx", "-g", ""],
-            "ports": [{"name": "http", "hostPort": 0, "containerPort": 80, "protocol": "TCP"}],
+            "ports": [{"name": "http", "containerPort": 80, "protocol": "TCP"}],
             "env": [
                 {"name": "A", "value": "1"},
                 {"name": "POD", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}
@@ -213,9 +213,8 @@ fn pod_spec_json() -> Value {
                 "initialDelaySeconds": 3, "periodSeconds": 10, "failureThreshold": 3
             },
             "readinessProbe": {"tcpSocket": {"port": 80}},
-            "volumeMounts": [{"name": "scratch", "readOnly": false, "mountPath": "/scratch"}],
-            "imagePullPolicy": "IfNotPresent",
-            "stdin": false
+            "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+            "imagePullPolicy": "IfNotPresent"
         }],
         "restartPolicy": "OnFailure",
         "terminationGracePeriodSeconds": 30,
@@ -268,7 +267,7 @@ fn job_with_a_full_pod_template() {
         "kind": "Job",
         "metadata": {
             "name": "nightly-manual",
-            "generation": 0,
+            "creationTimestamp": null,
             "labels": {"app": "web"},
             "annotations": {"cronjob.kubernetes.io/instantiate": "manual"},
             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "CronJob", "name": "nightly", "uid": "1234", "controller": true}]
@@ -276,7 +275,7 @@ fn job_with_a_full_pod_template() {
         "spec": {
             "backoffLimit": 0,
             "parallelism": 1,
-            "template": {"metadata": {}, "spec": pod_spec_json()}
+            "template": {"metadata": {"creationTimestamp": null}, "spec": pod_spec_json()}
         },
         "status": {}
     });
@@ -315,8 +314,7 @@ fn deployment_strategy_and_replicas() {
         json!({
             "replicas": 0,
             "selector": {"matchLabels": {"app": "web"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": "25%"}},
-            "minReadySeconds": 0
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": "25%"}}
         })
     );
 }
@@ -354,8 +352,8 @@ fn service_target_port_zero_is_unset() {
     assert_eq!(
         got["spec"]["ports"],
         json!([
-            {"name": "http", "protocol": "TCP", "port": 80, "targetPort": "http", "nodePort": 0},
-            {"name": "raw", "protocol": "TCP", "port": 81, "nodePort": 0}
+            {"name": "http", "protocol": "TCP", "port": 80, "targetPort": "http"},
+            {"name": "raw", "protocol": "TCP", "port": 81}
         ])
     );
     assert_eq!(got["spec"]["type"], "ClusterIP");
@@ -583,6 +581,17 @@ fn malformed_input_is_an_error_not_a_panic() {
         super::message(&inner, props, 0),
         Err(ProtoError::TooDeep)
     ));
+}
+
+#[test]
+fn zero_is_unset_names_real_fields() {
+    for (m, f) in super::ZERO_IS_UNSET {
+        let msg = super::MESSAGES.iter().find(|x| x.name == *m);
+        assert!(
+            msg.is_some_and(|x| x.fields.iter().any(|y| y.json == *f)),
+            "{m}.{f} is not in the table"
+        );
+    }
 }
 
 #[test]
