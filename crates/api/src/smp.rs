@@ -17,7 +17,7 @@ pub enum SmpError {
 
 /// How a list field is merged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ListStrategy {
+pub enum ListStrategy {
     /// Merge elements by this key.
     MergeKey(&'static str),
     /// Primitive list merged as a set.
@@ -29,7 +29,8 @@ pub(crate) enum ListStrategy {
 const POD_SPEC_LISTS: &[&str] = &["containers", "initContainers", "ephemeralContainers"];
 
 /// The merge strategy of the list at `path` (field names from the object root, no indices).
-pub(crate) fn list_strategy(path: &[String]) -> ListStrategy {
+/// Only the last two names are looked at (`openapi_v2` in the apiserver relies on that).
+pub fn list_strategy(path: &[String]) -> ListStrategy {
     let Some(last) = path.last().map(String::as_str) else {
         return ListStrategy::Replace;
     };

@@ -334,24 +334,30 @@ pub fn openapi(rest: &[&str], req: &Request) -> Response {
     let acc = accept(req);
     let json_ok = acc.is_empty() || acc.contains("json") || acc.contains("*/*");
     match rest {
-        ["v2"] => {
-            if acc.contains("protobuf") {
-                let mut r =
-                    axum::response::IntoResponse::into_response(crate::proto::openapi_v2_stub());
-                r.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static(
-                        "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
-                    ),
-                );
-                r
-            } else {
-                json_response(
-                    200,
-                    &json!({"swagger": "2.0", "info": {"title": "Kubernetes", "version": format!("v{K8S_MAJOR}.{K8S_MINOR}.0+skiff")}, "paths": {}, "definitions": {}}),
-                )
-            }
+        // Swagger 2.0 as JSON when JSON is acceptable; a protobuf-only Accept (kubectl,
+        // client-go) gets the minimal gnostic stub: see `openapi_v2` for why.
+        ["v2"] if json_ok => {
+            let mut r = axum::response::IntoResponse::into_response(crate::openapi_v2::json_body());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            r
         }
+        ["v2"] if acc.contains("protobuf") => {
+            let mut r =
+                axum::response::IntoResponse::into_response(crate::proto::openapi_v2_stub());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+                ),
+            );
+            r
+        }
+        ["v2"] => error_response(&ApiError::not_acceptable(
+            "only application/json and application/com.github.proto-openapi.spec.v2@v1.0+protobuf are served for OpenAPI v2",
+        )),
         ["v3"] => {
             let mut paths = serde_json::Map::new();
             paths.insert(

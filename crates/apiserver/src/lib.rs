@@ -9,7 +9,9 @@ mod handlers;
 mod http_util;
 mod kubelet_proxy;
 mod metrics;
+mod openapi_v2;
 mod proto;
+mod proto_schema;
 mod schemas;
 mod watch;
 
@@ -26,6 +28,16 @@ use skiff_store::Store;
 pub use auth::{Identity, parse_token_file};
 use http_util::error_response;
 pub use kubelet_proxy::KubeletClientTls;
+
+/// (group, version, kind, schema name) of a kind with an OpenAPI schema.
+pub type SchemaRoot = (&'static str, &'static str, &'static str, String);
+
+/// The OpenAPI component schemas of the built-in kinds and their (group, version, kind, schema
+/// name) roots; used by the protobuf schema generator (`examples/gen_proto_schema.rs`).
+#[doc(hidden)]
+pub fn openapi_components() -> (serde_json::Map<String, serde_json::Value>, Vec<SchemaRoot>) {
+    schemas::components()
+}
 
 /// Errors when building the API server state.
 #[derive(Debug, thiserror::Error)]

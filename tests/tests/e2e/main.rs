@@ -10,4 +10,6 @@ mod kubectl;
 mod lifecycle;
 mod node_pods;
 mod node_services;
+mod openapi_v2;
+mod protobuf;
 mod python_client;

@@ -6,3 +6,4 @@
 mod admission;
 mod api;
 mod kubelet_proxy;
+mod proto;
