@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 
+use crate::events::{NORMAL, WARNING};
 use crate::informer::{Informer, feed};
 use crate::queue::Queue;
 use crate::util::{self, controller_ref, deleting, key, split_key};
@@ -23,6 +24,10 @@ use crate::{ControllerError, Ctx};
 /// How long an eviction recorded in `status.disruptedPods` waits for the pod's deletion to be
 /// observed before the pod counts again (upstream: 2 minutes).
 pub const DELETION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The Event source of this controller (kube-controller-manager's disruption controller
+/// records as `controllermanager`).
+const COMPONENT: &str = "controllermanager";
 
 /// The condition type.
 pub const CONDITION: &str = "DisruptionAllowed";
@@ -307,8 +312,18 @@ async fn sync(src: Arc<Sources>, k: String) -> Result<Option<Duration>, Controll
     let generation = pdb.metadata.generation.unwrap_or(0);
     let mut status = old.clone();
     let requeue;
+    let rec = src.ctx.events.component(COMPONENT);
+    if pods.is_empty() {
+        rec.event(&*pdb, NORMAL, "NoPods", "No matching pods found");
+    }
     match expected_and_desired(&src, &pdb, &pods) {
         Err(msg) => {
+            rec.event(
+                &*pdb,
+                WARNING,
+                "CalculateExpectedPodCountFailed",
+                format!("Failed to calculate the number of expected pods: {msg}"),
+            );
             // Fail safe: no disruption is allowed while the budget cannot be computed.
             tracing::info!(pdb = %k, error = %msg, "disruption budget sync failed");
             status.disruptions_allowed = 0;

@@ -244,6 +244,18 @@ async fn selector_rules_and_unmanaged_pods() {
     c.create(pdb("pdb-sel", "none", json!({"minAvailable": 1})))
         .await;
     wait_status(&c, "pdb-sel", "none", (0, 0, 1, 0)).await;
+    c.wait("NoPods event", T, || async {
+        c.list("v1", "Event", Some("pdb-sel"))
+            .await
+            .iter()
+            .any(|e| {
+                e["involvedObject"]["kind"] == "PodDisruptionBudget"
+                    && e["involvedObject"]["name"] == "none"
+                    && e["reason"] == "NoPods"
+                    && e["message"] == "No matching pods found"
+            })
+    })
+    .await;
     // Pods without a controller add nothing to a percentage's scale.
     c.create(pdb(
         "pdb-sel",
