@@ -1738,8 +1738,43 @@ async fn evict(st: &ApiState, t: &Target, name: &str, opts: &Value, q: &Q) -> Re
             Err(e) => return Err(e),
         }
     }
+    // A resourceVersion precondition names the pod as the client saw it: leave it unchanged.
+    if !dry && opts.pointer("/preconditions/resourceVersion").is_none() {
+        mark_disruption_target(st, t, name).await;
+    }
     delete(st, t, name, opts, q).await?;
     Ok(())
+}
+
+/// Sets the pod's `DisruptionTarget` condition before an eviction deletes it, as
+/// kube-apiserver does (best effort: a failure here does not stop the eviction).
+async fn mark_disruption_target(st: &ApiState, t: &Target, name: &str) {
+    let Ok(mut pod) = get_obj(st, t, name).await else {
+        return;
+    };
+    if meta::meta_str(&pod, "deletionTimestamp").is_some() {
+        return;
+    }
+    let cond = json!({"type": "DisruptionTarget", "status": "True",
+        "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting",
+        "lastTransitionTime": meta::now_rfc3339()});
+    if !pod["status"].is_object() {
+        pod["status"] = json!({});
+    }
+    if !pod["status"]["conditions"].is_array() {
+        pod["status"]["conditions"] = json!([]);
+    }
+    let Some(conds) = pod["status"]["conditions"].as_array_mut() else {
+        return;
+    };
+    match conds.iter_mut().find(|c| c["type"] == "DisruptionTarget") {
+        Some(c) if c["status"] == "True" => return,
+        Some(c) => *c = cond,
+        None => conds.push(cond),
+    }
+    if let Err(e) = update(st, t, name, pod, &Q::new(), Mode::Status).await {
+        tracing::debug!(pod = %name, error = %e, "could not set the DisruptionTarget condition");
+    }
 }
 
 /// Assigns `spec.clusterIP` (from the service CIDR) and node ports (30000-32767) to a new Service.

@@ -347,6 +347,12 @@ async fn sync(src: Arc<Sources>, k: String) -> Result<Option<Duration>, Controll
                 let left = t.0.as_millisecond() + timeout_ms - now.as_millisecond();
                 if left <= 0 {
                     tracing::info!(pdb = %k, pod = %pname, "pod was expected to be deleted but was not; counting it again");
+                    rec.event(
+                        &**p,
+                        WARNING,
+                        "NotDeleted",
+                        format!("Pod was expected by PDB {ns}/{name} to be deleted but it wasn't"),
+                    );
                     continue;
                 }
                 next_check = Some(next_check.map_or(left, |n| n.min(left)));

@@ -369,6 +369,43 @@ async fn eviction_waits_for_the_controller_and_frees_pending_pods() {
     wait_status(&c, "pdb-gen", "web", (2, 0, 2, 0)).await;
     let names = live(&c.pods("pdb-gen").await);
     evict(&c, "pdb-gen", &names[0], false).await.unwrap();
+    // An evicted pod on a node is marked as a disruption target while it terminates.
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "bound"},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]}}))
+    .unwrap();
+    let pods = Api::<Pod>::namespaced(c.client.clone(), "pdb-gen");
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    pods.patch_status(
+        "bound",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"}]}})),
+    )
+    .await
+    .unwrap();
+    evict(&c, "pdb-gen", "bound", false).await.unwrap();
+    let p = pods.get("bound").await.unwrap();
+    assert!(p.metadata.deletion_timestamp.is_some());
+    let dt = p
+        .status
+        .unwrap()
+        .conditions
+        .unwrap()
+        .into_iter()
+        .find(|c| c.type_ == "DisruptionTarget")
+        .unwrap();
+    assert_eq!(
+        (
+            dt.status.as_str(),
+            dt.reason.as_deref(),
+            dt.message.as_deref()
+        ),
+        (
+            "True",
+            Some("EvictionByEvictionAPI"),
+            Some("Eviction API: evicting")
+        )
+    );
     // A budget whose spec changed but whose status has not caught up yet: 429 "still being
     // processed". Stop the controllers first so that the status stays behind.
     drop(c);
