@@ -41,16 +41,8 @@ struct Sources {
 
 /// Runs the disruption controller until the task is aborted.
 pub async fn run(ctx: Arc<Ctx>) {
-    let pdbs = Informer::<PodDisruptionBudget>::spawn(
-        Api::all(ctx.client.clone()),
-        "poddisruptionbudgets",
-    );
-    let rcs = Informer::<ReplicationController>::spawn(
-        Api::all(ctx.client.clone()),
-        "replicationcontrollers",
-    );
-    pdbs.synced().await;
-    rcs.synced().await;
+    let pdbs = ctx.pdbs.clone();
+    let rcs = ctx.rcs.clone();
     let src = Arc::new(Sources { ctx, pdbs, rcs });
     let queue = Queue::default();
     let all = {

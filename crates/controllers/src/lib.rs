@@ -31,8 +31,11 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Endpoints, Node, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{
+    Endpoints, Node, PersistentVolumeClaim, Pod, ReplicationController, Service,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 
 use informer::Informer;
@@ -130,6 +133,10 @@ pub struct Ctx {
     pub statefulsets: Arc<Informer<StatefulSet>>,
     /// All PersistentVolumeClaims.
     pub pvcs: Arc<Informer<PersistentVolumeClaim>>,
+    /// All ReplicationControllers.
+    pub rcs: Arc<Informer<ReplicationController>>,
+    /// All PodDisruptionBudgets.
+    pub pdbs: Arc<Informer<PodDisruptionBudget>>,
     /// The Event recorder (one writer; each controller records under its own component via
     /// [`events::Recorder::component`]).
     pub events: events::Recorder,
@@ -153,6 +160,8 @@ impl Ctx {
             revisions: Informer::spawn(Api::all(client.clone()), "controllerrevisions"),
             statefulsets: Informer::spawn(Api::all(client.clone()), "statefulsets"),
             pvcs: Informer::spawn(Api::all(client.clone()), "persistentvolumeclaims"),
+            rcs: Informer::spawn(Api::all(client.clone()), "replicationcontrollers"),
+            pdbs: Informer::spawn(Api::all(client.clone()), "poddisruptionbudgets"),
             events: events::Recorder::new(client.clone(), "kube-controller-manager"),
             client,
             config,
@@ -171,6 +180,8 @@ impl Ctx {
         ctx.revisions.synced().await;
         ctx.statefulsets.synced().await;
         ctx.pvcs.synced().await;
+        ctx.rcs.synced().await;
+        ctx.pdbs.synced().await;
         Arc::new(ctx)
     }
 }

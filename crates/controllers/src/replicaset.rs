@@ -159,13 +159,8 @@ fn rc_as_rs(rc: &ReplicationController) -> ReplicaSet {
 
 /// Runs the ReplicaSet and ReplicationController controllers until the task is aborted.
 pub async fn run(ctx: Arc<Ctx>) {
-    let rcs = Informer::<ReplicationController>::spawn(
-        Api::all(ctx.client.clone()),
-        "replicationcontrollers",
-    );
-    rcs.synced().await;
     let a = run_kind(ctx.clone(), Source::ReplicaSets(ctx.replicasets.clone()));
-    let b = run_kind(ctx, Source::ReplicationControllers(rcs.clone()));
+    let b = run_kind(ctx.clone(), Source::ReplicationControllers(ctx.rcs.clone()));
     futures::future::join(a, b).await;
 }
 
