@@ -223,3 +223,62 @@ async fn expired_events_are_deleted() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn job_failure_and_statefulset_events() {
+    let c = common::cluster().await;
+    c.create(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "fails", "namespace": "default"},
+        "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "busybox"}]}}}
+    }))
+    .await;
+    c.wait("job pod", T, || async {
+        c.pods("default").await.len() == 1
+    })
+    .await;
+    let pod = c.pods("default").await[0].metadata.name.clone().unwrap();
+    c.finish_pod("default", &pod, 1).await;
+    c.wait("BackoffLimitExceeded event", T, || async {
+        let evs = events(&c, "default").await;
+        let failed = about(&evs, "Job", "fails", "BackoffLimitExceeded");
+        failed.len() == 1
+            && failed[0].type_.as_deref() == Some("Warning")
+            && failed[0].message.as_deref() == Some("Job has reached the specified backoff limit")
+    })
+    .await;
+
+    c.create(json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "db", "namespace": "default"},
+        "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+            "template": {"metadata": {"labels": {"app": "db"}},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}))
+        .await;
+    c.wait("StatefulSet create event", T, || async {
+        let evs = events(&c, "default").await;
+        about(&evs, "StatefulSet", "db", "SuccessfulCreate")
+            .iter()
+            .any(|e| {
+                e.message.as_deref() == Some("create Pod db-0 in StatefulSet db successful")
+                    && e.source.as_ref().unwrap().component.as_deref()
+                        == Some("statefulset-controller")
+            })
+    })
+    .await;
+    c.patch(
+        "apps/v1",
+        "StatefulSet",
+        Some("default"),
+        "db",
+        json!({"spec": {"replicas": 0}}),
+    )
+    .await;
+    c.wait("StatefulSet delete event", T, || async {
+        let evs = events(&c, "default").await;
+        about(&evs, "StatefulSet", "db", "SuccessfulDelete")
+            .iter()
+            .any(|e| e.message.as_deref() == Some("delete Pod db-0 in StatefulSet db successful"))
+    })
+    .await;
+}
