@@ -1455,6 +1455,15 @@ async fn subresource(
         ("eviction", Method::POST) => {
             let (_, body) = read_body(req).await?;
             let ev: Value = serde_json::from_slice(&body).unwrap_or(json!({}));
+            if ev
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| !n.is_empty() && n != name)
+            {
+                return Err(ApiError::bad_request(
+                    "name in URL does not match name in Eviction object",
+                ));
+            }
             let opts = ev.get("deleteOptions").cloned().unwrap_or(json!({}));
             evict(st, t, &name, &opts, q).await?;
             Ok(json_response(

@@ -286,6 +286,29 @@ async fn eviction_honours_the_budget() {
     // Not found.
     let e = evict(&c, "pdb-ev", "nope", false).await.unwrap_err();
     assert_eq!(e.code, 404);
+    assert_eq!(e.message, "pods \"nope\" not found");
+    // The body names another pod.
+    let req = http::Request::post(format!(
+        "/api/v1/namespaces/pdb-ev/pods/{}/eviction",
+        names[0]
+    ))
+    .header("content-type", "application/json")
+    .body(
+        serde_json::to_vec(&json!({"apiVersion": "policy/v1", "kind": "Eviction",
+            "metadata": {"name": "other", "namespace": "pdb-ev"}}))
+        .unwrap(),
+    )
+    .unwrap();
+    match c.client.request::<Value>(req).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 400);
+            assert_eq!(
+                s.message,
+                "name in URL does not match name in Eviction object"
+            );
+        }
+        other => panic!("eviction with a mismatched name: {other:?}"),
+    }
 
     // dryRun: allowed, but nothing changes.
     evict(&c, "pdb-ev", &names[0], true).await.unwrap();
