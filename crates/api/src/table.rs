@@ -119,6 +119,13 @@ pub fn columns(group: &str, kind: &str) -> Vec<Col> {
             ("Images", "string", 1),
             ("Selector", "string", 1),
         ],
+        ("policy", "PodDisruptionBudget") => vec![
+            name,
+            ("Min Available", "string", 0),
+            ("Max Unavailable", "string", 0),
+            ("Allowed Disruptions", "integer", 0),
+            age,
+        ],
         _ => vec![name, ("Age", "date", 0)],
     }
 }
@@ -560,6 +567,21 @@ pub fn cells(group: &str, kind: &str, obj: &Value, now: OffsetDateTime) -> Vec<V
                 ))),
             ]
         }
+        ("policy", "PodDisruptionBudget") => {
+            // An int-or-string field as kubectl prints it; N/A when unset.
+            let ios = |path: &str| match lookup(obj, path) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => "N/A".to_string(),
+            };
+            vec![
+                name,
+                json!(ios("spec.minAvailable")),
+                json!(ios("spec.maxUnavailable")),
+                json!(int(obj, "status.disruptionsAllowed")),
+                a,
+            ]
+        }
         _ => vec![
             name,
             json!(crate::meta::meta_str(obj, "creationTimestamp").unwrap_or_default()),
@@ -625,6 +647,7 @@ mod tests {
             ("apps", "DaemonSet"),
             ("batch", "Job"),
             ("batch", "CronJob"),
+            ("policy", "PodDisruptionBudget"),
             ("x", "Other"),
         ] {
             assert_eq!(

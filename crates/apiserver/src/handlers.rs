@@ -1455,8 +1455,17 @@ async fn subresource(
         ("eviction", Method::POST) => {
             let (_, body) = read_body(req).await?;
             let ev: Value = serde_json::from_slice(&body).unwrap_or(json!({}));
+            if ev
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| !n.is_empty() && n != name)
+            {
+                return Err(ApiError::bad_request(
+                    "name in URL does not match name in Eviction object",
+                ));
+            }
             let opts = ev.get("deleteOptions").cloned().unwrap_or(json!({}));
-            delete(st, t, &name, &opts, q).await?;
+            evict(st, t, &name, &opts, q).await?;
             Ok(json_response(
                 201,
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
@@ -1471,6 +1480,309 @@ async fn subresource(
             "service account tokens are not issued by this server yet",
         )),
         _ => Err(ApiError::method_not_allowed()),
+    }
+}
+
+/// How often an eviction re-reads the budget after a conflicting write before giving up.
+const EVICTION_RETRIES: usize = 5;
+/// Most pods a budget's `disruptedPods` may hold (upstream's MaxDisruptedPodSize).
+const MAX_DISRUPTED_PODS: usize = 2000;
+/// The message of every eviction refused by a disruption budget.
+const PDB_VIOLATION: &str = "Cannot evict pod as it would violate the pod's disruption budget.";
+
+/// A 429 refusal naming the budget, as kube-apiserver's eviction REST writes it.
+fn too_many_requests(retry_after: u32, cause: String) -> ApiError {
+    let mut details = json!({"causes": [{"reason": "DisruptionBudget", "message": cause}]});
+    if retry_after > 0 {
+        details["retryAfterSeconds"] = json!(retry_after);
+    }
+    ApiError {
+        code: 429,
+        reason: "TooManyRequests",
+        message: PDB_VIOLATION.into(),
+        details: Some(details),
+    }
+}
+
+/// Whether a PodDisruptionBudget's `spec.selector` selects `labels`: a missing selector selects
+/// nothing, an empty one every pod (policy/v1).
+fn pdb_selects(sel: Option<&Value>, labels: &serde_json::Map<String, Value>) -> bool {
+    let Some(sel) = sel.filter(|s| !s.is_null()) else {
+        return false;
+    };
+    let get = |k: &str| labels.get(k).and_then(Value::as_str);
+    if let Some(ml) = sel.get("matchLabels").and_then(Value::as_object)
+        && ml.iter().any(|(k, v)| get(k) != v.as_str())
+    {
+        return false;
+    }
+    for e in sel
+        .get("matchExpressions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let key = e.get("key").and_then(Value::as_str).unwrap_or("");
+        let vals: Vec<&str> = e
+            .get("values")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let got = get(key);
+        let ok = match e.get("operator").and_then(Value::as_str).unwrap_or("") {
+            "In" => got.is_some_and(|g| vals.contains(&g)),
+            "NotIn" => got.is_none_or(|g| !vals.contains(&g)),
+            "Exists" => got.is_some(),
+            "DoesNotExist" => got.is_none(),
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// The reason a budget with no disruptions left gives (kube-apiserver's wording, by the
+/// `DisruptionAllowed` condition first).
+fn disruption_denied(name: &str, pdb: &Value) -> String {
+    let st = |k: &str| {
+        pdb.pointer(&format!("/status/{k}"))
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+    };
+    let (desired, current) = (st("desiredHealthy"), st("currentHealthy"));
+    let cond = pdb
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "DisruptionAllowed"));
+    let cstr = |k: &str| {
+        cond.and_then(|c| c.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    };
+    let false_with_msg = cond.is_some() && cstr("status") == "False" && !cstr("message").is_empty();
+    if false_with_msg && cstr("reason") == "SyncFailed" {
+        format!(
+            "The disruption budget {name} does not allow evicting pods currently because it failed sync: {}",
+            cstr("message")
+        )
+    } else if current <= desired {
+        format!(
+            "The disruption budget {name} needs {desired} healthy pods and has {current} currently"
+        )
+    } else if false_with_msg {
+        format!(
+            "The disruption budget {name} does not allow evicting pods currently ({}): {}",
+            cstr("reason"),
+            cstr("message")
+        )
+    } else {
+        format!("The disruption budget {name} does not allow evicting pods currently")
+    }
+}
+
+/// Whether the pod's Ready condition is True.
+fn pod_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+/// `pods/eviction`: deletes the pod unless the one PodDisruptionBudget that selects it has no
+/// disruption left; otherwise records the disruption in the budget's status (compare-and-swap,
+/// retried on conflict) and deletes the pod with the Eviction's deleteOptions.
+async fn evict(st: &ApiState, t: &Target, name: &str, opts: &Value, q: &Q) -> Result<(), ApiError> {
+    let dry = dry_run(q)
+        || opts
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|v| v == "All"));
+    let Some(pdb_r) = find("policy", "v1", "poddisruptionbudgets") else {
+        delete(st, t, name, opts, q).await?;
+        return Ok(());
+    };
+    let pdbs_t = Target {
+        r: pdb_r,
+        ns: t.ns.clone(),
+        name: None,
+        sub: None,
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let pod = get_obj(st, t, name).await?;
+        let phase = pod
+            .pointer("/status/phase")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        // Pods that are not running (or already going) do not count against any budget.
+        if matches!(phase, "Succeeded" | "Failed" | "Pending" | "")
+            || meta::meta_str(&pod, "deletionTimestamp").is_some()
+        {
+            break;
+        }
+        let empty = serde_json::Map::new();
+        let labels = pod
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        let resp = st
+            .store
+            .range(RangeRequest {
+                prefix: list_prefix(&pdbs_t),
+                ..Default::default()
+            })
+            .await
+            .map_err(store_err)?;
+        let mut matching = Vec::new();
+        for kv in &resp.kvs {
+            let pdb = decode(kv)?;
+            if pdb_selects(pdb.pointer("/spec/selector"), labels) {
+                matching.push(pdb);
+            }
+        }
+        if matching.len() > 1 {
+            return Err(ApiError::internal(
+                "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+            ));
+        }
+        let Some(mut pdb) = matching.pop() else {
+            break;
+        };
+        let pdb_name = meta::name(&pdb).to_string();
+        let stat = |k: &str| {
+            pdb.pointer(&format!("/status/{k}"))
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+        };
+        // A pod that is not Ready may go without using the budget: always under
+        // AlwaysAllow, and under IfHealthyBudget (the default) while the budget is met.
+        if !pod_ready(&pod) {
+            let policy = pdb
+                .pointer("/spec/unhealthyPodEvictionPolicy")
+                .and_then(Value::as_str)
+                .unwrap_or("IfHealthyBudget");
+            if policy == "AlwaysAllow"
+                || (stat("currentHealthy") >= stat("desiredHealthy") && stat("desiredHealthy") > 0)
+            {
+                break;
+            }
+        }
+        let generation = pdb
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        if stat("observedGeneration") < generation {
+            return Err(too_many_requests(
+                10,
+                format!("The disruption budget {pdb_name} is still being processed by the server."),
+            ));
+        }
+        let allowed = stat("disruptionsAllowed");
+        if allowed < 0 {
+            return Err(ApiError::forbidden(
+                pdb_r,
+                &pdb_name,
+                "pdb disruptions allowed is negative",
+            ));
+        }
+        let disrupted = pdb
+            .pointer("/status/disruptedPods")
+            .and_then(Value::as_object)
+            .map_or(0, serde_json::Map::len);
+        if disrupted > MAX_DISRUPTED_PODS {
+            return Err(ApiError::forbidden(
+                pdb_r,
+                &pdb_name,
+                "DisruptedPods map too big - too many evictions not confirmed by PDB controller",
+            ));
+        }
+        if allowed == 0 {
+            return Err(too_many_requests(0, disruption_denied(&pdb_name, &pdb)));
+        }
+        if dry {
+            break;
+        }
+        pdb["status"]["disruptionsAllowed"] = json!(allowed - 1);
+        if allowed - 1 == 0
+            && let Some(cs) = pdb
+                .pointer_mut("/status/conditions")
+                .and_then(Value::as_array_mut)
+        {
+            for c in cs.iter_mut().filter(|c| c["type"] == "DisruptionAllowed") {
+                if c["status"] != "False" {
+                    c["lastTransitionTime"] = json!(meta::now_rfc3339());
+                }
+                c["status"] = json!("False");
+                c["reason"] = json!("InsufficientPods");
+                c["message"] = json!("");
+            }
+        }
+        if !pdb["status"]["disruptedPods"].is_object() {
+            pdb["status"]["disruptedPods"] = json!({});
+        }
+        pdb["status"]["disruptedPods"][name] = json!(meta::now_rfc3339());
+        let one = Target {
+            r: pdb_r,
+            ns: t.ns.clone(),
+            name: Some(pdb_name.clone()),
+            sub: Some("status".into()),
+        };
+        match update(st, &one, &pdb_name, pdb, &Q::new(), Mode::Status).await {
+            Ok(_) => break,
+            Err(e) if e.code == 409 && attempt < EVICTION_RETRIES => continue,
+            Err(e) if e.code == 409 => {
+                return Err(too_many_requests(
+                    10,
+                    format!(
+                        "The disruption budget {pdb_name} is still being processed by the server."
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // A resourceVersion precondition names the pod as the client saw it: leave it unchanged.
+    if !dry && opts.pointer("/preconditions/resourceVersion").is_none() {
+        mark_disruption_target(st, t, name).await;
+    }
+    delete(st, t, name, opts, q).await?;
+    Ok(())
+}
+
+/// Sets the pod's `DisruptionTarget` condition before an eviction deletes it, as
+/// kube-apiserver does (best effort: a failure here does not stop the eviction).
+async fn mark_disruption_target(st: &ApiState, t: &Target, name: &str) {
+    let Ok(mut pod) = get_obj(st, t, name).await else {
+        return;
+    };
+    if meta::meta_str(&pod, "deletionTimestamp").is_some() {
+        return;
+    }
+    let cond = json!({"type": "DisruptionTarget", "status": "True",
+        "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting",
+        "lastTransitionTime": meta::now_rfc3339()});
+    if !pod["status"].is_object() {
+        pod["status"] = json!({});
+    }
+    if !pod["status"]["conditions"].is_array() {
+        pod["status"]["conditions"] = json!([]);
+    }
+    let Some(conds) = pod["status"]["conditions"].as_array_mut() else {
+        return;
+    };
+    match conds.iter_mut().find(|c| c["type"] == "DisruptionTarget") {
+        Some(c) if c["status"] == "True" => return,
+        Some(c) => *c = cond,
+        None => conds.push(cond),
+    }
+    if let Err(e) = update(st, t, name, pod, &Q::new(), Mode::Status).await {
+        tracing::debug!(pod = %name, error = %e, "could not set the DisruptionTarget condition");
     }
 }
 

@@ -17,6 +17,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
+use crate::events::{NORMAL, Recorder, WARNING, api_message};
 use crate::job::{finished, true_cond};
 use crate::queue::Queue;
 use crate::util::{self, controller_ref, split_key};
@@ -132,13 +133,29 @@ fn job_ref(j: &Job) -> ObjectReference {
     }
 }
 
-async fn delete_job(api: &Api<Job>, name: &str) -> Result<(), ControllerError> {
+async fn delete_job(
+    rec: &Recorder,
+    cj: &CronJob,
+    api: &Api<Job>,
+    name: &str,
+) -> Result<(), ControllerError> {
     match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            rec.event(
+                cj,
+                NORMAL,
+                "SuccessfulDelete",
+                format!("Deleted job {name}"),
+            );
+            Ok(())
+        }
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
+
+/// The Event source of this controller (as kube-controller-manager names it).
+const COMPONENT: &str = "cronjob-controller";
 
 async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerError> {
     let (ns, name) = split_key(&k);
@@ -151,6 +168,7 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
     let cj_uid = cj.metadata.uid.clone().unwrap_or_default();
     let jobs_api = Api::<Job>::namespaced(ctx.client.clone(), ns);
     let cj_api = Api::<CronJob>::namespaced(ctx.client.clone(), ns);
+    let rec = ctx.events.component(COMPONENT);
     let now = to_chrono(Timestamp::now());
     let mut jobs: Vec<Arc<Job>> = ctx
         .jobs
@@ -193,7 +211,13 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
                     .map(|t| t.0)
             });
             for j in &done[..done.len() - keep] {
-                delete_job(&jobs_api, j.metadata.name.as_deref().unwrap_or("")).await?;
+                delete_job(
+                    &rec,
+                    &cj,
+                    &jobs_api,
+                    j.metadata.name.as_deref().unwrap_or(""),
+                )
+                .await?;
             }
         }
     }
@@ -245,8 +269,13 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
                     } else {
                         if policy == "Replace" {
                             for j in &active {
-                                delete_job(&jobs_api, j.metadata.name.as_deref().unwrap_or(""))
-                                    .await?;
+                                delete_job(
+                                    &rec,
+                                    &cj,
+                                    &jobs_api,
+                                    j.metadata.name.as_deref().unwrap_or(""),
+                                )
+                                .await?;
                             }
                             active.clear();
                         }
@@ -254,6 +283,12 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
                         match jobs_api.create(&PostParams::default(), &job).await {
                             Ok(j) => {
                                 tracing::info!(cronjob = %k, job = %jname, "created job");
+                                rec.event(
+                                    &*cj,
+                                    NORMAL,
+                                    "SuccessfulCreate",
+                                    format!("Created job {jname}"),
+                                );
                                 jobs.push(Arc::new(j));
                                 last_schedule = Some(to_time(t));
                             }
@@ -261,11 +296,36 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
                                 // Ours from an earlier pass that the cache has not seen yet.
                                 last_schedule = Some(to_time(t));
                             }
-                            Err(e) => return Err(e.into()),
+                            Err(e) => {
+                                let e = ControllerError::from(e);
+                                rec.event(
+                                    &*cj,
+                                    WARNING,
+                                    "FailedCreate",
+                                    format!("Error creating job: {}", api_message(&e)),
+                                );
+                                return Err(e);
+                            }
                         }
                     }
                 }
             }
+        }
+    }
+    // Jobs that were active and have finished since.
+    for r in old.active.iter().flatten() {
+        if let Some(j) = jobs.iter().find(|j| j.metadata.uid == r.uid)
+            && let Some(c) = finished(j)
+        {
+            rec.event(
+                &*cj,
+                NORMAL,
+                "SawCompletedJob",
+                format!(
+                    "Saw completed job: {}, status: {c}",
+                    j.metadata.name.as_deref().unwrap_or("")
+                ),
+            );
         }
     }
     let active: Vec<ObjectReference> = jobs

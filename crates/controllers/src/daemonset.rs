@@ -19,6 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use crate::events::{NORMAL, WARNING, api_message};
 use crate::queue::Queue;
 use crate::util::{self, controller_ref, deleting, split_key};
 use crate::{ControllerError, Ctx};
@@ -479,15 +480,39 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
     }
 
     let mut err = None;
+    let rec = ctx.events.component("daemonset-controller");
     for p in &to_delete {
-        if let Err(e) = util::delete_pod(&pods_api, p).await {
-            err = Some(e);
+        let was_live = !deleting(&p.metadata);
+        match util::delete_pod(&pods_api, p).await {
+            Ok(()) if was_live => rec.event(
+                &*ds,
+                NORMAL,
+                "SuccessfulDelete",
+                format!("Deleted pod: {}", p.metadata.name.as_deref().unwrap_or("")),
+            ),
+            Ok(()) => {}
+            Err(e) => err = Some(e),
         }
     }
     let pp = PostParams::default();
     for n in &create_on {
-        if let Err(e) = pods_api.create(&pp, &pod_for(&ds, n, &hash)).await {
-            err = Some(e.into());
+        match pods_api.create(&pp, &pod_for(&ds, n, &hash)).await {
+            Ok(p) => rec.event(
+                &*ds,
+                NORMAL,
+                "SuccessfulCreate",
+                format!("Created pod: {}", p.metadata.name.as_deref().unwrap_or("")),
+            ),
+            Err(e) => {
+                let e = ControllerError::from(e);
+                rec.event(
+                    &*ds,
+                    WARNING,
+                    "FailedCreate",
+                    format!("Error creating: {}", api_message(&e)),
+                );
+                err = Some(e);
+            }
         }
     }
 

@@ -15,9 +15,13 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use crate::events::NORMAL;
 use crate::queue::Queue;
 use crate::util::{controller_ref, deleting, key, selector_matches, split_key};
 use crate::{ControllerError, Ctx};
+
+/// The Event source of this controller (as kube-controller-manager names it).
+const COMPONENT: &str = "deployment-controller";
 
 /// Annotation holding the revision number on Deployments and their ReplicaSets.
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -222,6 +226,7 @@ fn surge_unavailable(d: &Deployment, desired: i32) -> (i32, i32) {
 
 struct Sync<'a> {
     ctx: &'a Ctx,
+    d: &'a Deployment,
     ns: &'a str,
     rs_api: Api<ReplicaSet>,
     written: Vec<(String, i32)>,
@@ -240,6 +245,14 @@ impl Sync<'_> {
         self.rs_api
             .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await?;
+        let from = spec_replicas(rs);
+        let op = if from < n { "up" } else { "down" };
+        self.ctx.events.component(COMPONENT).event(
+            self.d,
+            NORMAL,
+            "ScalingReplicaSet",
+            format!("Scaled {op} replica set {name} from {from} to {n}"),
+        );
         self.written.push((name, n));
         Ok(())
     }
@@ -372,6 +385,7 @@ async fn sync(
     let max_old_rev = olds.iter().map(|r| revision(r)).max().unwrap_or(0);
     let mut s = Sync {
         ctx: &ctx,
+        d: &d,
         ns,
         rs_api: rs_api.clone(),
         written: Vec::new(),
@@ -648,7 +662,20 @@ async fn create_new_rs(
             status: None,
         };
         match api.create(&PostParams::default(), &rs).await {
-            Ok(r) => return Ok((Arc::new(r), collision)),
+            Ok(r) => {
+                if replicas > 0 {
+                    ctx.events.component(COMPONENT).event(
+                        d,
+                        NORMAL,
+                        "ScalingReplicaSet",
+                        format!(
+                            "Scaled up replica set {} from 0 to {replicas}",
+                            r.metadata.name.as_deref().unwrap_or("")
+                        ),
+                    );
+                }
+                return Ok((Arc::new(r), collision));
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 let existing = api.get(&format!("{dname}-{hash}")).await?;
                 let same = existing

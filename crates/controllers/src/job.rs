@@ -17,6 +17,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use crate::events::{NORMAL, Recorder, WARNING, api_message};
 use crate::queue::Queue;
 use crate::util::{self, controller_ref, deleting, split_key};
 use crate::{ControllerError, Ctx};
@@ -290,6 +291,20 @@ fn pod_failed(job: &Job, p: &Pod) -> bool {
     !only_failed && deleting(&p.metadata) && util::phase(p) != "Succeeded"
 }
 
+/// The Event source of this controller (as kube-controller-manager names it).
+const COMPONENT: &str = "job-controller";
+
+/// A failure reason as an Event reason (Event reasons are static strings).
+fn event_reason(reason: &str) -> &'static str {
+    match reason {
+        "BackoffLimitExceeded" => "BackoffLimitExceeded",
+        "DeadlineExceeded" => "DeadlineExceeded",
+        "PodFailurePolicy" => "PodFailurePolicy",
+        "MaxFailedIndexesExceeded" => "MaxFailedIndexesExceeded",
+        _ => "Failed",
+    }
+}
+
 async fn sync(
     ctx: Arc<Ctx>,
     mem: Arc<Mutex<HashMap<String, Memory>>>,
@@ -306,6 +321,7 @@ async fn sync(
     let job_uid = job.metadata.uid.clone().unwrap_or_default();
     let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), ns);
     let jobs_api = Api::<Job>::namespaced(ctx.client.clone(), ns);
+    let rec = ctx.events.component(COMPONENT);
     let cached_rv = job
         .metadata
         .resource_version
@@ -552,7 +568,7 @@ async fn sync(
             new_cond("FailureTarget", "True", reason, message, now),
         );
         for p in &active {
-            delete_pod(&pods_api, p, false).await?;
+            delete_pod(&rec, &job, &pods_api, p, false).await?;
         }
     } else if success {
         set_cond(
@@ -566,11 +582,11 @@ async fn sync(
             ),
         );
         for p in &active {
-            delete_pod(&pods_api, p, true).await?;
+            delete_pod(&rec, &job, &pods_api, p, true).await?;
         }
     } else if suspended {
         for p in &active {
-            delete_pod(&pods_api, p, true).await?;
+            delete_pod(&rec, &job, &pods_api, p, true).await?;
         }
     } else {
         let pending_adds = {
@@ -603,7 +619,7 @@ async fn sync(
                 indexed,
             );
             for p in &plan.delete {
-                delete_pod(&pods_api, p, true).await?;
+                delete_pod(&rec, &job, &pods_api, p, true).await?;
             }
             if !plan.create.is_empty() {
                 if let Some(wait) = backoff_left {
@@ -611,6 +627,22 @@ async fn sync(
                 } else {
                     let owner = util::owner_ref("batch/v1", "Job", &job.metadata);
                     let (created, err) = create_pods(&pods_api, &job, &owner, &plan.create).await;
+                    for pname in &created {
+                        rec.event(
+                            &*job,
+                            NORMAL,
+                            "SuccessfulCreate",
+                            format!("Created pod: {pname}"),
+                        );
+                    }
+                    if let Some(e) = &err {
+                        rec.event(
+                            &*job,
+                            WARNING,
+                            "FailedCreate",
+                            format!("Error creating: {}", api_message(e)),
+                        );
+                    }
                     let mut m = lock(&mem);
                     let e = m.entry(k.clone()).or_default();
                     e.adds = created.into_iter().collect();
@@ -624,8 +656,14 @@ async fn sync(
     // 6. Finish once no pod is left running or uncounted.
     let settled = active.is_empty() && terminating == 0 && unc_s.is_empty() && unc_f.is_empty();
     if settled && let Some((reason, message)) = &failure {
+        if true_cond(Some(&old), "Failed").is_none() {
+            rec.event(&*job, WARNING, event_reason(reason), message.clone());
+        }
         set_cond(&mut conds, new_cond("Failed", "True", reason, message, now));
     } else if settled && success {
+        if true_cond(Some(&old), "Complete").is_none() {
+            rec.event(&*job, NORMAL, "Completed", "Job completed");
+        }
         set_cond(
             &mut conds,
             new_cond(
@@ -855,7 +893,13 @@ async fn remove_finalizer(api: &Api<Pod>, p: &Pod) -> Result<(), ControllerError
 
 /// Deletes a pod; `uncounted` first removes the tracking finalizer so that the deletion is
 /// not counted as a failure (excess pods, suspension, success), as upstream does.
-async fn delete_pod(api: &Api<Pod>, p: &Pod, uncounted: bool) -> Result<(), ControllerError> {
+async fn delete_pod(
+    rec: &Recorder,
+    job: &Job,
+    api: &Api<Pod>,
+    p: &Pod,
+    uncounted: bool,
+) -> Result<(), ControllerError> {
     if deleting(&p.metadata) {
         return Ok(());
     }
@@ -864,7 +908,15 @@ async fn delete_pod(api: &Api<Pod>, p: &Pod, uncounted: bool) -> Result<(), Cont
     }
     let name = p.metadata.name.as_deref().unwrap_or("");
     match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            rec.event(
+                job,
+                NORMAL,
+                "SuccessfulDelete",
+                format!("Deleted pod: {name}"),
+            );
+            Ok(())
+        }
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
     }

@@ -4,7 +4,10 @@
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod disruption;
 pub mod endpoints;
+pub mod events;
+pub mod eventttl;
 pub mod gc;
 pub mod informer;
 pub mod ipam;
@@ -28,8 +31,11 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Endpoints, Node, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{
+    Endpoints, Node, PersistentVolumeClaim, Pod, ReplicationController, Service,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 
 use informer::Informer;
@@ -68,6 +74,11 @@ pub struct ControllerConfig {
     pub terminated_pod_gc_threshold: usize,
     /// First wait before a failed Job pod is replaced; doubles with each failure (upstream: 10 s).
     pub job_pod_failure_backoff: Duration,
+    /// Events whose last activity is older than this are deleted (kube-apiserver's
+    /// `--event-ttl`, 1 h).
+    pub event_ttl: Duration,
+    /// How often expired Events are looked for.
+    pub event_ttl_period: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -82,6 +93,8 @@ impl Default for ControllerConfig {
             podgc_quarantine: Duration::from_secs(40),
             terminated_pod_gc_threshold: 12_500,
             job_pod_failure_backoff: Duration::from_secs(10),
+            event_ttl: Duration::from_secs(3600),
+            event_ttl_period: Duration::from_secs(60),
         }
     }
 }
@@ -120,6 +133,13 @@ pub struct Ctx {
     pub statefulsets: Arc<Informer<StatefulSet>>,
     /// All PersistentVolumeClaims.
     pub pvcs: Arc<Informer<PersistentVolumeClaim>>,
+    /// All ReplicationControllers.
+    pub rcs: Arc<Informer<ReplicationController>>,
+    /// All PodDisruptionBudgets.
+    pub pdbs: Arc<Informer<PodDisruptionBudget>>,
+    /// The Event recorder (one writer; each controller records under its own component via
+    /// [`events::Recorder::component`]).
+    pub events: events::Recorder,
 }
 
 impl Ctx {
@@ -140,6 +160,9 @@ impl Ctx {
             revisions: Informer::spawn(Api::all(client.clone()), "controllerrevisions"),
             statefulsets: Informer::spawn(Api::all(client.clone()), "statefulsets"),
             pvcs: Informer::spawn(Api::all(client.clone()), "persistentvolumeclaims"),
+            rcs: Informer::spawn(Api::all(client.clone()), "replicationcontrollers"),
+            pdbs: Informer::spawn(Api::all(client.clone()), "poddisruptionbudgets"),
+            events: events::Recorder::new(client.clone(), "kube-controller-manager"),
             client,
             config,
         };
@@ -157,6 +180,8 @@ impl Ctx {
         ctx.revisions.synced().await;
         ctx.statefulsets.synced().await;
         ctx.pvcs.synced().await;
+        ctx.rcs.synced().await;
+        ctx.pdbs.synced().await;
         Arc::new(ctx)
     }
 }
@@ -189,6 +214,8 @@ pub async fn run(
         tokio::spawn(cronjob::run(ctx.clone())),
         tokio::spawn(daemonset::run(ctx.clone())),
         tokio::spawn(statefulset::run(ctx.clone())),
+        tokio::spawn(disruption::run(ctx.clone())),
+        tokio::spawn(eventttl::run(ctx.clone())),
     ];
     shutdown.await;
     for t in &tasks {

@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec, ReplicaSetStatus};
-use k8s_openapi::api::core::v1::{Pod, ReplicationController};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, ReplicationController};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use crate::events::{NORMAL, Recorder, WARNING, api_message};
 use crate::informer::Informer;
 use crate::queue::Queue;
 use crate::util::{self, controller_ref, deleting, is_active, key, selector_matches, split_key};
@@ -81,6 +82,23 @@ impl Source {
         }
     }
 
+    /// The Event recorder of this kind (component names as kube-controller-manager's).
+    fn recorder(&self, ctx: &Ctx) -> Recorder {
+        ctx.events.component(match self {
+            Source::ReplicaSets(_) => "replicaset-controller",
+            Source::ReplicationControllers(_) => "replication-controller",
+        })
+    }
+
+    /// The reference Events name for `rs` (a ReplicationController keeps its own kind).
+    fn reference(&self, rs: &ReplicaSet) -> ObjectReference {
+        ObjectReference {
+            api_version: Some(self.api_version().into()),
+            kind: Some(self.kind().into()),
+            ..crate::events::reference(rs)
+        }
+    }
+
     async fn patch_status(
         &self,
         ctx: &Ctx,
@@ -141,13 +159,8 @@ fn rc_as_rs(rc: &ReplicationController) -> ReplicaSet {
 
 /// Runs the ReplicaSet and ReplicationController controllers until the task is aborted.
 pub async fn run(ctx: Arc<Ctx>) {
-    let rcs = Informer::<ReplicationController>::spawn(
-        Api::all(ctx.client.clone()),
-        "replicationcontrollers",
-    );
-    rcs.synced().await;
     let a = run_kind(ctx.clone(), Source::ReplicaSets(ctx.replicasets.clone()));
-    let b = run_kind(ctx, Source::ReplicationControllers(rcs.clone()));
+    let b = run_kind(ctx.clone(), Source::ReplicationControllers(ctx.rcs.clone()));
     futures::future::join(a, b).await;
 }
 
@@ -296,6 +309,23 @@ async fn sync(
         if active.len() < want {
             let n = (want - active.len()).min(BURST);
             let (created, err) = create_pods(&pods_api, &rs, &owner, n).await;
+            let rec = src.recorder(&ctx);
+            for pname in &created {
+                rec.event_ref(
+                    src.reference(&rs),
+                    NORMAL,
+                    "SuccessfulCreate",
+                    format!("Created pod: {pname}"),
+                );
+            }
+            if let Some(e) = &err {
+                rec.event_ref(
+                    src.reference(&rs),
+                    WARNING,
+                    "FailedCreate",
+                    format!("Error creating: {}", api_message(e)),
+                );
+            }
             let mut e = lock(&exp);
             let entry = e.entry(k.clone()).or_default();
             entry.adds = created.into_iter().collect();
@@ -309,13 +339,27 @@ async fn sync(
             let mut dels = HashSet::new();
             for v in &victims {
                 let pname = v.metadata.name.clone().unwrap_or_default();
+                let rec = src.recorder(&ctx);
                 match pods_api.delete(&pname, &DeleteParams::default()).await {
                     Ok(_) => {
+                        rec.event_ref(
+                            src.reference(&rs),
+                            NORMAL,
+                            "SuccessfulDelete",
+                            format!("Deleted pod: {pname}"),
+                        );
                         dels.insert(pname);
                     }
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
                     Err(e) => {
-                        manage_err = Some(ControllerError::from(e));
+                        let e = ControllerError::from(e);
+                        rec.event_ref(
+                            src.reference(&rs),
+                            WARNING,
+                            "FailedDelete",
+                            format!("Error deleting: {}", api_message(&e)),
+                        );
+                        manage_err = Some(e);
                         break;
                     }
                 }

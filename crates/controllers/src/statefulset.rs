@@ -18,6 +18,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
 use crate::daemonset::REVISION_HASH;
+use crate::events::{NORMAL, WARNING, api_message};
 use crate::queue::Queue;
 use crate::util::{self, controller_ref, deleting, split_key};
 use crate::{ControllerError, Ctx};
@@ -238,10 +239,25 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
         .and_then(|p| p.when_scaled.as_deref())
         == Some("Delete");
 
+    let rec = ctx.events.component("statefulset-controller");
+    let deleted = |p: &Pod| {
+        if !deleting(&p.metadata) {
+            rec.event(
+                &*sts,
+                NORMAL,
+                "SuccessfulDelete",
+                format!(
+                    "delete Pod {} in StatefulSet {name} successful",
+                    p.metadata.name.as_deref().unwrap_or("")
+                ),
+            );
+        }
+    };
     // Failed pods are deleted (and re-created on a later pass).
     for p in pods.values() {
         if util::phase(p) == "Failed" {
             util::delete_pod(&pods_api, p).await?;
+            deleted(p);
         }
     }
     // Create missing ordinals, in order.
@@ -263,10 +279,28 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
                     (&spec.template, update_rev.as_str())
                 };
                 let pod = pod_for(&sts, tmpl, ord, hash);
+                let pname = pod.metadata.name.clone().unwrap_or_default();
                 match pods_api.create(&PostParams::default(), &pod).await {
-                    Ok(_) => {}
+                    Ok(_) => rec.event(
+                        &*sts,
+                        NORMAL,
+                        "SuccessfulCreate",
+                        format!("create Pod {pname} in StatefulSet {name} successful"),
+                    ),
                     Err(kube::Error::Api(s)) if s.code == 409 => {}
-                    Err(e) => return Err(e.into()),
+                    Err(e) => {
+                        let e = ControllerError::from(e);
+                        rec.event(
+                            &*sts,
+                            WARNING,
+                            "FailedCreate",
+                            format!(
+                                "create Pod {pname} in StatefulSet {name} failed error: {}",
+                                api_message(&e)
+                            ),
+                        );
+                        return Err(e);
+                    }
                 }
                 if !parallel {
                     blocked = true;
@@ -285,6 +319,7 @@ async fn sync(ctx: Arc<Ctx>, k: String) -> Result<Option<Duration>, ControllerEr
     if !blocked || parallel {
         for p in &condemned {
             util::delete_pod(&pods_api, p).await?;
+            deleted(p);
             if !parallel {
                 break;
             }

@@ -514,3 +514,164 @@ fn workloads_job_daemonset_statefulset_cronjob() {
         .is_empty()
     });
 }
+
+fn pdb_yaml(min_available: u32) -> String {
+    format!(
+        r#"apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: web
+spec:
+  minAvailable: {min_available}
+  selector:
+    matchLabels:
+      app: web
+"#
+    )
+}
+
+/// A PodDisruptionBudget seen by `kubectl get pdb` and honoured by `kubectl drain` (through
+/// pods/eviction), and the controller Events `kubectl describe` shows.
+#[test]
+fn pdb_blocks_drain_until_the_budget_allows_it() {
+    let server = Server::start();
+    let _nodes = hollow(&server, "pdb", 3);
+    let k = Kubectl::new(None, &server);
+    wait_for("3 nodes Ready", Duration::from_secs(30), || {
+        k.ok(&[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={.items[*].status.conditions[?(@.type=='Ready')].status}",
+        ])
+        .split_whitespace()
+        .filter(|s| *s == "True")
+        .count()
+            == 3
+    });
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        &deployment("web", 3, "busybox:1", ""),
+    );
+    k.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    k.ok_stdin(&["apply", "-f", "-"], &pdb_yaml(3));
+    wait_for("pdb status", Duration::from_secs(30), || {
+        k.ok(&[
+            "get",
+            "pdb",
+            "web",
+            "-o",
+            "jsonpath={.status.observedGeneration}/{.status.currentHealthy}/{.status.desiredHealthy}/{.status.disruptionsAllowed}",
+        ]) == "1/3/3/0"
+    });
+    let table = k.ok(&["get", "pdb"]);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap()
+        .split("  ")
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "MIN AVAILABLE",
+            "MAX UNAVAILABLE",
+            "ALLOWED DISRUPTIONS",
+            "AGE"
+        ],
+        "{table}"
+    );
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(&row[..4], ["web", "3", "N/A", "0"], "{table}");
+
+    // Drain a node that runs a web pod: every eviction is refused, kubectl gives up.
+    let before = live_pods(&k, "default", "web");
+    let node = before[0].1.clone();
+    let on_node: Vec<String> = before
+        .iter()
+        .filter(|(_, n)| *n == node)
+        .map(|(p, _)| p.clone())
+        .collect();
+    let out = k.run(&["drain", &node, "--ignore-daemonsets", "--timeout=10s"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "drain succeeded: {text}");
+    assert!(
+        text.contains("Cannot evict pod as it would violate the pod's disruption budget."),
+        "drain output: {text}"
+    );
+    let still: Vec<String> = live_pods(&k, "default", "web")
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    for p in &on_node {
+        assert!(still.contains(p), "{p} was evicted despite the budget");
+    }
+
+    // With minAvailable 2 one pod may go at a time: the drain finishes and the pods come back
+    // on the other nodes.
+    k.ok_stdin(&["apply", "-f", "-"], &pdb_yaml(2));
+    wait_for("pdb allows 1", Duration::from_secs(30), || {
+        k.ok(&[
+            "get",
+            "pdb",
+            "web",
+            "-o",
+            "jsonpath={.status.observedGeneration}/{.status.disruptionsAllowed}",
+        ]) == "2/1"
+    });
+    let out = k.ok(&["drain", &node, "--ignore-daemonsets", "--timeout=90s"]);
+    assert!(
+        out.contains(&format!("node/{node} drained")),
+        "drain output: {out}"
+    );
+    for p in &on_node {
+        assert!(
+            out.contains(&format!("pod/{p} evicted")),
+            "drain output: {out}"
+        );
+    }
+    wait_for(
+        "3 web pods off the drained node",
+        Duration::from_secs(60),
+        || {
+            let pods = live_pods(&k, "default", "web");
+            pods.len() == 3 && pods.iter().all(|(_, n)| !n.is_empty() && *n != node)
+        },
+    );
+    k.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+
+    // The controllers' Events, as `kubectl describe` shows them.
+    let rs = k.ok(&[
+        "get",
+        "rs",
+        "-l",
+        "app=web",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    let d = k.ok(&["describe", "deployment", "web"]);
+    assert!(
+        d.contains("ScalingReplicaSet")
+            && d.contains(&format!("Scaled up replica set {rs} from 0 to 3")),
+        "describe deployment: {d}"
+    );
+    assert!(
+        d.contains("deployment-controller"),
+        "describe deployment: {d}"
+    );
+    let r = k.ok(&["describe", "rs", &rs]);
+    assert!(r.contains("SuccessfulCreate"), "describe rs: {r}");
+    assert!(r.contains("replicaset-controller"), "describe rs: {r}");
+    let created = r
+        .lines()
+        .filter(|l| l.contains("Created pod: web-"))
+        .count();
+    assert!(created >= 1, "describe rs: {r}");
+}

@@ -98,6 +98,15 @@ fn plural(kind: &str) -> String {
 }
 
 impl Cluster {
+    /// A cluster over `client` with no controllers running.
+    pub fn from_client(client: kube::Client) -> Cluster {
+        Cluster {
+            client,
+            stop: None,
+            task: None,
+        }
+    }
+
     pub fn dyn_api(&self, api_version: &str, kind: &str, ns: Option<&str>) -> Api<DynamicObject> {
         let r = ar(api_version, kind, &plural(kind));
         match ns {
