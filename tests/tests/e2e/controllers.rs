@@ -488,8 +488,8 @@ fn workloads_job_daemonset_statefulset_cronjob() {
         assert!(pvcs.contains(n), "pvc {n} in {pvcs}");
     }
 
-    // A CronJob starts a scheduled Job within 70 s. (`kubectl create job --from=cronjob/...`
-    // is not here: kubectl posts that Job as protobuf, which the API server rejects.)
+    // A CronJob starts a scheduled Job within 70 s, and `kubectl create job --from=cronjob/...`
+    // (kubectl 1.33 posts that Job as protobuf) starts one at once that runs to completion.
     k.ok_stdin(
         &["apply", "-f", "-"],
         r#"{"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "tick"},
@@ -498,10 +498,34 @@ fn workloads_job_daemonset_statefulset_cronjob() {
                 "spec": {"restartPolicy": "Never",
                     "containers": [{"name": "t", "image": "busybox"}]}}}}}}"#,
     );
+    k.ok(&["create", "job", "--from=cronjob/tick", "tick-now"]);
+    wait_for(
+        "the job from the cronjob completes",
+        Duration::from_secs(60),
+        || {
+            k.ok(&[
+                "get",
+                "job",
+                "tick-now",
+                "-o",
+                "jsonpath={.status.succeeded}",
+            ]) == "1"
+        },
+    );
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "job",
+            "tick-now",
+            "-o",
+            "jsonpath={.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}",
+        ]),
+        "CronJob/tick"
+    );
     wait_for("a scheduled job", Duration::from_secs(70), || {
         k.ok(&["get", "jobs", "-o", "jsonpath={.items[*].metadata.name}"])
             .split_whitespace()
-            .any(|n| n.starts_with("tick-"))
+            .any(|n| n.starts_with("tick-") && n != "tick-now")
     });
     wait_for("lastScheduleTime", Duration::from_secs(10), || {
         !k.ok(&[
