@@ -111,7 +111,8 @@ fn skiff_path(args: &Args) -> anyhow::Result<PathBuf> {
     Ok(exe.with_file_name("skiff"))
 }
 
-pub(crate) fn start_server(bin: &Path) -> anyhow::Result<ServerProc> {
+/// Starts `skiff server --disable-agent` on loopback with `extra` flags.
+pub(crate) fn start_server(bin: &Path, extra: &[&str]) -> anyhow::Result<ServerProc> {
     let dir = tempfile::tempdir()?;
     let mut child = Command::new(bin)
         .args([
@@ -122,6 +123,7 @@ pub(crate) fn start_server(bin: &Path) -> anyhow::Result<ServerProc> {
             "--bind-address",
             "127.0.0.1",
         ])
+        .args(extra)
         .arg("--data-dir")
         .arg(dir.path())
         .env("SKIFF_LOG", "warn")
@@ -346,7 +348,7 @@ async fn rate_phase(
 async fn run_async(args: Args) -> anyhow::Result<()> {
     let bin = skiff_path(&args)?;
     let t0 = Instant::now();
-    let srv = start_server(&bin)?;
+    let srv = start_server(&bin, &[])?;
     let ready = t0.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_rss = srv.rss_kib()?;

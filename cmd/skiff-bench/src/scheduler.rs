@@ -191,7 +191,9 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("skiff"),
     };
-    let srv: ServerProc = start_server(&bin)?;
+    // A cluster CIDR with room for a /24 per node (the default /16 holds 256), so node IPAM
+    // gives every hollow node its podCIDR as it would in a real cluster of this size.
+    let srv: ServerProc = start_server(&bin, &["--cluster-cidr", "10.64.0.0/10"])?;
     let pid = srv.pid();
     let client = skiff_bench::hollow::client_from_kubeconfig(&srv.kubeconfig()).await?;
     let rss = RssSampler::start(pid);

@@ -36,6 +36,15 @@ pub(crate) struct HubEvent {
     obj: Value,
     /// The previous state, if any.
     prev: Option<Value>,
+    /// `obj` serialized once, on first use, for every plain-JSON watcher of this change.
+    json: std::sync::OnceLock<Bytes>,
+}
+
+impl HubEvent {
+    fn json(&self) -> &Bytes {
+        self.json
+            .get_or_init(|| Bytes::from(serde_json::to_vec(&self.obj).unwrap_or_default()))
+    }
 }
 
 fn to_hub_event(e: &Event) -> Option<HubEvent> {
@@ -46,6 +55,7 @@ fn to_hub_event(e: &Event) -> Option<HubEvent> {
             deleted: false,
             obj: decode(kv).ok()?,
             prev: prev.as_ref().and_then(|p| decode(p).ok()),
+            json: std::sync::OnceLock::new(),
         }),
         Event::Delete {
             key,
@@ -62,6 +72,7 @@ fn to_hub_event(e: &Event) -> Option<HubEvent> {
                 deleted: true,
                 prev: Some(obj.clone()),
                 obj,
+                json: std::sync::OnceLock::new(),
             })
         }
     }
@@ -179,8 +190,18 @@ impl Hub {
 }
 
 fn line(typ: &str, obj: &Value) -> Bytes {
-    let mut v = serde_json::to_vec(&json!({"type": typ, "object": obj})).unwrap_or_default();
-    v.push(b'\n');
+    line_raw(typ, &serde_json::to_vec(obj).unwrap_or_default())
+}
+
+/// One watch event line around an already serialized object (no copy of the object tree:
+/// `json!` around a borrowed `Value` would clone it first).
+fn line_raw(typ: &str, obj: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(obj.len() + typ.len() + 24);
+    v.extend_from_slice(b"{\"type\":\"");
+    v.extend_from_slice(typ.as_bytes());
+    v.extend_from_slice(b"\",\"object\":");
+    v.extend_from_slice(obj);
+    v.extend_from_slice(b"}\n");
     Bytes::from(v)
 }
 
@@ -393,10 +414,15 @@ pub(crate) async fn serve_watch(
                 continue;
             }
             last_rev = e.rev;
-            if let Some(typ) = classify(&e, &opts)
-                && tx.send(line(typ, &shaper.shape(&e.obj))).await.is_err()
-            {
-                return;
+            if let Some(typ) = classify(&e, &opts) {
+                let l = if matches!(shaper.out, Output::Json) {
+                    line_raw(typ, e.json())
+                } else {
+                    line(typ, &shaper.shape(&e.obj))
+                };
+                if tx.send(l).await.is_err() {
+                    return;
+                }
             }
         }
     });
@@ -412,4 +438,27 @@ pub(crate) async fn serve_watch(
         http::HeaderValue::from_static("no-cache, private"),
     );
     Ok(resp)
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::*;
+
+    #[test]
+    fn watch_lines_are_one_json_event_per_line() {
+        let obj = json!({"kind": "Pod", "metadata": {"name": "a\"b", "resourceVersion": "7"}});
+        let l = line("MODIFIED", &obj);
+        assert_eq!(l.last(), Some(&b'\n'));
+        let v: Value = serde_json::from_slice(&l[..l.len() - 1]).unwrap_or_default();
+        assert_eq!(v, json!({"type": "MODIFIED", "object": obj}));
+        let e = HubEvent {
+            rev: 7,
+            key: "k".into(),
+            deleted: false,
+            obj: obj.clone(),
+            prev: None,
+            json: std::sync::OnceLock::new(),
+        };
+        assert_eq!(line_raw("MODIFIED", e.json()), l);
+    }
 }
