@@ -431,7 +431,15 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         lists.push(t.elapsed());
         bytes = b.len();
         let v: Value = serde_json::from_slice(&b)?;
-        let items = v["items"].as_array().map(Vec::len).unwrap_or(0);
+        // Count ours only: the namespace also holds the `kube-root-ca.crt` ConfigMap.
+        let items = v["items"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|i| i["metadata"]["labels"]["bench"] == "api")
+                    .count()
+            })
+            .unwrap_or(0);
         if items != total {
             bail!("list returned {items} items, wanted {total}");
         }
