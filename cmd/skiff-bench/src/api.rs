@@ -37,11 +37,15 @@ pub struct Args {
 
 /// Runs the benchmark and prints Markdown.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    two_worker_runtime()?.block_on(run_async(args))
+}
+
+/// The client side of the server benchmarks: two worker threads, like the machine's two cores.
+pub(crate) fn two_worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+        .build()
 }
 
 pub(crate) struct ServerProc {

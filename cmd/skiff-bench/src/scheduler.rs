@@ -47,11 +47,7 @@ pub struct Args {
 
 /// Runs the benchmark and prints Markdown.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+    crate::api::two_worker_runtime()?.block_on(run_async(args))
 }
 
 fn kib_field(pid: u32, field: &str) -> Option<u64> {
