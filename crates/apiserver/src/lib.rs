@@ -5,6 +5,7 @@
 mod admission;
 mod auth;
 mod discovery;
+mod field_index;
 mod handlers;
 mod http_util;
 mod kubelet_proxy;
@@ -37,6 +38,13 @@ pub type SchemaRoot = (&'static str, &'static str, &'static str, String);
 #[doc(hidden)]
 pub fn openapi_components() -> (serde_json::Map<String, serde_json::Value>, Vec<SchemaRoot>) {
     schemas::components()
+}
+
+/// The Rust source of the generated field index (`src/field_index.rs`); used by
+/// `examples/gen_field_index.rs`.
+#[doc(hidden)]
+pub fn field_index_source() -> String {
+    schemas::field_index_source()
 }
 
 /// Errors when building the API server state.
