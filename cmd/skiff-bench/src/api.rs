@@ -82,6 +82,20 @@ impl ServerProc {
         self.child.id()
     }
 
+    /// (VmRSS, RssAnon, RssFile) in KiB.
+    pub(crate) fn rss_split(&self) -> anyhow::Result<(u64, u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no {name} in /proc/PID/status"))
+        };
+        Ok((field("VmRSS:")?, field("RssAnon:")?, field("RssFile:")?))
+    }
+
     pub(crate) fn rss_kib(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
         status
@@ -355,11 +369,21 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     let srv = start_server(&bin, &[])?;
     let ready = t0.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle_rss = srv.rss_kib()?;
+    let early = srv.rss_split()?;
+    // The server hands its start-up code pages back 10 s after ready; the idle figure is taken
+    // once the idle working set has settled.
+    tokio::time::sleep(Duration::from_secs(57)).await;
+    let idle = srv.rss_split()?;
     println!(
-        "skiff server ready in {:.0} ms; idle RSS {:.1} MiB",
+        "skiff server ready in {:.0} ms; RSS 3 s after ready {:.1} MiB (anon {:.1}, file {:.1}); \
+         idle RSS 60 s after ready {:.1} MiB (anon {:.1}, file {:.1})",
         ready.as_secs_f64() * 1000.0,
-        idle_rss as f64 / 1024.0
+        early.0 as f64 / 1024.0,
+        early.1 as f64 / 1024.0,
+        early.2 as f64 / 1024.0,
+        idle.0 as f64 / 1024.0,
+        idle.1 as f64 / 1024.0,
+        idle.2 as f64 / 1024.0,
     );
 
     println!();

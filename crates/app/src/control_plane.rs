@@ -1,7 +1,7 @@
-//! The control plane inside `skiff server`: the scheduler and the controller manager, each run
-//! under leader election on a Lease in kube-system (`kube-scheduler`,
-//! `kube-controller-manager`), with in-process API clients, so that several servers sharing one
-//! datastore run one of each.
+//! The control plane inside `skiff server`: the scheduler and the controller manager, with
+//! in-process API clients. With an external datastore (etcd) each runs under leader election on
+//! a Lease in kube-system (`kube-scheduler`, `kube-controller-manager`), so that several servers
+//! sharing it run one of each; with the embedded store (one server by construction) they just run.
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -57,12 +57,21 @@ pub fn start(router: axum::Router, cfg: &ServerConfig, ca_pem: &str) -> ControlP
         root_ca_pem: Some(ca_pem.to_string()),
         ..Default::default()
     };
+    // With the embedded store only one server can run (the store file is locked), so the
+    // scheduler and the controllers run without leader election there: renewing two Leases every
+    // 2 s would write to the disk 86,400 times a day for nothing (an SD card's wear) and keep the
+    // API server's whole write path hot in an otherwise idle server.
+    let elect = cfg.datastore_endpoint.is_some();
+    if !elect {
+        tracing::info!("leader election off: the embedded store admits one server");
+    }
     let mut tasks = Vec::new();
     let client = sched_client.clone();
-    tasks.push(tokio::spawn(run_elected(
+    tasks.push(spawn_component(
+        elect,
         sched_client,
         LeaderConfig::new("kube-scheduler", &id),
-        stopped(stop_rx.clone()),
+        stop_rx.clone(),
         move |rx| {
             let client = client.clone();
             async move {
@@ -72,12 +81,13 @@ pub fn start(router: axum::Router, cfg: &ServerConfig, ca_pem: &str) -> ControlP
                 }
             }
         },
-    )));
+    ));
     let client = cm_client.clone();
-    tasks.push(tokio::spawn(run_elected(
+    tasks.push(spawn_component(
+        elect,
         cm_client,
         LeaderConfig::new("kube-controller-manager", &id),
-        stopped(stop_rx),
+        stop_rx,
         move |rx| {
             let client = client.clone();
             let config = controller_config.clone();
@@ -87,8 +97,27 @@ pub fn start(router: axum::Router, cfg: &ServerConfig, ca_pem: &str) -> ControlP
                 }
             }
         },
-    )));
+    ));
     ControlPlane { stop, tasks }
+}
+
+/// Runs `component` under leader election on `lease` when `elect`, else at once until `stop`.
+fn spawn_component<F, Fut>(
+    elect: bool,
+    client: kube::Client,
+    lease: LeaderConfig,
+    stop: watch::Receiver<bool>,
+    component: F,
+) -> JoinHandle<()>
+where
+    F: Fn(watch::Receiver<bool>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    if elect {
+        tokio::spawn(run_elected(client, lease, stopped(stop), component))
+    } else {
+        tokio::spawn(component(stop))
+    }
 }
 
 impl ControlPlane {

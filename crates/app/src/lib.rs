@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod control_plane;
+mod memory;
 pub mod node;
 mod node_net;
 pub mod server;

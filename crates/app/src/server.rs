@@ -321,6 +321,15 @@ pub async fn run(
 
     ready(&kubeconfig, &url);
     tracing::info!(%url, kubeconfig = %kubeconfig.display(), "API server ready");
+    tokio::spawn(async {
+        // Long enough for the controllers' initial lists and syncs to finish.
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        match tokio::task::spawn_blocking(crate::memory::release_startup_pages).await {
+            Ok(Ok(bytes)) => tracing::debug!(bytes, "start-up code pages released"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "releasing start-up code pages failed"),
+            Err(_) => {}
+        }
+    });
 
     tokio::pin!(shutdown);
     loop {
