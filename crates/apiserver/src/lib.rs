@@ -7,6 +7,7 @@ mod auth;
 mod discovery;
 mod handlers;
 mod http_util;
+mod join;
 mod kubelet_proxy;
 mod metrics;
 mod openapi_v2;
@@ -27,6 +28,7 @@ use skiff_store::Store;
 
 pub use auth::{Identity, parse_token_file};
 use http_util::error_response;
+pub use join::{CACERTS_PATH, NODE_CERTS_PATH, NodeCredentialIssuer, NodeJoin};
 pub use kubelet_proxy::KubeletClientTls;
 
 /// (group, version, kind, schema name) of a kind with an OpenAPI schema.
@@ -73,6 +75,8 @@ pub struct Config {
     /// Credentials for kubelets (logs, exec, attach, port-forward, node proxy); None = those
     /// requests get 503.
     pub kubelet_client: Option<KubeletClientTls>,
+    /// Joining nodes (`GET /cacerts`, `POST /v1-skiff/node-certs`); None = those paths are 404.
+    pub node_join: Option<NodeJoin>,
 }
 
 impl Config {
@@ -208,6 +212,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
 
 async fn dispatch(State(st): State<Arc<ApiState>>, req: Request) -> Response {
     let path = req.uri().path().to_string();
+    if join::is_join_path(&path) {
+        return join::handle(st.config.node_join.as_ref(), req, &path).await;
+    }
     let public = matches!(
         path.as_str(),
         "/healthz" | "/livez" | "/readyz" | "/version" | "/version/"
