@@ -430,7 +430,11 @@ pub(crate) async fn run(client: kube::Client, cfg: OverlayConfig, stop: watch::R
             }
             _ = resync.tick() => {}
         }
-        if reader.wait_until_ready().await.is_ok() {
+        // Never wait for the store here: only polling `events` makes it ready.
+        if matches!(
+            futures::FutureExt::now_or_never(reader.wait_until_ready()),
+            Some(Ok(()))
+        ) {
             let nodes = reader.state();
             tokio::task::block_in_place(|| prog.reconcile(&nodes));
         }
