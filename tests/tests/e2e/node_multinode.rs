@@ -696,7 +696,40 @@ fn run_backend(backend: &str) {
     let (cni0, _) = agent.ip(&["link", "show", "cni0"]);
     assert!(!cni0, "cni0 left in the agent node after killall");
 
+    // The server still routes to the stopped agent's pods (its Node exists); deleting the
+    // Node removes the server's entries for it.
+    let server_has_route = |c: &Cluster| {
+        let (_, r) = c
+            .server
+            .as_ref()
+            .expect("server")
+            .ip(&["-4", "route", "show", &agent_cidr]);
+        !r.trim().is_empty()
+    };
+    assert!(
+        server_has_route(&c),
+        "the server lost its route to {agent_cidr} early"
+    );
+    k.ok(&["delete", "node", AGENT_NODE, "--wait=true", "--timeout=60s"]);
+    wait_until(
+        "the server removes its route to the deleted node's pods",
+        30,
+        || !server_has_route(&c),
+    );
+    if backend == "vxlan" {
+        let (_, neigh) = c
+            .server
+            .as_ref()
+            .expect("server")
+            .ip(&["neigh", "show", "dev", "skiff.1"]);
+        assert!(
+            neigh.trim().is_empty(),
+            "vxlan neighbours left on the server: {neigh}"
+        );
+    }
+
     // A restart reuses the stored credentials (no second join is needed).
+    let agent = c.agent.as_mut().expect("agent");
     let tls = agent.dir.path().join("agent/tls/node.crt");
     let before = std::fs::read(&tls).expect("agent/tls/node.crt");
     let args = agent_args(
@@ -708,6 +741,28 @@ fn run_backend(backend: &str) {
     );
     agent.start_skiff(&args);
     agent.wait_line("agent ready", 120);
+    k.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        &format!("node/{AGENT_NODE}"),
+        "--timeout=120s",
+    ]);
+    let agent_cidr = node_pod_cidr(&k, AGENT_NODE);
+    wait_until(
+        "the server routes to the re-registered node's pods",
+        60,
+        || {
+            server_has_route(&c) || {
+                let (_, r) =
+                    c.server
+                        .as_ref()
+                        .expect("server")
+                        .ip(&["-4", "route", "show", &agent_cidr]);
+                !r.trim().is_empty()
+            }
+        },
+    );
+    let agent = c.agent.as_mut().expect("agent");
     assert_eq!(
         before,
         std::fs::read(&tls).expect("node.crt"),
