@@ -1,4 +1,4 @@
-//! `--config FILE` for `skiff server`, in the format k3s users already write
+//! `--config FILE` for `skiff server` and `skiff agent`, in the format k3s users already write
 //! (`/etc/rancher/k3s/config.yaml`): a YAML map whose keys are the long flag names without the
 //! leading `--` and whose values are what the flag takes (`tls-san: [a, b]`, `disable-agent: true`,
 //! `https-listen-port: 6444`). Without `--config`, `/etc/skiff/config.yaml` is read when it exists
@@ -33,6 +33,8 @@ pub struct Flags {
     pub names: BTreeSet<String>,
     /// Long names of boolean switches.
     pub switches: BTreeSet<String>,
+    /// The subcommand (for messages).
+    pub sub: String,
 }
 
 impl Flags {
@@ -50,7 +52,11 @@ impl Flags {
                 }
             }
         }
-        Flags { names, switches }
+        Flags {
+            names,
+            switches,
+            sub: sub.to_string(),
+        }
     }
 }
 
@@ -117,9 +123,10 @@ pub fn flags_from(
         };
         if name == "config" || !flags.names.contains(name) {
             return Err(ConfigError(format!(
-                "{}: unknown key `{key}`: keys are `skiff server` flag names without the leading `--` \
-                 (see `skiff server --help`)",
-                file.display()
+                "{}: unknown key `{key}`: keys are `skiff {sub}` flag names without the leading `--` \
+                 (see `skiff {sub} --help`)",
+                file.display(),
+                sub = flags.sub
             )));
         }
         if on_cli.contains(name) && !append {
@@ -208,6 +215,7 @@ mod tests {
             .map(|s| s.to_string())
             .collect(),
             switches: ["disable-agent"].iter().map(|s| s.to_string()).collect(),
+            sub: "server".into(),
         }
     }
 

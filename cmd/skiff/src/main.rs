@@ -1,5 +1,6 @@
 //! The `skiff` binary: parses flags and dispatches to the crates that do the work.
 
+mod agent;
 mod check_config;
 mod config_file;
 mod images;
@@ -59,6 +60,8 @@ enum Command {
     CheckConfig(check_config::Args),
     /// Run the control plane (API server) on this machine.
     Server(server::Args),
+    /// Join a server as a node (kubelet, pod network, service proxy, cluster DNS).
+    Agent(agent::Args),
     /// Import and list container images.
     Images(images::Args),
     /// Stop every container of a data dir and remove skiff's bridge, veths, nftables table and mounts.
@@ -72,7 +75,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // `skiff server --config FILE`: the file's flags go in before clap sees the command line.
+    // `skiff server|agent --config FILE`: the file's flags go in before clap sees the command line.
     // A command line that is not valid UTF-8 is passed to clap untouched.
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let argv = match raw
@@ -80,15 +83,18 @@ fn main() -> ExitCode {
         .map(|a| a.to_str().map(str::to_string))
         .collect::<Option<Vec<String>>>()
     {
-        Some(args) => {
-            let flags = config_file::Flags::of(&Cli::command(), "server");
-            match config_file::expand(args, "server", &flags) {
-                Ok(a) => a.into_iter().map(Into::into).collect(),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
+        Some(mut args) => {
+            for sub in ["server", "agent"] {
+                let flags = config_file::Flags::of(&Cli::command(), sub);
+                args = match config_file::expand(args, sub, &flags) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
             }
+            args.into_iter().map(Into::into).collect()
         }
         None => raw,
     };
@@ -103,6 +109,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig(args) => check_config::run(args),
         Command::Server(args) => server::run(args),
+        Command::Agent(args) => agent::run(args),
         Command::Images(args) => images::run(args),
         Command::Killall(args) => killall::run(args),
         // The shim must stay single-threaded: no async runtime before it.

@@ -59,6 +59,9 @@ pub struct Args {
     /// (default: /etc/resolv.conf).
     #[arg(long)]
     resolv_conf: Option<PathBuf>,
+    /// How pod traffic reaches other nodes: host-gw (one L2), vxlan (UDP 8472) or none.
+    #[arg(long, default_value = "vxlan", value_parser = ["host-gw", "vxlan", "none"])]
+    network_backend: String,
     /// YAML file of flag values (keys = flag names without `--`; default /etc/skiff/config.yaml
     /// when it exists). Flags on the command line win; `key+:` appends to repeatable flags.
     #[arg(long)]
@@ -66,7 +69,26 @@ pub struct Args {
     config: Option<PathBuf>,
 }
 
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let network_backend = match args.network_backend.parse() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: --network-backend: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let cfg = skiff_app::ServerConfig {
         data_dir: args.data_dir,
         https_listen_port: args.https_listen_port,
@@ -86,24 +108,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             pod_cidr: args.pod_cidr,
             kubelet_port: args.kubelet_port,
             resolv_conf: args.resolv_conf,
+            network_backend,
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let result = rt.block_on(async move {
-        let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return std::future::pending().await,
-                };
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = tokio::signal::ctrl_c() => {},
-            }
-        };
-        skiff_app::server::run(cfg, shutdown, |kubeconfig, url| {
+        skiff_app::server::run(cfg, shutdown_signal(), |kubeconfig, url| {
             println!(
                 "skiff: API server ready at {url}; kubeconfig: {}",
                 kubeconfig.display()

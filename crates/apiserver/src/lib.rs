@@ -8,6 +8,7 @@ mod discovery;
 mod field_index;
 mod handlers;
 mod http_util;
+mod join;
 mod kubelet_proxy;
 mod metrics;
 mod openapi_v2;
@@ -28,6 +29,7 @@ use skiff_store::Store;
 
 pub use auth::{Identity, parse_token_file};
 use http_util::error_response;
+pub use join::{CACERTS_PATH, NODE_CERTS_PATH, NodeCredentialIssuer, NodeJoin};
 pub use kubelet_proxy::KubeletClientTls;
 
 /// (group, version, kind, schema name) of a kind with an OpenAPI schema.
@@ -81,6 +83,8 @@ pub struct Config {
     /// Credentials for kubelets (logs, exec, attach, port-forward, node proxy); None = those
     /// requests get 503.
     pub kubelet_client: Option<KubeletClientTls>,
+    /// Joining nodes (`GET /cacerts`, `POST /v1-skiff/node-certs`); None = those paths are 404.
+    pub node_join: Option<NodeJoin>,
 }
 
 impl Config {
@@ -216,6 +220,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
 
 async fn dispatch(State(st): State<Arc<ApiState>>, req: Request) -> Response {
     let path = req.uri().path().to_string();
+    if join::is_join_path(&path) {
+        return join::handle(st.config.node_join.as_ref(), req, &path).await;
+    }
     let public = matches!(
         path.as_str(),
         "/healthz" | "/livez" | "/readyz" | "/version" | "/version/"

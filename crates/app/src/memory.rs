@@ -85,6 +85,19 @@ pub fn release_startup_pages() -> std::io::Result<usize> {
     Ok(advised)
 }
 
+/// Spawns the release of start-up pages 10 s from now (long enough for the controllers' and the
+/// kubelet's initial lists and syncs); failures are only logged.
+pub(crate) fn release_startup_pages_later() {
+    tokio::spawn(async {
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        match tokio::task::spawn_blocking(release_startup_pages).await {
+            Ok(Ok(bytes)) => tracing::debug!(bytes, "start-up code pages released"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "releasing start-up code pages failed"),
+            Err(_) => {}
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,8 @@
-//! The node half of `skiff server` (and later `skiff agent`): the built-in runtime, the kubelet
-//! with its HTTPS server, and, once the node's pod CIDR is known, the pod bridge, the service
-//! proxy (`inet skiff` nftables table) and the node-local cluster DNS on the bridge gateway, each
-//! with its own API client; and `skiff killall`, which removes everything the node half of a data
-//! dir created on the host.
+//! The node half of `skiff server` and `skiff agent`: the built-in runtime, the kubelet with its
+//! HTTPS server, and, once the node's pod CIDR is known, the pod bridge, the cross-node overlay
+//! (`--network-backend`), the service proxy (`inet skiff` nftables table) and the node-local
+//! cluster DNS on the bridge gateway, each with its own API client; and `skiff killall`, which
+//! removes everything the node half of a data dir created on the host.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use skiff_kubelet::KubeletConfig;
 use skiff_runtime::{BuiltinRuntime, ImageStore, Runtime, RuntimeConfig};
 
 use crate::node_net::ServicesSetup;
+pub use crate::overlay::NetworkBackend;
 use crate::server::AppError;
 
 /// Node flags shared by `skiff server` and `skiff agent`.
@@ -42,6 +43,25 @@ pub struct NodeConfig {
     /// resolv.conf giving the DNS upstreams and pods' dnsPolicy Default nameservers
     /// (None: `/etc/resolv.conf`).
     pub resolv_conf: Option<PathBuf>,
+    /// How pod traffic reaches other nodes.
+    pub network_backend: NetworkBackend,
+}
+
+/// The kubelet server's TLS material.
+#[derive(Clone)]
+pub struct NodeTls {
+    /// Serving certificate (PEM) for the node's name and IP, signed by the cluster CA.
+    pub serving_cert_pem: String,
+    /// Its key (PEM).
+    pub serving_key_pem: String,
+    /// CA (PEM) that clients of the kubelet (the API server) must present a certificate of.
+    pub client_ca_pem: String,
+}
+
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTls").finish_non_exhaustive()
+    }
 }
 
 /// The API clients of the node's components, one identity each.
@@ -129,6 +149,7 @@ fn kubelet_config(data_dir: &Path, cfg: &NodeConfig) -> Result<KubeletConfig, Ap
     k.pod_cidr_override = cfg.pod_cidr.clone();
     k.service_cidr = cfg.service_cidr.clone();
     k.control_plane = cfg.control_plane;
+    k.pod_mtu = crate::overlay::pod_mtu(cfg.network_backend);
     if let Some(r) = &cfg.resolv_conf {
         k.resolv_conf = r.clone();
     }
@@ -151,7 +172,7 @@ pub async fn start(
     data_dir: &Path,
     cfg: &NodeConfig,
     clients: NodeClients,
-    pki: &skiff_pki::ServerPki,
+    tls: &NodeTls,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(tokio::task::JoinHandle<()>, SocketAddr), AppError> {
     let kcfg = kubelet_config(data_dir, cfg)?;
@@ -160,9 +181,9 @@ pub async fn start(
     let runtime: Arc<dyn Runtime> = Arc::new(open_runtime(data_dir)?);
     let server_cfg = skiff_kubelet::server::ServerConfig {
         listen: SocketAddr::new(kubelet_bind_address(cfg), cfg.kubelet_port),
-        serving_cert_pem: pki.kubelet_serving_cert_pem.clone(),
-        serving_key_pem: pki.kubelet_serving_key_pem.clone(),
-        client_ca_pem: pki.ca_cert_pem.clone(),
+        serving_cert_pem: tls.serving_cert_pem.clone(),
+        serving_key_pem: tls.serving_key_pem.clone(),
+        client_ca_pem: tls.client_ca_pem.clone(),
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let kcfg2 = kcfg.clone();
@@ -200,11 +221,12 @@ pub async fn start(
     }
 }
 
-/// Removes what the node half of `data_dir` created on this host: every container and sandbox
-/// (and their shims), the pod cgroup subtree, the bridge and pod veths, skiff's nftables
-/// table, and mounts under the data dir. Returns what it did, one line per item.
+/// Removes what the node half of `data_dir` (a server's or an agent's) created on this host:
+/// every container and sandbox (and their shims), the pod cgroup subtree, the bridge and pod
+/// veths, the overlay's routes and VXLAN device, skiff's nftables table, and mounts under the
+/// data dir. Returns what it did, one line per item.
 pub async fn killall(data_dir: &Path, bridge: &str) -> Result<Vec<String>, AppError> {
-    let mut done = Vec::new();
+    let mut done = crate::overlay::cleanup(&data_dir.join("agent").join("net"));
     let rt_dir = data_dir.join("agent").join("runtime");
     if rt_dir.exists() {
         let rt = open_runtime(data_dir)?;

@@ -1,7 +1,8 @@
-//! The node's service network inside `skiff server`: once the node's pod CIDR is known, make
-//! sure the pod bridge (with the gateway address) and the service-CIDR route exist, set the
-//! sysctls the data path needs, then run the service proxy (`inet skiff` table, deleted on
-//! shutdown) and the node-local cluster DNS on `<gateway>:53`, until the node stops.
+//! The node's service network (server and agent): once the node's pod CIDR is known, make sure
+//! the pod bridge (with the gateway address) and the service-CIDR route exist, set the sysctls
+//! the data path needs, then run the overlay (cross-node routes), the service proxy (`inet skiff`
+//! table, deleted on shutdown) and the node-local cluster DNS on `<gateway>:53`, until the node
+//! stops.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ pub(crate) struct ServicesSetup {
     cluster_cidr: Option<Ipv4Cidr>,
     pod_cidr_override: Option<Ipv4Cidr>,
     resolv_conf: PathBuf,
+    network_backend: crate::overlay::NetworkBackend,
 }
 
 fn parse_cidr(flag: &str, s: &str) -> Result<Ipv4Cidr, AppError> {
@@ -63,6 +65,7 @@ impl ServicesSetup {
                 .map(|c| parse_cidr("--pod-cidr", c))
                 .transpose()?,
             resolv_conf: kcfg.resolv_conf.clone(),
+            network_backend: cfg.network_backend,
         })
     }
 
@@ -167,7 +170,16 @@ impl ServicesSetup {
             upstreams = ?dns_cfg.upstreams,
             "starting the service proxy and the cluster DNS"
         );
+        let overlay_cfg = crate::overlay::OverlayConfig {
+            backend: self.network_backend,
+            node_name: self.node_name.clone(),
+            node_ip,
+            pod_cidr: cidr,
+            net_state_dir: kcfg.net_state_dir.clone(),
+            mtu: kcfg.pod_mtu,
+        };
         tokio::join!(
+            crate::overlay::run(clients.kubelet, overlay_cfg, stop.clone()),
             run_proxy(clients.proxy, proxy_cfg, stop.clone()),
             run_dns(clients.dns, dns_cfg, stop.clone()),
         );

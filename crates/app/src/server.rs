@@ -1,5 +1,6 @@
-//! `skiff server`: opens the store, prepares the PKI, serves the API over HTTPS (HTTP/1.1 and
-//! HTTP/2, client certificates optional) and stops cleanly on the shutdown signal.
+//! `skiff server`: opens the store, prepares the PKI and the cluster join token, serves the API
+//! (and the agents' join endpoints) over HTTPS (HTTP/1.1 and HTTP/2, client certificates
+//! optional) and stops cleanly on the shutdown signal.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -61,6 +62,8 @@ pub struct NodeFlags {
     /// resolv.conf for the cluster DNS upstreams and dnsPolicy Default pods (None:
     /// `/etc/resolv.conf`).
     pub resolv_conf: Option<PathBuf>,
+    /// How pod traffic reaches other nodes (default vxlan).
+    pub network_backend: crate::overlay::NetworkBackend,
 }
 
 impl Default for NodeFlags {
@@ -73,6 +76,7 @@ impl Default for NodeFlags {
             pod_cidr: None,
             kubelet_port: 10250,
             resolv_conf: None,
+            network_backend: crate::overlay::NetworkBackend::default(),
         }
     }
 }
@@ -190,7 +194,7 @@ fn parse_v4_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), AppError> {
     Ok((ip, len))
 }
 
-fn hostname() -> Option<String> {
+pub(crate) fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_string())
@@ -294,6 +298,16 @@ pub async fn run(
     let url = format!("https://{host}:{port}");
     let kubeconfig = cfg.data_dir.join("kubeconfig.yaml");
     skiff_pki::write_admin_kubeconfig(&kubeconfig, &url, &pki)?;
+    let server_dir = cfg.data_dir.join("server");
+    let secret =
+        skiff_pki::join::ensure_server_token(&server_dir, cfg.token.as_deref(), &pki.ca_cert_pem)?;
+    let join = crate::join::ServerJoin {
+        tls_dir: pki.dir.clone(),
+        ca_pem: pki.ca_cert_pem.clone(),
+        secret,
+        cluster_cidr: cfg.cluster_cidr.clone(),
+        service_cidr: cfg.service_cidr.clone(),
+    };
 
     let api_config = skiff_apiserver::Config {
         tokens: load_tokens(&cfg.data_dir)?,
@@ -306,6 +320,7 @@ pub async fn run(
             cert_pem: pki.kubelet_client_cert_pem.clone(),
             key_pem: pki.kubelet_client_key_pem.clone(),
         }),
+        node_join: Some(skiff_apiserver::NodeJoin(Arc::new(join))),
     };
     let state = ApiState::new(store, api_config).await?;
     let router = skiff_apiserver::router(state);
@@ -320,16 +335,8 @@ pub async fn run(
     };
 
     ready(&kubeconfig, &url);
-    tracing::info!(%url, kubeconfig = %kubeconfig.display(), "API server ready");
-    tokio::spawn(async {
-        // Long enough for the controllers' initial lists and syncs to finish.
-        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
-        match tokio::task::spawn_blocking(crate::memory::release_startup_pages).await {
-            Ok(Ok(bytes)) => tracing::debug!(bytes, "start-up code pages released"),
-            Ok(Err(e)) => tracing::debug!(error = %e, "releasing start-up code pages failed"),
-            Err(_) => {}
-        }
-    });
+    tracing::info!(%url, kubeconfig = %kubeconfig.display(), node_token = %server_dir.join("node-token").display(), "API server ready");
+    crate::memory::release_startup_pages_later();
 
     tokio::pin!(shutdown);
     loop {
@@ -431,7 +438,13 @@ async fn start_node(
         control_plane: true,
         cluster_cidr: Some(cfg.cluster_cidr.clone()),
         resolv_conf: cfg.node.resolv_conf.clone(),
+        network_backend: cfg.node.network_backend,
     };
-    let (task, _addr) = crate::node::start(&cfg.data_dir, &node_cfg, clients, pki, stop).await?;
+    let tls = crate::node::NodeTls {
+        serving_cert_pem: pki.kubelet_serving_cert_pem.clone(),
+        serving_key_pem: pki.kubelet_serving_key_pem.clone(),
+        client_ca_pem: pki.ca_cert_pem.clone(),
+    };
+    let (task, _addr) = crate::node::start(&cfg.data_dir, &node_cfg, clients, &tls, stop).await?;
     Ok(task)
 }

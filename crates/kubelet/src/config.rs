@@ -26,6 +26,9 @@ pub struct KubeletConfig {
     pub net_state_dir: PathBuf,
     /// The pod bridge name (`cni0`).
     pub bridge_name: String,
+    /// MTU of the bridge and pod interfaces (None: that of the default-route interface). With a
+    /// VXLAN overlay it is the underlay's MTU minus the encapsulation overhead.
+    pub pod_mtu: Option<u32>,
     /// Cluster DNS address written into pods' resolv.conf (ClusterFirst).
     pub cluster_dns: Ipv4Addr,
     /// Cluster domain (`cluster.local`).
@@ -64,6 +67,7 @@ impl KubeletConfig {
             net_state_dir: root_dir.join("net"),
             root_dir,
             bridge_name: skiff_net::DEFAULT_BRIDGE.to_string(),
+            pod_mtu: None,
             cluster_dns: Ipv4Addr::new(10, 43, 0, 10),
             cluster_domain: "cluster.local".into(),
             resolv_conf: PathBuf::from("/etc/resolv.conf"),

@@ -56,6 +56,7 @@ async fn pod_cidr(
 pub fn setup_network(cfg: &KubeletConfig, cidr: Ipv4Cidr) -> Result<Network, KubeletError> {
     let mut nc = NetworkConfig::new(cidr, cfg.net_state_dir.clone());
     nc.bridge_name = cfg.bridge_name.clone();
+    nc.mtu = cfg.pod_mtu;
     let net = Network::new(nc)?;
     net.ensure_bridge()?;
     if let Some(s) = &cfg.service_cidr {

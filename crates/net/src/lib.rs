@@ -20,4 +20,4 @@ pub use ipam::Ipam;
 pub use network::{
     DEFAULT_BRIDGE, FALLBACK_MTU, Network, NetworkConfig, PodInterface, host_veth_name,
 };
-pub use overlay::{VXLAN_OVERHEAD, VxlanConfig, VxlanPeer};
+pub use overlay::{VXLAN_OVERHEAD, VxlanConfig, VxlanPeer, default_route_mtu};

@@ -57,6 +57,15 @@ pub struct VxlanPeer {
 /// VXLAN header (8) + UDP (8) + IPv4 (20) + inner Ethernet (14).
 pub const VXLAN_OVERHEAD: u32 = 50;
 
+/// The MTU of the caller's default-route interface (None without a default route): the
+/// underlay MTU a VXLAN overlay subtracts [`VXLAN_OVERHEAD`] from.
+pub fn default_route_mtu() -> Result<Option<u32>, NetError> {
+    netlink::run(
+        None,
+        |h| async move { netlink::default_route_mtu(&h).await },
+    )
+}
+
 impl Network {
     /// Turns on IPv4 forwarding in the network's namespace (pods reach other nodes and VIPs
     /// through it).

@@ -1,5 +1,8 @@
 //! Certificates for a skiff server: the cluster CA, the API serving certificate, the admin client
-//! certificate and the admin kubeconfig. Knows nothing of Kubernetes objects.
+//! certificate and the admin kubeconfig; join tokens and the certificates of joining nodes
+//! ([`join`]). Knows nothing of Kubernetes objects.
+
+pub mod join;
 
 use std::fs;
 use std::io::Write;

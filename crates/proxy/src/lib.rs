@@ -125,6 +125,18 @@ pub async fn ensure_dns_service(
         }
     }))
     .map_err(|e| ProxyError::Config(format!("kube-dns service object: {e}")))?;
+    // Another node may have created it: a create naming the same clusterIP would then be
+    // refused for the IP (422) before the name conflict (409), as kube-apiserver does.
+    match api.get_opt("kube-dns").await {
+        Ok(Some(_)) => return Ok(false),
+        Ok(None) => {}
+        Err(source) => {
+            return Err(ProxyError::Api {
+                op: "get service kube-system/kube-dns".into(),
+                source,
+            });
+        }
+    }
     match api.create(&PostParams::default(), &svc).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),

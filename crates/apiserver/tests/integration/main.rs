@@ -5,5 +5,6 @@
 
 mod admission;
 mod api;
+mod join;
 mod kubelet_proxy;
 mod proto;
