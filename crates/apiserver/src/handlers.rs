@@ -56,13 +56,23 @@ pub(crate) fn decode(kv: &KeyValue) -> Result<Value, ApiError> {
     Ok(v)
 }
 
-fn encode(obj: &Value) -> Bytes {
-    let mut o = obj.clone();
-    if let Some(m) = meta::metadata_mut(&mut o) {
+/// Serializes `obj` for the store, dropping the fields that are never stored
+/// (resourceVersion, selfLink) from `obj` itself, so that after the write `obj` plus the new
+/// resourceVersion ([`stored`]) is what a read would decode: no clone before, no parse after.
+fn encode(obj: &mut Value) -> Bytes {
+    if let Some(m) = meta::metadata_mut(obj) {
         m.remove("resourceVersion");
         m.remove("selfLink");
     }
-    Bytes::from(serde_json::to_vec(&o).unwrap_or_default())
+    Bytes::from(serde_json::to_vec(obj).unwrap_or_default())
+}
+
+/// `obj` (as passed to [`encode`]) as stored at `kv`: what `decode(kv)` returns.
+fn stored(mut obj: Value, kv: &KeyValue) -> Value {
+    if let Some(m) = meta::metadata_mut(&mut obj) {
+        m.insert("resourceVersion".into(), json!(kv.mod_revision.to_string()));
+    }
+    obj
 }
 
 fn dry_run(q: &Q) -> bool {
@@ -642,8 +652,8 @@ async fn create(st: &ApiState, t: &Target, mut obj: Value, q: &Q) -> Result<Valu
             return Ok(obj);
         }
         let key = r.key(t.ns.as_deref(), &name);
-        match st.store.create(&key, encode(&obj)).await {
-            Ok(kv) => return decode(&kv),
+        match st.store.create(&key, encode(&mut obj)).await {
+            Ok(kv) => return Ok(stored(obj, &kv)),
             Err(StoreError::AlreadyExists { .. })
                 if given.is_empty() && !generate.is_empty() && attempt < 4 =>
             {
@@ -712,6 +722,20 @@ pub(crate) async fn update(
     q: &Q,
     mode: Mode,
 ) -> Result<(u16, Value), ApiError> {
+    update_from(st, t, name, new, q, mode, None).await
+}
+
+/// [`update`] with the current object already read (`current` = its key-value and decoded
+/// object), as `pods/binding` has it.
+async fn update_from(
+    st: &ApiState,
+    t: &Target,
+    name: &str,
+    new: Value,
+    q: &Q,
+    mode: Mode,
+    current: Option<(KeyValue, Value)>,
+) -> Result<(u16, Value), ApiError> {
     let r = t.r;
     check_kind(r, &new)?;
     let body_name = meta::name(&new);
@@ -728,8 +752,14 @@ pub(crate) async fn update(
             "the namespace of the provided object does not match the namespace sent on the request",
         ));
     }
-    let kv = get_kv(st, t, name).await?;
-    let old = decode(&kv)?;
+    let (kv, mut old) = match current {
+        Some(c) => c,
+        None => {
+            let kv = get_kv(st, t, name).await?;
+            let old = decode(&kv)?;
+            (kv, old)
+        }
+    };
     let mut new = merge_for_mode(r, &old, new, mode);
     let expected = match meta::resource_version(&new) {
         Some(rv) => {
@@ -796,11 +826,15 @@ pub(crate) async fn update(
             Err(e) => return Err(store_err(e)),
         }
     }
-    let mut old_cmp = old.clone();
-    if let Some(m) = meta::metadata_mut(&mut old_cmp) {
-        m.remove("resourceVersion");
+    // Unchanged but for the resourceVersion (which `new` no longer has): nothing to write.
+    let old_rv = meta::metadata_mut(&mut old).and_then(|m| m.remove("resourceVersion"));
+    let unchanged = old == new;
+    if let Some(rv) = old_rv
+        && let Some(m) = meta::metadata_mut(&mut old)
+    {
+        m.insert("resourceVersion".into(), rv);
     }
-    if old_cmp == new {
+    if unchanged {
         return Ok((200, old));
     }
     if dry_run(q) {
@@ -811,8 +845,9 @@ pub(crate) async fn update(
         return Ok((200, out));
     }
     let key = r.key(t.ns.as_deref(), name);
-    match st.store.update(&key, encode(&new), expected).await {
-        Ok(kv) => Ok((200, decode(&kv)?)),
+    let value = encode(&mut new);
+    match st.store.update(&key, value, expected).await {
+        Ok(kv) => Ok((200, stored(new, &kv))),
         Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(r, name)),
         Err(StoreError::NotFound { .. }) => Err(ApiError::not_found(r, name)),
         Err(e) => Err(store_err(e)),
@@ -1003,10 +1038,10 @@ pub(crate) async fn delete(
         }
         let stored = match st
             .store
-            .update(&key, encode(&marked), kv.mod_revision)
+            .update(&key, encode(&mut marked), kv.mod_revision)
             .await
         {
-            Ok(kv) => decode(&kv)?,
+            Ok(kv) => stored(marked, &kv),
             Err(StoreError::Conflict { .. }) => return Err(ApiError::conflict(r, name)),
             Err(e) => return Err(store_err(e)),
         };
@@ -1099,6 +1134,11 @@ pub(crate) fn list_opts(r: &ResourceInfo, q: &Q) -> Result<ListOpts, ApiError> {
 impl ListOpts {
     pub fn matches(&self, obj: &Value) -> bool {
         self.labels.matches(obj) && self.fields.matches(obj)
+    }
+
+    /// No selector: every object matches.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
     }
 }
 
@@ -1433,8 +1473,9 @@ async fn subresource(
             } else {
                 name.clone()
             };
-            let mut pod = get_obj(st, t, &pod_name).await?;
-            if let Some(existing) = pod
+            let kv = get_kv(st, t, &pod_name).await?;
+            let current = decode(&kv)?;
+            if let Some(existing) = current
                 .pointer("/spec/nodeName")
                 .and_then(Value::as_str)
                 .filter(|n| !n.is_empty())
@@ -1445,8 +1486,9 @@ async fn subresource(
                     &format!("pod {pod_name} is already assigned to node \"{existing}\""),
                 ));
             }
+            let mut pod = current.clone();
             pod["spec"]["nodeName"] = json!(node);
-            update(st, t, &pod_name, pod, q, Mode::Main).await?;
+            update_from(st, t, &pod_name, pod, q, Mode::Main, Some((kv, current))).await?;
             Ok(json_response(
                 201,
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use skiff_api::resources::ResourceInfo;
 use skiff_api::{ApiError, meta, table};
-use skiff_store::{Event, Store, StoreError};
+use skiff_store::{Event, KeyValue, Store, StoreError};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::ApiState;
@@ -34,8 +34,10 @@ pub(crate) struct HubEvent {
     deleted: bool,
     /// The new object (or, for a delete, the last state with resourceVersion = delete revision).
     obj: Value,
-    /// The previous state, if any.
-    prev: Option<Value>,
+    /// The previous state as stored, if any; decoded only when a watcher's selector needs it.
+    prev_kv: Option<KeyValue>,
+    /// The previous state, decoded once on first use.
+    prev: std::sync::OnceLock<Option<Value>>,
     /// `obj` serialized once, on first use, for every plain-JSON watcher of this change.
     json: std::sync::OnceLock<Bytes>,
 }
@@ -44,6 +46,13 @@ impl HubEvent {
     fn json(&self) -> &Bytes {
         self.json
             .get_or_init(|| Bytes::from(serde_json::to_vec(&self.obj).unwrap_or_default()))
+    }
+
+    /// The previous state (decoded on first use: watchers without selectors never need it).
+    fn prev(&self) -> Option<&Value> {
+        self.prev
+            .get_or_init(|| self.prev_kv.as_ref().and_then(|p| decode(p).ok()))
+            .as_ref()
     }
 }
 
@@ -54,7 +63,8 @@ fn to_hub_event(e: &Event) -> Option<HubEvent> {
             key: kv.key.clone(),
             deleted: false,
             obj: decode(kv).ok()?,
-            prev: prev.as_ref().and_then(|p| decode(p).ok()),
+            prev_kv: prev.clone(),
+            prev: std::sync::OnceLock::new(),
             json: std::sync::OnceLock::new(),
         }),
         Event::Delete {
@@ -70,7 +80,8 @@ fn to_hub_event(e: &Event) -> Option<HubEvent> {
                 rev: *revision,
                 key: key.clone(),
                 deleted: true,
-                prev: Some(obj.clone()),
+                prev_kv: None,
+                prev: std::sync::OnceLock::from(Some(obj.clone())),
                 obj,
                 json: std::sync::OnceLock::new(),
             })
@@ -239,8 +250,16 @@ impl Shaper {
 
 /// The type a client sees for a change, given its selectors (None = not visible).
 fn classify(e: &HubEvent, opts: &ListOpts) -> Option<&'static str> {
+    if opts.is_empty() {
+        // Everything is visible: no need to look at the previous state.
+        return Some(match e.deleted {
+            true => "DELETED",
+            false if e.prev_kv.is_some() => "MODIFIED",
+            false => "ADDED",
+        });
+    }
     let now = !e.deleted && opts.matches(&e.obj);
-    let before = e.prev.as_ref().is_some_and(|p| opts.matches(p));
+    let before = e.prev().is_some_and(|p| opts.matches(p));
     match (e.deleted, before, now) {
         (true, true, _) => Some("DELETED"),
         (true, false, _) => None,
@@ -456,7 +475,8 @@ mod line_tests {
             key: "k".into(),
             deleted: false,
             obj: obj.clone(),
-            prev: None,
+            prev_kv: None,
+            prev: std::sync::OnceLock::new(),
             json: std::sync::OnceLock::new(),
         };
         assert_eq!(line_raw("MODIFIED", e.json()), l);

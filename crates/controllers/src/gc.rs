@@ -165,9 +165,15 @@ pub async fn run(ctx: Arc<Ctx>) {
             let ctx = ctx.clone();
             let kinds = kinds.clone();
             async move {
+                let started = std::time::Instant::now();
                 scan(&ctx, &kinds).await?;
                 // Coalesce bursts of events into one scan per interval; rescan now and then.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // The interval grows with the scan's own duration (×10, at most 1 s), so that
+                // on a big cluster under a stream of changes the full scan takes a bounded
+                // share of the CPU instead of running back to back.
+                let pause = (started.elapsed() * 10)
+                    .clamp(Duration::from_millis(100), Duration::from_secs(1));
+                tokio::time::sleep(pause).await;
                 Ok(Some(Duration::from_secs(30)))
             }
         })

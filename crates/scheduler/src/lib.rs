@@ -491,11 +491,9 @@ impl Scheduler {
             return;
         }
         let to_find = Self::feasible_to_find(total);
-        let any_anti = self
-            .node_list
-            .iter()
-            .filter_map(|n| self.nodes.get(n))
-            .any(|n| n.anti_affinity_pods > 0);
+        // Over every NodeInfo (also those of unknown nodes): no name lookups; a pod with
+        // anti-affinity on an unknown node only makes the (exact) check below run.
+        let any_anti = self.nodes.values().any(|n| n.anti_affinity_pods > 0);
         let empty = std::collections::BTreeMap::new();
         let inter = interpod::relevant(&pod, any_anti).then(|| {
             interpod::prepare(

@@ -74,13 +74,21 @@ pub struct NodeInfo {
     pub pods: HashMap<String, Arc<Pod>>,
     /// How many of them have required anti-affinity terms.
     pub anti_affinity_pods: usize,
+    /// `spec.unschedulable` (cached: the filters run for hundreds of nodes per pod and need not
+    /// touch the node object when it has no taints and is not cordoned).
+    pub unschedulable: bool,
+    /// Whether the node has any taint (cached, as `unschedulable`).
+    pub tainted: bool,
 }
 
 impl NodeInfo {
     /// A node with no pods.
     pub fn new(node: Arc<Node>) -> Self {
         let (allocatable, allowed_pods) = node_allocatable(&node);
+        let (unschedulable, tainted) = node_flags(&node);
         NodeInfo {
+            unschedulable,
+            tainted,
             node,
             allocatable,
             allowed_pods,
@@ -96,6 +104,7 @@ impl NodeInfo {
     /// Replaces the node object, keeping the pod accounting.
     pub fn set_node(&mut self, node: Arc<Node>) {
         let (allocatable, allowed_pods) = node_allocatable(&node);
+        (self.unschedulable, self.tainted) = node_flags(&node);
         self.node = node;
         self.allocatable = allocatable;
         self.allowed_pods = allowed_pods;
@@ -149,12 +158,25 @@ impl NodeInfo {
     }
 
     fn taints(&self) -> &[Taint] {
+        if !self.tainted {
+            return &[];
+        }
         self.node
             .spec
             .as_ref()
             .and_then(|s| s.taints.as_deref())
             .unwrap_or(&[])
     }
+}
+
+/// `spec.unschedulable` and whether `spec.taints` is non-empty.
+fn node_flags(node: &Node) -> (bool, bool) {
+    let spec = node.spec.as_ref();
+    (
+        spec.and_then(|s| s.unschedulable).unwrap_or(false),
+        spec.and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| !t.is_empty()),
+    )
 }
 
 /// What the scheduler precomputes about a pod once per attempt.
@@ -240,13 +262,7 @@ pub fn filter(pod: &PodInfo, node: &NodeInfo) -> Vec<Failure> {
 
 /// A cordoned node (`spec.unschedulable`) fits only pods that tolerate the unschedulable taint.
 pub fn node_unschedulable(pod: &PodInfo, node: &NodeInfo) -> Option<Failure> {
-    let cordoned = node
-        .node
-        .spec
-        .as_ref()
-        .and_then(|s| s.unschedulable)
-        .unwrap_or(false);
-    if !cordoned {
+    if !node.unschedulable {
         return None;
     }
     let taint = Taint {
@@ -283,6 +299,17 @@ pub fn node_matches_pod_selectors(pod: &Pod, node: &Node) -> bool {
     let Some(spec) = pod.spec.as_ref() else {
         return true;
     };
+    let no_affinity = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .is_none_or(|na| {
+            na.required_during_scheduling_ignored_during_execution
+                .is_none()
+        });
+    if no_affinity && spec.node_selector.as_ref().is_none_or(|s| s.is_empty()) {
+        return true;
+    }
     let empty = BTreeMap::new();
     let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
     if let Some(sel) = spec.node_selector.as_ref()
@@ -484,6 +511,9 @@ pub fn preferred_affinity_raw(pod: &PodInfo, node: &NodeInfo) -> i64 {
                 .as_deref()
         })
         .unwrap_or(&[]);
+    if prefs.is_empty() {
+        return 0;
+    }
     let empty = BTreeMap::new();
     let labels = node.labels().unwrap_or(&empty);
     prefs
@@ -495,6 +525,9 @@ pub fn preferred_affinity_raw(pod: &PodInfo, node: &NodeInfo) -> i64 {
 
 /// Number of PreferNoSchedule taints the pod does not tolerate.
 pub fn prefer_no_schedule_raw(pod: &PodInfo, node: &NodeInfo) -> i64 {
+    if !node.tainted {
+        return 0;
+    }
     let tols: Vec<&Toleration> = pod
         .tolerations()
         .iter()

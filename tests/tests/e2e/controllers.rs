@@ -1,13 +1,14 @@
 //! Scheduler and controllers end to end: `skiff server --disable-agent` plus hollow nodes
 //! (`skiff-bench hollow-nodes`), driven with real kubectl: Deployment rollouts, scaling, undo,
-//! cascading deletion, namespace deletion, node failure and FailedScheduling.
+//! cascading deletion, namespace deletion, node failure and FailedScheduling; leader election and
+//! failover of the scheduler and controllers between servers sharing one etcd.
 #![allow(clippy::unwrap_used)] // scenario helpers outside #[test] functions may unwrap
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use skiff_e2e::{ChildGuard, Kubectl, Server};
+use skiff_e2e::{ChildGuard, Etcd, Kubectl, Server};
 
 /// Builds `skiff-bench` into the test's target dir and returns its path.
 fn bench_binary() -> PathBuf {
@@ -698,4 +699,173 @@ fn pdb_blocks_drain_until_the_budget_allows_it() {
         .filter(|l| l.contains("Created pod: web-"))
         .count();
     assert!(created >= 1, "describe rs: {r}");
+}
+
+/// The holder of Lease `name` in kube-system, as kubectl shows it ("" when it does not exist or
+/// has no holder).
+fn lease_holder(k: &Kubectl, name: &str) -> String {
+    let out = k.run(&[
+        "get",
+        "lease",
+        "-n",
+        "kube-system",
+        name,
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+const LEASES: [&str; 2] = ["kube-scheduler", "kube-controller-manager"];
+
+/// Waits until `server` (its `--node-name`) holds both control-plane leases; returns how long
+/// that took.
+fn wait_for_leader(k: &Kubectl, server: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    wait_for(&format!("{server} to hold {LEASES:?}"), timeout, || {
+        LEASES
+            .iter()
+            .all(|l| lease_holder(k, l).starts_with(&format!("{server}_")))
+    });
+    start.elapsed()
+}
+
+/// Applies a Deployment of `replicas` pods through `k` and waits until all are created, bound
+/// (spec.nodeName set on a hollow node) and available (the hollow kubelet ran them).
+fn deployment_runs(k: &Kubectl, name: &str, replicas: usize, node_prefix: &str) {
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        &deployment(name, replicas as u32, "busybox:hollow", ""),
+    );
+    wait_for(
+        &format!("deployment {name} to have {replicas} available pods"),
+        Duration::from_secs(60),
+        || {
+            k.ok(&[
+                "get",
+                "deploy",
+                name,
+                "-o",
+                "jsonpath={.status.availableReplicas}",
+            ])
+            .trim()
+                == replicas.to_string()
+        },
+    );
+    let pods = live_pods(k, "default", name);
+    assert_eq!(pods.len(), replicas, "pods of {name}: {pods:?}");
+    for (pod, node) in &pods {
+        assert!(
+            node.starts_with(&format!("{node_prefix}-")),
+            "pod {pod} of {name} is bound to {node:?}, not to a {node_prefix}-* node"
+        );
+    }
+}
+
+/// Several servers on one etcd: one of them runs the scheduler and the controllers (it holds
+/// the `kube-scheduler` and `kube-controller-manager` Leases); when it is killed (SIGKILL: it
+/// cannot release) another takes over once the lease expires (15 s), and when it stops cleanly
+/// (SIGTERM) it releases the leases so that another takes over within a retry period (2 s).
+/// Each server has its own CA here (no shared bootstrap data): every kubectl talks to one server.
+#[test]
+fn leader_election_fails_over_between_servers_on_one_etcd() {
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("{:>7.1?} {what}", t0.elapsed());
+    let etcd = Etcd::start();
+    let server = |name: &str| {
+        Server::start_with(
+            tempfile::tempdir().unwrap(),
+            &["--datastore-endpoint", &etcd.url, "--node-name", name],
+        )
+    };
+    let a = server("server-a");
+    let ka = Kubectl::new(None, &a);
+    wait_for_leader(&ka, "server-a", Duration::from_secs(30));
+    phase("server-a leads");
+    let b = server("server-b");
+    let kb = Kubectl::new(None, &b);
+    // server-b sees the same leases and does not take them while server-a renews them.
+    let transitions = |k: &Kubectl, l: &str| {
+        k.ok(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            l,
+            "-o",
+            "jsonpath={.spec.leaseTransitions}",
+        ])
+    };
+    let before: Vec<String> = LEASES.iter().map(|l| transitions(&kb, l)).collect();
+    phase("server-b up");
+    let nodes_b = hollow(&b, "fo", 3);
+    wait_for("3 hollow nodes Ready", Duration::from_secs(30), || {
+        kb.ok(&[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={.items[*].status.conditions[?(@.type=='Ready')].status}",
+        ])
+        .split_whitespace()
+        .filter(|s| *s == "True")
+        .count()
+            == 3
+    });
+    phase("nodes ready");
+    deployment_runs(&kb, "before-failover", 3, "fo");
+    for (l, t) in LEASES.iter().zip(&before) {
+        let holder = lease_holder(&kb, l);
+        assert!(
+            holder.starts_with("server-a_"),
+            "{l} must still be held by server-a, is {holder:?}"
+        );
+        assert_eq!(
+            &transitions(&kb, l),
+            t,
+            "{l} changed hands while server-a held it"
+        );
+    }
+
+    phase("before-failover runs");
+    // SIGKILL the leader: server-b takes over after the lease duration (15 s).
+    drop(a);
+    let took = wait_for_leader(&kb, "server-b", Duration::from_secs(45));
+    assert!(
+        took >= Duration::from_secs(10),
+        "server-b took a lease that server-a did not release after only {took:?}"
+    );
+    for (l, t) in LEASES.iter().zip(&before) {
+        let now: u32 = transitions(&kb, l).trim().parse().unwrap();
+        assert_eq!(now, t.trim().parse::<u32>().unwrap() + 1, "{l} transitions");
+    }
+    phase("server-b leads");
+    deployment_runs(&kb, "after-kill", 3, "fo");
+    phase("after-kill runs");
+    eprintln!("takeover after SIGKILL of the leader: {took:?}");
+
+    // A clean stop releases the leases: server-c takes over within about a retry period. The
+    // hollow nodes move to server-c first (server-b's go away with it).
+    let c = server("server-c");
+    let kc = Kubectl::new(None, &c);
+    drop(nodes_b);
+    kc.ok(&["delete", "node", "fo-0", "fo-1", "fo-2"]);
+    let _nodes_c = hollow(&c, "fc", 3);
+    for l in LEASES {
+        let holder = lease_holder(&kc, l);
+        assert!(holder.starts_with("server-b_"), "{l} is held by {holder:?}");
+    }
+    phase("server-c up, nodes moved");
+    let mut b = b;
+    let start = Instant::now();
+    assert!(b.stop().success(), "server-b did not exit cleanly");
+    wait_for_leader(&kc, "server-c", Duration::from_secs(30));
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "server-c took {took:?} (from SIGTERM of server-b) to take over released leases"
+    );
+    phase("server-c leads");
+    deployment_runs(&kc, "after-stop", 3, "fc");
+    phase("after-stop runs");
+    eprintln!("takeover after SIGTERM of the leader: {took:?}");
 }
