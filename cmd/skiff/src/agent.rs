@@ -1,6 +1,5 @@
 //! `skiff agent`: flags of a joining node, handed to `skiff_app::agent::run`.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,31 +19,8 @@ pub struct Args {
     /// Node name (default: the hostname).
     #[arg(long)]
     node_name: Option<String>,
-    /// InternalIP of this node (default: the address of the default-route interface).
-    #[arg(long)]
-    node_ip: Option<IpAddr>,
-    /// Node label key=value (repeatable).
-    #[arg(long = "node-label")]
-    node_label: Vec<String>,
-    /// Node taint key=value:Effect (repeatable).
-    #[arg(long = "node-taint")]
-    node_taint: Vec<String>,
-    /// Cluster DNS address written into pods' resolv.conf.
-    #[arg(long, default_value = "10.43.0.10")]
-    cluster_dns: String,
-    /// Pod CIDR of this node, instead of waiting for the one node IPAM assigns (tests).
-    #[arg(long)]
-    pod_cidr: Option<String>,
-    /// Port of the kubelet's HTTPS server; 0 picks a free port.
-    #[arg(long, default_value_t = 10250)]
-    kubelet_port: u16,
-    /// resolv.conf whose nameservers the cluster DNS forwards to and dnsPolicy Default pods get
-    /// (default: /etc/resolv.conf).
-    #[arg(long)]
-    resolv_conf: Option<PathBuf>,
-    /// How pod traffic reaches other nodes: host-gw (one L2), vxlan (UDP 8472) or none.
-    #[arg(long, default_value = "vxlan", value_parser = ["host-gw", "vxlan", "none"])]
-    network_backend: String,
+    #[command(flatten)]
+    node: crate::node_flags::NodeArgs,
     /// YAML file of flag values (as for `skiff server --config`).
     #[arg(long)]
     #[allow(dead_code)] // read by config_file::expand before clap parses the command line
@@ -52,10 +28,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let network_backend = match args.network_backend.parse() {
-        Ok(b) => b,
+    let node = match args.node.into_flags() {
+        Ok(n) => n,
         Err(e) => {
-            eprintln!("error: --network-backend: {e}");
+            eprintln!("error: {e}");
             return Ok(ExitCode::from(2));
         }
     };
@@ -64,16 +40,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         server: args.server,
         token: args.token,
         node_name: args.node_name,
-        node: skiff_app::server::NodeFlags {
-            node_ip: args.node_ip,
-            labels: args.node_label,
-            taints: args.node_taint,
-            cluster_dns: args.cluster_dns,
-            pod_cidr: args.pod_cidr,
-            kubelet_port: args.kubelet_port,
-            resolv_conf: args.resolv_conf,
-            network_backend,
-        },
+        node,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

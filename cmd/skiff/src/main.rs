@@ -5,6 +5,7 @@ mod check_config;
 mod config_file;
 mod images;
 mod killall;
+mod node_flags;
 mod server;
 
 use std::process::ExitCode;

@@ -37,31 +37,8 @@ pub struct Args {
     /// Run only the control plane (no kubelet on this machine).
     #[arg(long)]
     disable_agent: bool,
-    /// InternalIP of this node (default: the address of the default-route interface).
-    #[arg(long)]
-    node_ip: Option<IpAddr>,
-    /// Node label key=value (repeatable).
-    #[arg(long = "node-label")]
-    node_label: Vec<String>,
-    /// Node taint key=value:Effect (repeatable).
-    #[arg(long = "node-taint")]
-    node_taint: Vec<String>,
-    /// Cluster DNS address written into pods' resolv.conf.
-    #[arg(long, default_value = "10.43.0.10")]
-    cluster_dns: String,
-    /// Pod CIDR of this node, instead of waiting for the one node IPAM assigns (tests).
-    #[arg(long)]
-    pod_cidr: Option<String>,
-    /// Port of the kubelet's HTTPS server; 0 picks a free port.
-    #[arg(long, default_value_t = 10250)]
-    kubelet_port: u16,
-    /// resolv.conf whose nameservers the cluster DNS forwards to and dnsPolicy Default pods get
-    /// (default: /etc/resolv.conf).
-    #[arg(long)]
-    resolv_conf: Option<PathBuf>,
-    /// How pod traffic reaches other nodes: host-gw (one L2), vxlan (UDP 8472) or none.
-    #[arg(long, default_value = "vxlan", value_parser = ["host-gw", "vxlan", "none"])]
-    network_backend: String,
+    #[command(flatten)]
+    node: crate::node_flags::NodeArgs,
     /// YAML file of flag values (keys = flag names without `--`; default /etc/skiff/config.yaml
     /// when it exists). Flags on the command line win; `key+:` appends to repeatable flags.
     #[arg(long)]
@@ -82,10 +59,10 @@ pub async fn shutdown_signal() {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let network_backend = match args.network_backend.parse() {
-        Ok(b) => b,
+    let node = match args.node.into_flags() {
+        Ok(n) => n,
         Err(e) => {
-            eprintln!("error: --network-backend: {e}");
+            eprintln!("error: {e}");
             return Ok(ExitCode::from(2));
         }
     };
@@ -100,16 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         cluster_cidr: args.cluster_cidr,
         node_name: args.node_name,
         disable_agent: args.disable_agent,
-        node: skiff_app::server::NodeFlags {
-            node_ip: args.node_ip,
-            labels: args.node_label,
-            taints: args.node_taint,
-            cluster_dns: args.cluster_dns,
-            pod_cidr: args.pod_cidr,
-            kubelet_port: args.kubelet_port,
-            resolv_conf: args.resolv_conf,
-            network_backend,
-        },
+        node,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,0 +1,54 @@
+//! The node flags `skiff server` and `skiff agent` share (flattened into both).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// Node flags of `skiff server` and `skiff agent` (see DESIGN.md, CLI contract).
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// InternalIP of this node (default: the address of the default-route interface).
+    #[arg(long)]
+    node_ip: Option<IpAddr>,
+    /// Node label key=value (repeatable).
+    #[arg(long = "node-label")]
+    node_label: Vec<String>,
+    /// Node taint key=value:Effect (repeatable).
+    #[arg(long = "node-taint")]
+    node_taint: Vec<String>,
+    /// Cluster DNS address written into pods' resolv.conf.
+    #[arg(long, default_value = "10.43.0.10")]
+    cluster_dns: String,
+    /// Pod CIDR of this node, instead of waiting for the one node IPAM assigns (tests).
+    #[arg(long)]
+    pod_cidr: Option<String>,
+    /// Port of the kubelet's HTTPS server; 0 picks a free port.
+    #[arg(long, default_value_t = 10250)]
+    kubelet_port: u16,
+    /// resolv.conf whose nameservers the cluster DNS forwards to and dnsPolicy Default pods get
+    /// (default: /etc/resolv.conf).
+    #[arg(long)]
+    resolv_conf: Option<PathBuf>,
+    /// How pod traffic reaches other nodes: host-gw (one L2), vxlan (UDP 8472) or none.
+    #[arg(long, default_value = "vxlan", value_parser = ["host-gw", "vxlan", "none"])]
+    network_backend: String,
+}
+
+impl NodeArgs {
+    /// The app's node flags; the error names the bad flag.
+    pub fn into_flags(self) -> Result<skiff_app::server::NodeFlags, String> {
+        let network_backend = self
+            .network_backend
+            .parse()
+            .map_err(|e| format!("--network-backend: {e}"))?;
+        Ok(skiff_app::server::NodeFlags {
+            node_ip: self.node_ip,
+            labels: self.node_label,
+            taints: self.node_taint,
+            cluster_dns: self.cluster_dns,
+            pod_cidr: self.pod_cidr,
+            kubelet_port: self.kubelet_port,
+            resolv_conf: self.resolv_conf,
+            network_backend,
+        })
+    }
+}
