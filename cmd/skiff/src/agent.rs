@@ -42,21 +42,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         node_name: args.node_name,
         node,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let result = rt.block_on(async move {
-        skiff_app::agent::run(cfg, crate::server::shutdown_signal(), |node, server| {
+    crate::server::run_app(skiff_app::agent::run(
+        cfg,
+        crate::server::shutdown_signal(),
+        |node, server| {
             println!("skiff: agent ready: node {node} joined {server}");
-        })
-        .await
-    });
-    rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    match result {
-        Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) => {
-            eprintln!("error: {e}");
-            Ok(ExitCode::from(e.exit_code()))
-        }
-    }
+        },
+    ))
 }

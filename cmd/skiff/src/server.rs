@@ -79,18 +79,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         disable_agent: args.disable_agent,
         node,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let result = rt.block_on(async move {
-        skiff_app::server::run(cfg, shutdown_signal(), |kubeconfig, url| {
+    run_app(skiff_app::server::run(
+        cfg,
+        shutdown_signal(),
+        |kubeconfig, url| {
             println!(
                 "skiff: API server ready at {url}; kubeconfig: {}",
                 kubeconfig.display()
             );
-        })
-        .await
-    });
+        },
+    ))
+}
+
+/// Runs a server or agent future on a multi-threaded runtime and maps its error to the CLI's
+/// exit codes (0 clean stop, 1 runtime failure, 2 bad flags or config).
+pub fn run_app(
+    app: impl std::future::Future<Output = Result<(), skiff_app::AppError>>,
+) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(app);
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
