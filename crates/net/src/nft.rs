@@ -681,6 +681,38 @@ impl Nft {
         })
     }
 
+    /// Writes `value` to the sysctl file `path` (under `/proc/sys/net`) in this `nft`'s network
+    /// namespace (a sysctl that rules depend on, such as `route_localnet`); returns what it held.
+    pub fn write_sysctl(&self, path: &str, value: &str) -> Result<String, NetError> {
+        let write = || {
+            let had = std::fs::read_to_string(path)
+                .map_err(|e| NetError::io(format!("read {path}"), e))?;
+            if had.trim() != value {
+                std::fs::write(path, value)
+                    .map_err(|e| NetError::io(format!("write {value} to {path}"), e))?;
+            }
+            Ok(had.trim().to_string())
+        };
+        match &self.netns {
+            None => write(),
+            // A thread of its own enters the namespace, so the caller's stays as it was.
+            Some(fd) => std::thread::scope(|s| {
+                s.spawn(|| {
+                    nix::sched::setns(fd.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| NetError::io("enter the network namespace (setns)", e))?;
+                    write()
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(NetError::io(
+                        "sysctl thread",
+                        std::io::Error::other("panicked"),
+                    ))
+                })
+            }),
+        }
+    }
+
     /// Replaces the whole content of `table` atomically (one nft transaction).
     pub fn apply(&self, table: &Table) -> Result<(), NetError> {
         let started = Instant::now();

@@ -43,6 +43,9 @@ pub enum ProxyError {
     Config(String),
 }
 
+/// What lets a packet from 127.0.0.1 be routed to a pod after DNAT (localhost NodePorts).
+const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+
 /// How the proxy runs on this node.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -77,6 +80,11 @@ pub struct ProxyConfig {
     pub masquerade_mark: u32,
     /// Delete the table when `run` returns after shutdown (`skiff server` cleanup).
     pub delete_table_on_shutdown: bool,
+    /// NodePorts also answer on 127.0.0.1 from the node itself, as kube-proxy's iptables mode
+    /// does by default (`--iptables-localhost-nodeports`): sets `route_localnet=1` in the
+    /// namespace and drops new connections to 127.0.0.0/8 that come from elsewhere
+    /// (CVE-2020-8558). Turned off by itself when the sysctl cannot be written.
+    pub localhost_node_ports: bool,
 }
 
 impl Default for ProxyConfig {
@@ -96,6 +104,7 @@ impl Default for ProxyConfig {
             write_lb_status: true,
             masquerade_mark: 0x4000,
             delete_table_on_shutdown: false,
+            localhost_node_ports: true,
         }
     }
 }
@@ -162,6 +171,18 @@ pub async fn run(
         Some(p) => Nft::in_netns(p)?,
         None => Nft::new(),
     });
+    let mut cfg = cfg;
+    if cfg.localhost_node_ports {
+        match nft.write_sysctl(ROUTE_LOCALNET, "1") {
+            Ok(had) => {
+                tracing::info!(sysctl = ROUTE_LOCALNET, had = %had, "NodePorts answer on 127.0.0.1")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "NodePorts will not answer on 127.0.0.1");
+                cfg.localhost_node_ports = false;
+            }
+        }
+    }
     let changed = Arc::new(tokio::sync::Notify::new());
 
     let (svc_reader, svc_writer) = reflector::store::<Service>();

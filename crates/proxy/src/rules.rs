@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use sha2::{Digest, Sha256};
+use skiff_net::Ipv4Cidr;
 use skiff_net::nft::{
     BaseChain, Chain, ChainKind, Family, Hook, Map, Match, Policy, Proto, RejectKind, Rule,
     ServiceKey, Set, SetElement, SetKind, Stmt, Table, Verdict,
@@ -240,12 +241,34 @@ impl Builder<'_> {
                     });
                 }
             }
-            if internal_keys.is_empty() && external_keys.is_empty() {
+            // NodePorts on 127.0.0.1: traffic from the node itself, always spread over every
+            // endpoint and masqueraded (a reply to 127.0.0.1 could not leave the pod otherwise),
+            // as kube-proxy treats node-local traffic under externalTrafficPolicy Local.
+            let mut localhost_keys = Vec::new();
+            if self.cfg.localhost_node_ports
+                && let Some(np) = sp.node_port.and_then(|p| u16::try_from(p).ok())
+            {
+                let key = ServiceKey {
+                    addr: Ipv4Addr::LOCALHOST,
+                    proto,
+                    port: np,
+                };
+                if etp_local {
+                    localhost_keys.push(key);
+                } else {
+                    external_keys.push(key);
+                }
+            }
+            if internal_keys.is_empty() && external_keys.is_empty() && localhost_keys.is_empty() {
                 continue;
             }
 
             if all.is_empty() {
-                for k in internal_keys.into_iter().chain(external_keys) {
+                for k in internal_keys
+                    .into_iter()
+                    .chain(external_keys)
+                    .chain(localhost_keys)
+                {
                     self.no_endpoints
                         .entry(k)
                         .or_insert_with(|| Verdict::Goto(REJECT_CHAIN.into()));
@@ -316,7 +339,7 @@ impl Builder<'_> {
                     let chain = format!("ext-{id}");
                     // Cluster policy: masquerade so replies come back through this node.
                     let mut rules = self.spread(proto, &all, external_idx, aff, !etp_local);
-                    rules[0].comment = Some(comment);
+                    rules[0].comment = Some(comment.clone());
                     self.table.chains.push(Chain {
                         name: chain.clone(),
                         base: None,
@@ -327,6 +350,21 @@ impl Builder<'_> {
                             .entry(k)
                             .or_insert_with(|| Verdict::Goto(chain.clone()));
                     }
+                }
+            }
+            if !localhost_keys.is_empty() {
+                let chain = format!("loc-{id}");
+                let mut rules = self.spread(proto, &all, &every, aff, true);
+                rules[0].comment = Some(comment);
+                self.table.chains.push(Chain {
+                    name: chain.clone(),
+                    base: None,
+                    rules,
+                });
+                for k in localhost_keys {
+                    self.services
+                        .entry(k)
+                        .or_insert_with(|| Verdict::Goto(chain.clone()));
                 }
             }
         }
@@ -411,13 +449,26 @@ pub fn build_table(cfg: &ProxyConfig, services: &[Service], slices: &[EndpointSl
         ("filter-forward", Hook::Forward),
         ("filter-output", Hook::Output),
     ] {
-        b.table.chains.push(base(
-            name,
-            ChainKind::Filter,
-            hook,
-            -110,
-            dispatch(NO_ENDPOINTS_MAP, true),
-        ));
+        let mut rules = Vec::new();
+        let loopback = Ipv4Cidr::new(Ipv4Addr::new(127, 0, 0, 0), 8).ok();
+        if let (true, Hook::Input, Some(loopback)) = (cfg.localhost_node_ports, hook, loopback) {
+            // With route_localnet on, a packet from another host addressed to 127.0.0.1 would
+            // reach loopback-only listeners; kube-proxy drops those (CVE-2020-8558). Replies to
+            // NATed connections are not `ct state new`, so localhost NodePorts keep working.
+            rules.push(Rule {
+                matches: vec![
+                    Match::CtNew,
+                    Match::SrcNotIn(loopback),
+                    Match::DstIn(loopback),
+                ],
+                stmts: vec![Stmt::Verdict(Verdict::Drop)],
+                comment: Some("block incoming localnet connections".into()),
+            });
+        }
+        rules.extend(dispatch(NO_ENDPOINTS_MAP, true));
+        b.table
+            .chains
+            .push(base(name, ChainKind::Filter, hook, -110, rules));
     }
     b.table.chains.push(Chain {
         name: REJECT_CHAIN.into(),
@@ -678,5 +729,49 @@ mod tests {
             .unwrap();
         let t2 = build_table(&cfg(), &[other, web()], &[a]).render().unwrap();
         assert_eq!(t1, t2);
+    }
+
+    #[test]
+    fn node_ports_answer_on_localhost_with_masquerade_and_a_martian_guard() {
+        let s = slice("web", 8080, &[("10.42.0.2", true, "n2")]);
+        let local = svc(
+            "loc",
+            json!({"type": "NodePort", "clusterIP": "10.43.0.21", "externalTrafficPolicy": "Local",
+                   "ports": [{"name": "http", "port": 80, "nodePort": 30081, "protocol": "TCP"}]}),
+        );
+        let s2 = slice("loc", 8080, &[("10.42.0.2", true, "n2")]);
+        let text = build_table(&cfg(), &[web(), local.clone()], &[s.clone(), s2.clone()])
+            .render()
+            .unwrap();
+        let id = short_id(&["default", "web", "http", "tcp"]);
+        assert!(
+            text.contains(&format!("127.0.0.1 . tcp . 30080 : goto ext-{id}")),
+            "{text}"
+        );
+        // Local policy with no endpoint on this node: the node address drops, but the node's
+        // own traffic to 127.0.0.1 is spread over every endpoint and masqueraded.
+        let lid = short_id(&["default", "loc", "http", "tcp"]);
+        assert!(text.contains("192.168.1.10 . tcp . 30081 : drop"), "{text}");
+        assert!(
+            text.contains(&format!("127.0.0.1 . tcp . 30081 : goto loc-{lid}")),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "add rule inet skiff loc-{lid} meta l4proto tcp meta mark set meta mark | 0x4000 dnat ip to 10.42.0.2:8080"
+        )), "{text}");
+        assert!(
+            text.contains("add rule inet skiff filter-input ct state new ip saddr != 127.0.0.0/8 ip daddr 127.0.0.0/8 drop"),
+            "{text}"
+        );
+
+        let off = ProxyConfig {
+            localhost_node_ports: false,
+            ..cfg()
+        };
+        let text = build_table(&off, &[web(), local], &[s, s2])
+            .render()
+            .unwrap();
+        assert!(!text.contains("127.0.0.1"), "{text}");
+        assert!(!text.contains("127.0.0.0/8"), "{text}");
     }
 }

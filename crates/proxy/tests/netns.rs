@@ -301,6 +301,13 @@ async fn cluster_ip_node_port_spread_refusal_hairpin_and_dns_vip() {
     assert!(from_pod == "p1" || from_pod == "p2", "{from_pod}");
     let np = fetch(&lab.client, SocketAddr::from((NODE_IP, 30080))).unwrap();
     assert!(np == "p1" || np == "p2", "nodeport answered {np:?}");
+    // The node itself reaches the NodePort on 127.0.0.1 (route_localnet + masquerade).
+    let lo = fetch(&lab.node, SocketAddr::from((Ipv4Addr::LOCALHOST, 30080)))
+        .unwrap_or_else(|e| panic!("NodePort on 127.0.0.1 from the node: {e}"));
+    assert!(
+        lo == "p1" || lo == "p2",
+        "localhost nodeport answered {lo:?}"
+    );
 
     // The cluster DNS VIP reaches the node-local server (here: a UDP echo on the bridge address).
     assert_eq!(
