@@ -31,6 +31,11 @@ pub struct NodeArgs {
     /// How pod traffic reaches other nodes: host-gw (one L2), vxlan (UDP 8472) or none.
     #[arg(long, default_value = "vxlan", value_parser = ["host-gw", "vxlan", "none"])]
     network_backend: String,
+    /// A kubelet flag as name=value, as k3s passes them (repeatable): eviction-hard,
+    /// eviction-pressure-transition-period, image-gc-high-threshold, image-gc-low-threshold,
+    /// minimum-image-ttl-duration, housekeeping-interval.
+    #[arg(long = "kubelet-arg")]
+    kubelet_arg: Vec<String>,
 }
 
 impl NodeArgs {
@@ -49,6 +54,7 @@ impl NodeArgs {
             kubelet_port: self.kubelet_port,
             resolv_conf: self.resolv_conf,
             network_backend,
+            kubelet_args: self.kubelet_arg,
         })
     }
 }

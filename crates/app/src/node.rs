@@ -45,6 +45,8 @@ pub struct NodeConfig {
     pub resolv_conf: Option<PathBuf>,
     /// How pod traffic reaches other nodes.
     pub network_backend: NetworkBackend,
+    /// `--kubelet-arg name=value` (eviction and image GC settings).
+    pub kubelet_args: Vec<String>,
 }
 
 /// The kubelet server's TLS material.
@@ -152,6 +154,10 @@ fn kubelet_config(data_dir: &Path, cfg: &NodeConfig) -> Result<KubeletConfig, Ap
     k.pod_mtu = crate::overlay::pod_mtu(cfg.network_backend);
     if let Some(r) = &cfg.resolv_conf {
         k.resolv_conf = r.clone();
+    }
+    k.eviction.image_fs = Some(data_dir.join("agent").join("images"));
+    for a in &cfg.kubelet_args {
+        k.eviction.apply_kubelet_arg(a).map_err(AppError::Config)?;
     }
     Ok(k)
 }

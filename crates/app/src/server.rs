@@ -64,6 +64,8 @@ pub struct NodeFlags {
     pub resolv_conf: Option<PathBuf>,
     /// How pod traffic reaches other nodes (default vxlan).
     pub network_backend: crate::overlay::NetworkBackend,
+    /// `--kubelet-arg name=value` (eviction and image GC settings).
+    pub kubelet_args: Vec<String>,
 }
 
 impl Default for NodeFlags {
@@ -77,6 +79,7 @@ impl Default for NodeFlags {
             kubelet_port: 10250,
             resolv_conf: None,
             network_backend: crate::overlay::NetworkBackend::default(),
+            kubelet_args: Vec::new(),
         }
     }
 }
@@ -439,6 +442,7 @@ async fn start_node(
         cluster_cidr: Some(cfg.cluster_cidr.clone()),
         resolv_conf: cfg.node.resolv_conf.clone(),
         network_backend: cfg.node.network_backend,
+        kubelet_args: cfg.node.kubelet_args.clone(),
     };
     let tls = crate::node::NodeTls {
         serving_cert_pem: pki.kubelet_serving_cert_pem.clone(),

@@ -1,7 +1,9 @@
 //! Node lifecycle: watches node Leases (and Ready heartbeats); a node not heard from within the
 //! grace period becomes `Ready=Unknown`. Nodes get the `node.kubernetes.io/unreachable` or
 //! `not-ready` NoExecute taint, their pods are marked not Ready, and pods are evicted when
-//! they do not tolerate a NoExecute taint or their `tolerationSeconds` run out.
+//! they do not tolerate a NoExecute taint or their `tolerationSeconds` run out. Pressure
+//! conditions (MemoryPressure, DiskPressure, PIDPressure) and NetworkUnavailable give the node
+//! the matching NoSchedule taint while they are True (TaintNodesByCondition).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,12 +31,99 @@ struct Health {
 pub async fn run(ctx: Arc<Ctx>) {
     let mut health: HashMap<String, Health> = HashMap::new();
     let mut tick = tokio::time::interval(ctx.config.node_monitor_period);
+    // A node change (a pressure condition turning True) is acted on at once, so that the
+    // NoSchedule taint lands before a controller replaces refused pods onto the node again.
+    let mut changes = ctx.nodes.subscribe();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = changes.recv() => {
+                match r {
+                    Ok(node) => {
+                        if let Err(e) = condition_taints(&ctx, &node).await {
+                            tracing::info!(error = %e, "node condition taints not updated; retrying");
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        tokio::time::sleep(ctx.config.node_monitor_period).await;
+                        changes = ctx.nodes.subscribe();
+                    }
+                }
+                continue;
+            }
+        }
         if let Err(e) = pass(&ctx, &mut health).await {
             tracing::info!(error = %e, "node lifecycle pass failed; retrying");
         }
     }
+}
+
+/// Node conditions whose `True` status taints the node NoSchedule (TaintNodesByCondition).
+const CONDITION_TAINTS: [(&str, &str); 4] = [
+    ("MemoryPressure", "node.kubernetes.io/memory-pressure"),
+    ("DiskPressure", "node.kubernetes.io/disk-pressure"),
+    ("PIDPressure", "node.kubernetes.io/pid-pressure"),
+    (
+        "NetworkUnavailable",
+        "node.kubernetes.io/network-unavailable",
+    ),
+];
+
+/// The node's taints with the condition NoSchedule taints made to match its conditions.
+fn with_condition_taints(node: &Node, taints: &[Taint]) -> Vec<Taint> {
+    let mut next: Vec<Taint> = taints
+        .iter()
+        .filter(|t| {
+            !(t.effect == "NoSchedule" && CONDITION_TAINTS.iter().any(|(_, k)| t.key == *k))
+        })
+        .cloned()
+        .collect();
+    for (cond, key) in CONDITION_TAINTS {
+        if condition_true(node, cond) {
+            let existing = taints
+                .iter()
+                .find(|t| t.key == key && t.effect == "NoSchedule");
+            next.push(existing.cloned().unwrap_or_else(|| Taint {
+                key: key.into(),
+                effect: "NoSchedule".into(),
+                time_added: None,
+                value: None,
+            }));
+        }
+    }
+    next
+}
+
+/// Brings one changed node's condition taints up to date (between full passes).
+async fn condition_taints(ctx: &Ctx, node: &Node) -> Result<(), ControllerError> {
+    let taints = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    let next = with_condition_taints(node, &taints);
+    if next == taints {
+        return Ok(());
+    }
+    let name = node.metadata.name.clone().unwrap_or_default();
+    tracing::info!(node = %name, "updating node condition taints");
+    let patch = json!({"metadata": {"resourceVersion": node.metadata.resource_version},
+        "spec": {"taints": next}});
+    match Api::<Node>::all(ctx.client.clone())
+        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) | Err(kube::Error::Api(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn condition_true(n: &Node, type_: &str) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
 }
 
 fn ready_status(n: &Node) -> Option<&NodeCondition> {
@@ -94,10 +183,10 @@ async fn pass(ctx: &Ctx, health: &mut HashMap<String, Health>) -> Result<(), Con
             .as_ref()
             .and_then(|s| s.taints.clone())
             .unwrap_or_default();
-        let mut next: Vec<Taint> = taints
-            .iter()
+        // TaintNodesByCondition: a pressure condition keeps new pods off the node.
+        let mut next: Vec<Taint> = with_condition_taints(node, &taints)
+            .into_iter()
             .filter(|t| !(t.effect == "NoExecute" && (t.key == UNREACHABLE || t.key == NOT_READY)))
-            .cloned()
             .collect();
         if let Some(k) = want {
             let existing = taints

@@ -52,6 +52,8 @@ pub struct KubeletConfig {
     pub initial_backoff: Duration,
     /// Longest crash-loop back-off (5 min).
     pub max_backoff: Duration,
+    /// Node-pressure eviction and image garbage collection.
+    pub eviction: crate::eviction::EvictionConfig,
 }
 
 impl KubeletConfig {
@@ -79,6 +81,7 @@ impl KubeletConfig {
             sync_interval: Duration::from_secs(1),
             initial_backoff: Duration::from_secs(10),
             max_backoff: Duration::from_secs(300),
+            eviction: crate::eviction::EvictionConfig::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! exec, attach, port-forward, stats) that the API server proxies to.
 
 pub mod config;
+pub mod eviction;
 pub mod node;
 pub mod pods;
 pub mod server;
@@ -110,7 +111,10 @@ pub async fn run(
     ready(addr);
 
     // 2. Node and lease.
-    let mut agent = node::NodeAgent::new(client.clone(), cfg.clone(), runtime.clone(), addr.port());
+    let pressure = eviction::SharedPressure::default();
+    let evictions = eviction::EvictionRequests::default();
+    let mut agent = node::NodeAgent::new(client.clone(), cfg.clone(), runtime.clone(), addr.port())
+        .with_pressure(pressure.clone());
     agent.register().await?;
     agent.renew_lease().await?;
     let node_ip = agent.node_ip();
@@ -130,6 +134,15 @@ pub async fn run(
                 .await
                 .map_err(|e| KubeletError::Invalid(format!("network setup task: {e}")))??;
             tracing::info!(pod_cidr = %cidr, bridge = %cfg.bridge_name, "pod network ready");
+            let manager = eviction::Manager::new(
+                cfg.eviction.clone(),
+                cfg.root_dir.clone(),
+                runtime.clone(),
+                Arc::new(registry.clone()),
+                pressure.clone(),
+                evictions.clone(),
+            );
+            let eviction_task = tokio::spawn(manager.run(stop_rx.clone()));
             let sh = Arc::new(pods::Shared {
                 client,
                 cfg,
@@ -137,8 +150,12 @@ pub async fn run(
                 network: Some(Arc::new(net)),
                 node_ip,
                 registry: registry.0.clone(),
+                pressure,
+                evictions,
             });
-            pods::PodManager::new(sh, stop_rx).run().await
+            let r = pods::PodManager::new(sh, stop_rx).run().await;
+            eviction_task.abort();
+            r
         }
     };
     let mut main = std::pin::pin!(main);

@@ -130,7 +130,10 @@ pub async fn node_status(
     node_ip: Ipv4Addr,
     port: u16,
     runtime: &dyn Runtime,
+    pressure: &crate::eviction::SharedPressure,
 ) -> NodeStatus {
+    use crate::eviction::Condition;
+    let holds = |c: Condition| pressure.read().is_ok_and(|p| p.holds(c));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
     let mem_kib = meminfo_kib("MemTotal:").unwrap_or(0);
     let (disk_total, _) = disk_bytes(&cfg.root_dir).unwrap_or((0, 0));
@@ -184,24 +187,51 @@ pub async fn node_status(
             },
         ]),
         conditions: Some(vec![
-            condition(
-                "MemoryPressure",
-                "False",
-                "KubeletHasSufficientMemory",
-                "kubelet has sufficient memory available",
-            ),
-            condition(
-                "DiskPressure",
-                "False",
-                "KubeletHasNoDiskPressure",
-                "kubelet has no disk pressure",
-            ),
-            condition(
-                "PIDPressure",
-                "False",
-                "KubeletHasSufficientPID",
-                "kubelet has sufficient PID available",
-            ),
+            if holds(Condition::Memory) {
+                condition(
+                    "MemoryPressure",
+                    "True",
+                    "KubeletHasInsufficientMemory",
+                    "kubelet has insufficient memory available",
+                )
+            } else {
+                condition(
+                    "MemoryPressure",
+                    "False",
+                    "KubeletHasSufficientMemory",
+                    "kubelet has sufficient memory available",
+                )
+            },
+            if holds(Condition::Disk) {
+                condition(
+                    "DiskPressure",
+                    "True",
+                    "KubeletHasDiskPressure",
+                    "kubelet has disk pressure",
+                )
+            } else {
+                condition(
+                    "DiskPressure",
+                    "False",
+                    "KubeletHasNoDiskPressure",
+                    "kubelet has no disk pressure",
+                )
+            },
+            if holds(Condition::Pid) {
+                condition(
+                    "PIDPressure",
+                    "True",
+                    "KubeletHasInsufficientPID",
+                    "kubelet has insufficient PID available",
+                )
+            } else {
+                condition(
+                    "PIDPressure",
+                    "False",
+                    "KubeletHasSufficientPID",
+                    "kubelet has sufficient PID available",
+                )
+            },
             condition(
                 "Ready",
                 "True",
@@ -269,6 +299,7 @@ pub struct NodeAgent {
     node_ip: Ipv4Addr,
     port: u16,
     last_written: Option<(serde_json::Value, Instant)>,
+    pressure: crate::eviction::SharedPressure,
 }
 
 impl NodeAgent {
@@ -287,7 +318,14 @@ impl NodeAgent {
             node_ip,
             port,
             last_written: None,
+            pressure: Arc::default(),
         }
+    }
+
+    /// Takes the pressure conditions from this state (the eviction manager's).
+    pub fn with_pressure(mut self, pressure: crate::eviction::SharedPressure) -> NodeAgent {
+        self.pressure = pressure;
+        self
     }
 
     /// The node's InternalIP.
@@ -298,7 +336,14 @@ impl NodeAgent {
     /// Creates the Node, or updates labels, taints and status of an existing one.
     pub async fn register(&mut self) -> Result<Node, KubeletError> {
         let nodes: Api<Node> = Api::all(self.client.clone());
-        let status = node_status(&self.cfg, self.node_ip, self.port, &*self.runtime).await;
+        let status = node_status(
+            &self.cfg,
+            self.node_ip,
+            self.port,
+            &*self.runtime,
+            &self.pressure,
+        )
+        .await;
         let taints = (!self.cfg.taints.is_empty()).then(|| self.cfg.taints.clone());
         let node = Node {
             metadata: ObjectMeta {
@@ -353,7 +398,14 @@ impl NodeAgent {
     /// Returns whether it wrote.
     pub async fn write_status(&mut self, force: bool) -> Result<bool, KubeletError> {
         let nodes: Api<Node> = Api::all(self.client.clone());
-        let mut status = node_status(&self.cfg, self.node_ip, self.port, &*self.runtime).await;
+        let mut status = node_status(
+            &self.cfg,
+            self.node_ip,
+            self.port,
+            &*self.runtime,
+            &self.pressure,
+        )
+        .await;
         let cmp = comparable(&status);
         let due = match &self.last_written {
             None => true,

@@ -1120,7 +1120,8 @@ impl BuiltinRuntime {
         ))
     }
 
-    /// Removes an image name, refused while a container (in any state) uses the image.
+    /// Removes an image name, refused while a container (in any state) uses the image, then
+    /// deletes the blobs and unpacked layers nothing else needs.
     pub async fn remove_image(&self, reference: &str) -> Result<bool> {
         let image = self.cfg.images.resolve(reference)?;
         for c in self.list().await? {
@@ -1131,7 +1132,14 @@ impl BuiltinRuntime {
                 )));
             }
         }
-        self.cfg.images.untag(reference)
+        let removed = self.cfg.images.untag(reference)?;
+        if removed {
+            // Give the space back: blobs and unpacked layers no named image or container needs.
+            let keep = self.images_in_use().await?;
+            let store = self.cfg.images.clone();
+            blocking(move || store.gc(&keep)).await?;
+        }
+        Ok(removed)
     }
 
     /// The state dir.

@@ -318,6 +318,9 @@ fn start_server(bridge: &Bridge, prefix: &str, backend: &str) -> (LabNode, Strin
         backend,
         "--resolv-conf",
         &resolv,
+        // The build machine's disk is over the image GC threshold: keep the test images.
+        "--kubelet-arg",
+        "image-gc-high-threshold=100",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -350,6 +353,8 @@ fn agent_args(url: &str, token: &str, ip: &str, backend: &str, resolv: &str) -> 
         backend,
         "--resolv-conf",
         resolv,
+        "--kubelet-arg",
+        "image-gc-high-threshold=100",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -202,3 +202,61 @@ async fn leader_election_has_one_holder_and_fails_over() {
         t.abort();
     }
 }
+
+#[tokio::test]
+async fn pressure_conditions_taint_the_node_no_schedule() {
+    let c = common::cluster().await;
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let status = |disk: &str| {
+        json!({"conditions": [
+            {"type": "Ready", "status": "True", "reason": "KubeletReady",
+             "lastHeartbeatTime": now, "lastTransitionTime": now},
+            {"type": "DiskPressure", "status": disk, "reason": "KubeletHasDiskPressure",
+             "lastHeartbeatTime": now, "lastTransitionTime": now}]})
+    };
+    c.create(
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "full"},
+        "spec": {"taints": [{"key": "mine", "value": "x", "effect": "NoSchedule"}]},
+        "status": status("True")}),
+    )
+    .await;
+    let taint_keys = || async {
+        let n = c.get("v1", "Node", None, "full").await.unwrap_or_default();
+        n["spec"]["taints"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|t| {
+                        format!(
+                            "{}:{}",
+                            t["key"].as_str().unwrap_or(""),
+                            t["effect"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    c.wait("disk-pressure taint", T, || async {
+        taint_keys().await
+            == [
+                "mine:NoSchedule",
+                "node.kubernetes.io/disk-pressure:NoSchedule",
+            ]
+    })
+    .await;
+    let api = c.dyn_api("v1", "Node", None);
+    api.patch_status(
+        "full",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"status": status("False")})),
+    )
+    .await
+    .unwrap();
+    c.wait(
+        "disk-pressure taint removed, the user's kept",
+        T,
+        || async { taint_keys().await == ["mine:NoSchedule"] },
+    )
+    .await;
+}

@@ -40,6 +40,10 @@ pub struct Shared {
     pub node_ip: Ipv4Addr,
     /// Pods as the kubelet server sees them.
     pub registry: Arc<RwLock<HashMap<(String, String), PodRef>>>,
+    /// Node pressure conditions (pod admission reads them).
+    pub pressure: crate::eviction::SharedPressure,
+    /// Pods the eviction manager asked to go, by uid.
+    pub evictions: crate::eviction::EvictionRequests,
 }
 
 /// The [`PodLookup`] the kubelet server uses.

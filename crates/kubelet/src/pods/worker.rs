@@ -199,8 +199,9 @@ pub struct Worker {
     transitions: BTreeMap<String, (String, Time)>,
     sandbox_error: Option<String>,
     adopted: bool,
-    /// Set once `activeDeadlineSeconds` ran out: the pod is Failed with this message.
-    deadline_exceeded: Option<String>,
+    /// Set once the pod is ended by the kubelet (`activeDeadlineSeconds` ran out, or it was
+    /// evicted or refused under node pressure): it is Failed with this (reason, message).
+    ended: Option<(&'static str, String)>,
 }
 
 impl Worker {
@@ -236,7 +237,7 @@ impl Worker {
             transitions: BTreeMap::new(),
             sandbox_error: None,
             adopted: false,
-            deadline_exceeded: None,
+            ended: None,
         }
     }
 
@@ -1151,11 +1152,11 @@ impl Worker {
         }
         let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
         let terminal = matches!(phase.as_deref(), Some("Succeeded" | "Failed"));
-        if self.deadline_exceeded.is_none() && !terminal && self.past_deadline(pod) {
+        if self.ended.is_none() && !terminal && self.past_deadline(pod) {
             let msg = "Pod was active on the node longer than the specified deadline";
             tracing::info!(pod = %self.name, namespace = %self.namespace, "active deadline exceeded; stopping the pod");
             events::record(&self.sh, pod, "Warning", "DeadlineExceeded", msg).await;
-            self.deadline_exceeded = Some(msg.into());
+            self.ended = Some(("DeadlineExceeded", msg.into()));
             for i in 0..self.ctrs.len() {
                 if self.ctrs[i].running() {
                     self.kill(pod, i, "exceeded the pod's active deadline")
@@ -1163,7 +1164,10 @@ impl Worker {
                 }
             }
         }
-        if self.deadline_exceeded.is_some() {
+        if self.ended.is_none() && !terminal {
+            self.check_eviction(pod).await;
+        }
+        if self.ended.is_some() {
             self.write_status(pod).await?;
             return Ok(Flow::Continue);
         }
@@ -1302,6 +1306,47 @@ impl Worker {
             })
     }
 
+    /// Node-pressure eviction: a pod the eviction manager picked is killed at once (hard
+    /// thresholds give no grace), its sandbox, volumes and logs are removed to give the space
+    /// back, and it ends Failed/Evicted. A pod that has not started anything yet is refused while
+    /// the node is under pressure, as the kubelet's admission does.
+    async fn check_eviction(&mut self, pod: &Pod) {
+        let asked = self
+            .sh
+            .evictions
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&self.uid));
+        let fresh = self.sandbox_id.is_none() && self.ctrs.iter().all(|c| c.id.is_none());
+        let (message, refused) = match asked {
+            Some(m) => (m, false),
+            None if fresh => match crate::eviction::admission_refusal(&self.sh.pressure, pod) {
+                Some(m) => (m, true),
+                None => return,
+            },
+            None => return,
+        };
+        tracing::warn!(pod = %self.name, namespace = %self.namespace, refused, message = %message, "pod evicted");
+        events::record(&self.sh, pod, "Warning", "Evicted", &message).await;
+        for i in 0..self.ctrs.len() {
+            if !self.ctrs[i].running() {
+                continue;
+            }
+            let Some(id) = self.ctrs[i].id.clone() else {
+                continue;
+            };
+            match self.sh.runtime.stop_container(&id, Duration::ZERO).await {
+                Ok(st) => self.ctrs[i].status = Some(st),
+                Err(e) => tracing::warn!(container = %id, error = %e, "stopping container failed"),
+            }
+            self.ctrs[i].ready = false;
+        }
+        self.ended = Some(("Evicted", message));
+        if !refused {
+            self.cleanup().await;
+        }
+    }
+
     /// Whether the pod has run longer than its `activeDeadlineSeconds` (counted from startTime).
     fn past_deadline(&self, pod: &Pod) -> bool {
         let Some(limit) = pod.spec.as_ref().and_then(|s| s.active_deadline_seconds) else {
@@ -1429,12 +1474,17 @@ impl Worker {
                 .iter()
                 .any(|c| !c.sidecar && c.exited().is_some_and(|s| s.exit_code != Some(0)));
         let init_running = !init_done;
+        // A pod the kubelet ended before a container was made (refused under node pressure)
+        // reports no status for it, as the kubelet's rejected pods do.
+        let reported = |c: &&&Ctr| self.ended.is_none() || c.id.is_some() || c.status.is_some();
         let init_statuses: Vec<KStatus> = inits
             .iter()
+            .filter(reported)
             .map(|c| self.container_status(pod, c, init_running))
             .collect();
         let app_statuses: Vec<KStatus> = apps
             .iter()
+            .filter(reported)
             .map(|c| self.container_status(pod, c, init_running))
             .collect();
         let phase = if init_failed {
@@ -1465,10 +1515,10 @@ impl Worker {
         };
         let mut message = self.sandbox_error.clone();
         let mut reason = None;
-        let phase = match &self.deadline_exceeded {
-            Some(m) => {
+        let phase = match &self.ended {
+            Some((r, m)) => {
                 message = Some(m.clone());
-                reason = Some("DeadlineExceeded".to_string());
+                reason = Some(r.to_string());
                 "Failed"
             }
             None => phase,

@@ -108,6 +108,8 @@ impl TestNode {
         cfg.initial_backoff = Duration::from_secs(1);
         cfg.max_backoff = Duration::from_secs(4);
         cfg.sync_interval = Duration::from_millis(300);
+        // The build machine's disk is over the image GC threshold: keep the test images.
+        cfg.eviction.image_gc_high = 100;
         cfg
     }
 }

@@ -437,7 +437,11 @@ async fn seccomp_devices_sysctls_host_pid_and_image_in_use() {
     for c in t.rt.list().await.unwrap() {
         t.rt.remove(&c.id).await.unwrap();
     }
+    let images = skiff_runtime::ImageStore::open(t.dir.path().join("images")).unwrap();
+    assert!(images.disk_usage() > 0);
     assert!(t.rt.remove_image(TEST_IMAGE).await.unwrap());
+    // Its blobs and unpacked layers are gone with it (the space is given back).
+    assert_eq!(images.disk_usage(), 0, "image data left after removal");
     t.teardown().await;
 }
 

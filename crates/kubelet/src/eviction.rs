@@ -1,0 +1,923 @@
+//! Node-pressure eviction and image garbage collection, as the kubelet does them.
+//!
+//! Every `interval` (10 s) the manager observes the eviction signals (`memory.available` from
+//! /proc/meminfo's MemAvailable, `nodefs.*` from the kubelet dir's filesystem, `imagefs.*` from
+//! the image store's, `pid.available`) and compares them with the hard thresholds
+//! (`--kubelet-arg eviction-hard=...`; the default is k3s's `imagefs.available<5%,
+//! nodefs.available<5%`, not the upstream kubelet's, which adds `memory.available<100Mi` and
+//! uses 10%/15%: edge boards run with small, full SD cards). A met threshold sets the node condition
+//! (MemoryPressure, DiskPressure, PIDPressure), which stays True for the pressure transition
+//! period after the signal recovers. Under disk pressure unused images are deleted first; if that
+//! is not enough, one pod per interval is evicted: its containers are killed without grace, its
+//! sandbox and volumes are removed and it ends `Failed` with reason `Evicted`. Pods are ranked as
+//! the kubelet does: pods using more than they requested first, then lower priority, then higher
+//! usage. While a condition holds, new pods are rejected (`Evicted`, "The node had condition").
+//!
+//! Image GC: when the image filesystem is more than `image-gc-high-threshold` percent used,
+//! images no container uses (and unused for `minimum-image-ttl-duration`) are deleted, least
+//! recently used first, until usage is below `image-gc-low-threshold`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use skiff_runtime::Runtime;
+
+use crate::server::{PodLookup, PodRef};
+
+/// An eviction signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Signal {
+    /// `memory.available`
+    MemoryAvailable,
+    /// `nodefs.available`
+    NodefsAvailable,
+    /// `nodefs.inodesFree`
+    NodefsInodesFree,
+    /// `imagefs.available`
+    ImagefsAvailable,
+    /// `imagefs.inodesFree`
+    ImagefsInodesFree,
+    /// `pid.available`
+    PidAvailable,
+}
+
+impl Signal {
+    fn parse(s: &str) -> Option<Signal> {
+        Some(match s {
+            "memory.available" => Signal::MemoryAvailable,
+            "nodefs.available" => Signal::NodefsAvailable,
+            "nodefs.inodesFree" => Signal::NodefsInodesFree,
+            "imagefs.available" => Signal::ImagefsAvailable,
+            "imagefs.inodesFree" => Signal::ImagefsInodesFree,
+            "pid.available" => Signal::PidAvailable,
+            _ => return None,
+        })
+    }
+
+    /// The signal's name as the kubelet spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::MemoryAvailable => "memory.available",
+            Signal::NodefsAvailable => "nodefs.available",
+            Signal::NodefsInodesFree => "nodefs.inodesFree",
+            Signal::ImagefsAvailable => "imagefs.available",
+            Signal::ImagefsInodesFree => "imagefs.inodesFree",
+            Signal::PidAvailable => "pid.available",
+        }
+    }
+
+    /// The resource named in eviction messages.
+    fn resource(self) -> &'static str {
+        match self {
+            Signal::MemoryAvailable => "memory",
+            Signal::NodefsAvailable | Signal::ImagefsAvailable => "ephemeral-storage",
+            Signal::NodefsInodesFree | Signal::ImagefsInodesFree => "inodes",
+            Signal::PidAvailable => "pids",
+        }
+    }
+
+    fn condition(self) -> Condition {
+        match self {
+            Signal::MemoryAvailable => Condition::Memory,
+            Signal::PidAvailable => Condition::Pid,
+            _ => Condition::Disk,
+        }
+    }
+}
+
+/// A threshold amount: an absolute quantity (bytes, inodes, pids) or a percentage of capacity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Amount {
+    /// An absolute value.
+    Absolute(u64),
+    /// Percent of the capacity.
+    Percent(f64),
+}
+
+/// `signal < amount`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Threshold {
+    /// What is measured.
+    pub signal: Signal,
+    /// Below this the node is under pressure.
+    pub amount: Amount,
+    /// The text given (`100Mi`, `10%`), for messages.
+    text: String,
+}
+
+impl Threshold {
+    fn limit(&self, capacity: u64) -> u64 {
+        match self.amount {
+            Amount::Absolute(v) => v,
+            Amount::Percent(p) => (capacity as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+/// Parses a Kubernetes quantity (`100Mi`, `1G`, `5000`) to a whole number.
+pub fn parse_quantity(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        _ => return None,
+    };
+    (n >= 0.0).then_some((n * mult) as u64)
+}
+
+/// Parses `--eviction-hard` (`memory.available<100Mi,nodefs.available<10%`).
+pub fn parse_thresholds(s: &str) -> Result<Vec<Threshold>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (sig, val) = part
+            .split_once('<')
+            .ok_or_else(|| format!("eviction threshold {part:?}: expected SIGNAL<QUANTITY"))?;
+        let signal = Signal::parse(sig.trim()).ok_or_else(|| {
+            format!(
+                "eviction threshold {part:?}: unknown signal {sig:?} (memory.available, nodefs.available, nodefs.inodesFree, imagefs.available, imagefs.inodesFree, pid.available)"
+            )
+        })?;
+        let val = val.trim();
+        let amount = if let Some(p) = val.strip_suffix('%') {
+            let p: f64 = p
+                .parse()
+                .map_err(|_| format!("eviction threshold {part:?}: bad percentage"))?;
+            if !(0.0..=100.0).contains(&p) {
+                return Err(format!(
+                    "eviction threshold {part:?}: a percentage is 0..100"
+                ));
+            }
+            Amount::Percent(p)
+        } else {
+            Amount::Absolute(
+                parse_quantity(val)
+                    .ok_or_else(|| format!("eviction threshold {part:?}: bad quantity {val:?}"))?,
+            )
+        };
+        out.push(Threshold {
+            signal,
+            amount,
+            text: val.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// Parses a Go duration (`5m`, `2m30s`, `0s`, `500ms`, `1h`).
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let n_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        if n_end == 0 {
+            return None;
+        }
+        let n: f64 = rest[..n_end].parse().ok()?;
+        rest = &rest[n_end..];
+        let u_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let secs = match &rest[..u_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += Duration::from_secs_f64(n * secs);
+        rest = &rest[u_end..];
+    }
+    Some(total)
+}
+
+/// Eviction and image GC settings (kubelet flags of the same names).
+#[derive(Debug, Clone)]
+pub struct EvictionConfig {
+    /// `--eviction-hard`.
+    pub hard: Vec<Threshold>,
+    /// `--eviction-pressure-transition-period` (5 min).
+    pub pressure_transition: Duration,
+    /// How often signals are observed (10 s).
+    pub interval: Duration,
+    /// `--image-gc-high-threshold` (85).
+    pub image_gc_high: u8,
+    /// `--image-gc-low-threshold` (80).
+    pub image_gc_low: u8,
+    /// `--minimum-image-ttl-duration` (2 min).
+    pub image_min_age: Duration,
+    /// How often image GC checks the image filesystem (1 min; the kubelet's is 5 min).
+    pub image_gc_interval: Duration,
+    /// Where images live (imagefs); None: the kubelet dir's filesystem.
+    pub image_fs: Option<PathBuf>,
+}
+
+impl Default for EvictionConfig {
+    fn default() -> Self {
+        EvictionConfig {
+            hard: parse_thresholds("imagefs.available<5%,nodefs.available<5%").unwrap_or_default(),
+            pressure_transition: Duration::from_secs(300),
+            interval: Duration::from_secs(10),
+            image_gc_high: 85,
+            image_gc_low: 80,
+            image_min_age: Duration::from_secs(120),
+            image_gc_interval: Duration::from_secs(60),
+            image_fs: None,
+        }
+    }
+}
+
+impl EvictionConfig {
+    /// Applies one `--kubelet-arg name=value` (the kubelet flags skiff understands).
+    pub fn apply_kubelet_arg(&mut self, arg: &str) -> Result<(), String> {
+        let arg = arg.trim().trim_start_matches("--");
+        let (name, value) = arg
+            .split_once('=')
+            .ok_or_else(|| format!("--kubelet-arg {arg:?}: expected name=value"))?;
+        let pct = |v: &str| -> Result<u8, String> {
+            v.parse::<u8>()
+                .ok()
+                .filter(|p| *p <= 100)
+                .ok_or_else(|| format!("--kubelet-arg {name}: {v:?} is not a percentage 0..100"))
+        };
+        let dur = |v: &str| -> Result<Duration, String> {
+            parse_go_duration(v).ok_or_else(|| {
+                format!("--kubelet-arg {name}: {v:?} is not a duration like 5m or 30s")
+            })
+        };
+        match name {
+            "eviction-hard" => self.hard = parse_thresholds(value)?,
+            "eviction-pressure-transition-period" => self.pressure_transition = dur(value)?,
+            "image-gc-high-threshold" => self.image_gc_high = pct(value)?,
+            "image-gc-low-threshold" => self.image_gc_low = pct(value)?,
+            "minimum-image-ttl-duration" => self.image_min_age = dur(value)?,
+            "housekeeping-interval" => {
+                self.interval = dur(value)?.max(Duration::from_secs(1));
+            }
+            _ => {
+                return Err(format!(
+                    "--kubelet-arg {name}: not supported by skiff (supported: eviction-hard, eviction-pressure-transition-period, image-gc-high-threshold, image-gc-low-threshold, minimum-image-ttl-duration, housekeeping-interval)"
+                ));
+            }
+        }
+        if self.image_gc_low > self.image_gc_high {
+            return Err(format!(
+                "--kubelet-arg: image-gc-low-threshold ({}) must not be above image-gc-high-threshold ({})",
+                self.image_gc_low, self.image_gc_high
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Node conditions driven by eviction signals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Condition {
+    /// MemoryPressure
+    Memory,
+    /// DiskPressure
+    Disk,
+    /// PIDPressure
+    Pid,
+}
+
+impl Condition {
+    /// The node condition type.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Condition::Memory => "MemoryPressure",
+            Condition::Disk => "DiskPressure",
+            Condition::Pid => "PIDPressure",
+        }
+    }
+}
+
+/// Which pressure conditions hold now (read by the node status and pod admission).
+#[derive(Debug, Default)]
+pub struct Pressure {
+    /// Condition → when a threshold was last seen met.
+    last_met: HashMap<Condition, Instant>,
+    transition: Duration,
+}
+
+impl Pressure {
+    /// Whether `c` holds (a threshold met within the transition period).
+    pub fn holds(&self, c: Condition) -> bool {
+        self.last_met
+            .get(&c)
+            .is_some_and(|t| t.elapsed() <= self.transition)
+    }
+}
+
+/// Shared pressure state.
+pub type SharedPressure = Arc<RwLock<Pressure>>;
+
+/// Pod uid → eviction message, taken by the pod's worker.
+pub type EvictionRequests = Arc<Mutex<HashMap<String, String>>>;
+
+/// Why a new pod may not start here now (the kubelet's eviction admission): under memory
+/// pressure BestEffort pods are refused, under disk or PID pressure every pod is.
+pub fn admission_refusal(pressure: &SharedPressure, pod: &Pod) -> Option<String> {
+    let p = pressure.read().ok()?;
+    let best_effort =
+        pod.status.as_ref().and_then(|s| s.qos_class.as_deref()) == Some("BestEffort");
+    let mut held = Vec::new();
+    if p.holds(Condition::Memory) && best_effort {
+        held.push("MemoryPressure");
+    }
+    if p.holds(Condition::Disk) {
+        held.push("DiskPressure");
+    }
+    if p.holds(Condition::Pid) {
+        held.push("PIDPressure");
+    }
+    if held.is_empty() || is_critical(pod) {
+        return None;
+    }
+    Some(format!("The node had condition: [{}]. ", held.join(", ")))
+}
+
+/// System-critical pods (priority ≥ 2,000,000,000) are never evicted or refused.
+fn is_critical(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.priority)
+        .is_some_and(|p| p >= 2_000_000_000)
+}
+
+/// One observation: what is available and the capacity it is a part of.
+#[derive(Debug, Clone, Copy)]
+struct Observed {
+    available: u64,
+    capacity: u64,
+}
+
+fn meminfo() -> Option<Observed> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let get = |k: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    };
+    Some(Observed {
+        available: get("MemAvailable:")?,
+        capacity: get("MemTotal:")?,
+    })
+}
+
+fn fs(path: &Path, inodes: bool) -> Option<Observed> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    if inodes {
+        return Some(Observed {
+            available: st.files_available() as u64,
+            capacity: st.files() as u64,
+        });
+    }
+    let fr = st.fragment_size() as u64;
+    Some(Observed {
+        available: st.blocks_available() as u64 * fr,
+        capacity: st.blocks() as u64 * fr,
+    })
+}
+
+fn pids() -> Option<Observed> {
+    let max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // The fourth field of loadavg is `running/total` scheduling entities.
+    let la = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let total: u64 = la
+        .split_whitespace()
+        .nth(3)?
+        .split_once('/')?
+        .1
+        .parse()
+        .ok()?;
+    Some(Observed {
+        available: max.saturating_sub(total),
+        capacity: max,
+    })
+}
+
+fn observe(signal: Signal, root: &Path, image_fs: &Path) -> Option<Observed> {
+    match signal {
+        Signal::MemoryAvailable => meminfo(),
+        Signal::NodefsAvailable => fs(root, false),
+        Signal::NodefsInodesFree => fs(root, true),
+        Signal::ImagefsAvailable => fs(image_fs, false),
+        Signal::ImagefsInodesFree => fs(image_fs, true),
+        Signal::PidAvailable => pids(),
+    }
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1}Gi", bytes as f64 / (1u64 << 30) as f64)
+    } else if bytes >= 1 << 20 {
+        format!("{}Mi", bytes >> 20)
+    } else {
+        format!("{}Ki", bytes >> 10)
+    }
+}
+
+/// A threshold that is met now, with what was observed.
+#[derive(Debug, Clone)]
+struct Met {
+    threshold: Threshold,
+    observed: Observed,
+}
+
+impl Met {
+    fn available_text(&self) -> String {
+        match self.threshold.signal {
+            Signal::MemoryAvailable | Signal::NodefsAvailable | Signal::ImagefsAvailable => {
+                human(self.observed.available)
+            }
+            _ => self.observed.available.to_string(),
+        }
+    }
+}
+
+/// A pod as the ranking sees it.
+#[derive(Debug, Clone)]
+struct Candidate {
+    uid: String,
+    key: String,
+    priority: i32,
+    exceeds_request: bool,
+    usage: u64,
+    detail: String,
+}
+
+/// Orders candidates the way the kubelet does: over their request first, then lower priority,
+/// then higher usage.
+fn rank(mut c: Vec<Candidate>) -> Vec<Candidate> {
+    c.sort_by(|a, b| {
+        b.exceeds_request
+            .cmp(&a.exceeds_request)
+            .then(a.priority.cmp(&b.priority))
+            .then(b.usage.cmp(&a.usage))
+            .then(a.key.cmp(&b.key))
+    });
+    c
+}
+
+fn request_of(pod: &Pod, resource: &str) -> u64 {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .filter_map(|c| c.resources.as_ref()?.requests.as_ref()?.get(resource))
+        .filter_map(|q| parse_quantity(&q.0))
+        .sum()
+}
+
+/// Bytes under `dir` (not following symlinks; other filesystems such as tmpfs mounts count too,
+/// as the kubelet counts memory-backed emptyDirs against the pod).
+fn du(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                total += md.len();
+            }
+        }
+    }
+    total
+}
+
+/// The eviction manager and image garbage collector of one node.
+pub struct Manager {
+    cfg: EvictionConfig,
+    root: PathBuf,
+    runtime: Arc<dyn Runtime>,
+    pods: Arc<dyn PodLookup>,
+    pressure: SharedPressure,
+    requests: EvictionRequests,
+    /// Image id → when it was last seen in use (or first seen).
+    image_seen: HashMap<String, Instant>,
+    last_image_gc: Option<Instant>,
+    /// Pods asked to go and when: one eviction per interval, no repeats while one is pending.
+    pending: HashMap<String, Instant>,
+    /// "Nothing to evict" was logged for this pressure episode.
+    said_nothing_to_evict: bool,
+}
+
+impl Manager {
+    /// A manager for the kubelet dir `root`.
+    pub fn new(
+        cfg: EvictionConfig,
+        root: PathBuf,
+        runtime: Arc<dyn Runtime>,
+        pods: Arc<dyn PodLookup>,
+        pressure: SharedPressure,
+        requests: EvictionRequests,
+    ) -> Manager {
+        if let Ok(mut p) = pressure.write() {
+            p.transition = cfg.pressure_transition;
+        }
+        Manager {
+            cfg,
+            root,
+            runtime,
+            pods,
+            pressure,
+            requests,
+            image_seen: HashMap::new(),
+            last_image_gc: None,
+            pending: HashMap::new(),
+            said_nothing_to_evict: false,
+        }
+    }
+
+    fn image_fs(&self) -> PathBuf {
+        self.cfg
+            .image_fs
+            .clone()
+            .unwrap_or_else(|| self.root.clone())
+    }
+
+    fn met(&self) -> Vec<Met> {
+        let image_fs = self.image_fs();
+        self.cfg
+            .hard
+            .iter()
+            .filter_map(|t| {
+                let o = observe(t.signal, &self.root, &image_fs)?;
+                (o.available < t.limit(o.capacity)).then(|| Met {
+                    threshold: t.clone(),
+                    observed: o,
+                })
+            })
+            .collect()
+    }
+
+    /// Runs until `stop` turns true.
+    pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            self.tick().await;
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(self.cfg.interval) => {}
+            }
+        }
+    }
+
+    /// One observation round.
+    pub async fn tick(&mut self) {
+        let met = self.met();
+        if let Ok(mut p) = self.pressure.write() {
+            let now = Instant::now();
+            for m in &met {
+                let c = m.threshold.signal.condition();
+                if !p.holds(c) {
+                    tracing::warn!(
+                        condition = c.type_name(),
+                        signal = m.threshold.signal.name(),
+                        threshold = %m.threshold.text,
+                        available = %m.available_text(),
+                        "eviction threshold met"
+                    );
+                }
+                p.last_met.insert(c, now);
+            }
+        }
+        let due = self
+            .last_image_gc
+            .is_none_or(|t| t.elapsed() >= self.cfg.image_gc_interval);
+        let disk = met
+            .iter()
+            .any(|m| m.threshold.signal.condition() == Condition::Disk);
+        if due || disk {
+            self.last_image_gc = Some(Instant::now());
+            self.image_gc(disk).await;
+        }
+        // Evicted pods that left the registry are done.
+        self.pending
+            .retain(|_, t| t.elapsed() < Duration::from_secs(60));
+        if met.is_empty() {
+            self.said_nothing_to_evict = false;
+        }
+        if met.is_empty() || !self.pending.is_empty() {
+            return;
+        }
+        // Reclaim may have been enough.
+        let met = if disk { self.met() } else { met };
+        let Some(first) = met.first() else { return };
+        self.evict_one(first).await;
+    }
+
+    /// Deletes unused images: all of them under disk pressure, else while usage is above the
+    /// high threshold, down to the low one. Least recently used first.
+    async fn image_gc(&mut self, all: bool) {
+        let image_fs = self.image_fs();
+        let Some(o) = fs(&image_fs, false) else {
+            return;
+        };
+        let used_pct = |o: &Observed| {
+            if o.capacity == 0 {
+                0.0
+            } else {
+                100.0 * (o.capacity - o.available.min(o.capacity)) as f64 / o.capacity as f64
+            }
+        };
+        let now = Instant::now();
+        let (Ok(images), Ok(ctrs)) = (
+            self.runtime.list_images().await,
+            self.runtime.list_containers().await,
+        ) else {
+            return;
+        };
+        let in_use: std::collections::HashSet<&str> = ctrs
+            .iter()
+            .flat_map(|c| [c.image.as_str(), c.image_digest.as_str()])
+            .collect();
+        let mut unused = Vec::new();
+        for img in &images {
+            let used = in_use.contains(img.id.as_str())
+                || img.names.iter().any(|n| in_use.contains(n.as_str()));
+            let seen = self.image_seen.entry(img.id.clone()).or_insert(now);
+            if used {
+                *seen = now;
+            } else {
+                unused.push((*seen, img.clone()));
+            }
+        }
+        self.image_seen
+            .retain(|id, _| images.iter().any(|i| &i.id == id));
+        let high = f64::from(self.cfg.image_gc_high);
+        if !all && used_pct(&o) <= high {
+            return;
+        }
+        unused.sort_by_key(|(t, _)| *t);
+        let low = f64::from(self.cfg.image_gc_low);
+        for (seen, img) in unused {
+            if seen.elapsed() < self.cfg.image_min_age {
+                continue;
+            }
+            if !all && fs(&image_fs, false).is_some_and(|o| used_pct(&o) < low) {
+                break;
+            }
+            let name = img.names.first().cloned().unwrap_or_else(|| img.id.clone());
+            match self.runtime.remove_image(&name).await {
+                Ok(_) => {
+                    tracing::info!(image = %name, size = img.size, "image garbage collected");
+                    self.image_seen.remove(&img.id);
+                }
+                Err(e) => tracing::debug!(image = %name, error = %e, "image not collected"),
+            }
+        }
+    }
+
+    async fn candidates(&self, signal: Signal) -> Vec<Candidate> {
+        let mut out = Vec::new();
+        for r in self.pods.pods() {
+            let pod = &r.pod;
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            if matches!(phase, Some("Succeeded" | "Failed"))
+                || pod.metadata.deletion_timestamp.is_some()
+                || is_critical(pod)
+                || r.sandbox_id.is_none()
+            {
+                continue;
+            }
+            let Some(uid) = pod.metadata.uid.clone() else {
+                continue;
+            };
+            let (usage, request, detail) = self.usage(&r, signal).await;
+            out.push(Candidate {
+                uid,
+                key: format!(
+                    "{}/{}",
+                    pod.metadata.namespace.as_deref().unwrap_or(""),
+                    pod.metadata.name.as_deref().unwrap_or("")
+                ),
+                priority: pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0),
+                exceeds_request: usage > request,
+                usage,
+                detail,
+            });
+        }
+        rank(out)
+    }
+
+    /// The pod's use of the signal's resource, its request, and the per-container detail of the
+    /// eviction message.
+    async fn usage(&self, r: &PodRef, signal: Signal) -> (u64, u64, String) {
+        match signal.condition() {
+            Condition::Memory => {
+                let mut total = 0;
+                let mut detail = Vec::new();
+                let spec = r.pod.spec.as_ref();
+                for c in &r.containers {
+                    let Some(id) = &c.id else { continue };
+                    let used = self
+                        .runtime
+                        .container_stats(id)
+                        .await
+                        .map(|s| s.memory_working_set_bytes)
+                        .unwrap_or(0);
+                    total += used;
+                    let req = spec
+                        .and_then(|s| s.containers.iter().find(|x| x.name == c.name))
+                        .and_then(|x| x.resources.as_ref()?.requests.as_ref()?.get("memory"))
+                        .map_or("0".to_string(), |q| q.0.clone());
+                    detail.push(format!(
+                        "Container {} was using {}, request is {req}.",
+                        c.name,
+                        human(used)
+                    ));
+                }
+                (total, request_of(&r.pod, "memory"), detail.join(" "))
+            }
+            Condition::Disk => {
+                let uid = r.pod.metadata.uid.clone().unwrap_or_default();
+                let pod_dir = self.root.join("pods").join(&uid);
+                let logs = self.root.join("logs");
+                let ns = r.pod.metadata.namespace.clone().unwrap_or_default();
+                let name = r.pod.metadata.name.clone().unwrap_or_default();
+                let used = tokio::task::spawn_blocking(move || {
+                    du(&pod_dir) + du(&logs.join(format!("{ns}_{name}_{uid}")))
+                })
+                .await
+                .unwrap_or(0);
+                (
+                    used,
+                    request_of(&r.pod, "ephemeral-storage"),
+                    format!("Pod was using {} of local storage.", human(used)),
+                )
+            }
+            Condition::Pid => (0, 0, String::new()),
+        }
+    }
+
+    async fn evict_one(&mut self, met: &Met) {
+        let signal = met.threshold.signal;
+        let ranked = self.candidates(signal).await;
+        let Some(victim) = ranked.into_iter().next() else {
+            if !self.said_nothing_to_evict {
+                tracing::warn!(
+                    signal = signal.name(),
+                    "under pressure but no pod can be evicted"
+                );
+                self.said_nothing_to_evict = true;
+            }
+            return;
+        };
+        let message = format!(
+            "The node was low on resource: {}. Threshold quantity: {}, available: {}. {}",
+            signal.resource(),
+            met.threshold.text,
+            met.available_text(),
+            victim.detail
+        )
+        .trim_end()
+        .to_string();
+        tracing::warn!(pod = %victim.key, signal = signal.name(), usage = victim.usage, "evicting pod");
+        self.pending.insert(victim.uid.clone(), Instant::now());
+        if let Ok(mut m) = self.requests.lock() {
+            m.insert(victim.uid, message);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_parse_like_the_kubelet_flag() {
+        let t = parse_thresholds("memory.available<100Mi, nodefs.available<10%").unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].signal, Signal::MemoryAvailable);
+        assert_eq!(t[0].amount, Amount::Absolute(100 << 20));
+        assert_eq!(t[1].amount, Amount::Percent(10.0));
+        assert_eq!(t[1].limit(1000), 100);
+        assert!(parse_thresholds("memory.free<1Gi").is_err());
+        assert!(parse_thresholds("memory.available>1Gi").is_err());
+        assert!(parse_thresholds("nodefs.available<120%").is_err());
+        assert!(parse_thresholds("nodefs.available<lots").is_err());
+        assert_eq!(parse_quantity("1G"), Some(1_000_000_000));
+        assert_eq!(parse_quantity("1.5Ki"), Some(1536));
+    }
+
+    #[test]
+    fn kubelet_args_set_gc_and_eviction() {
+        let mut c = EvictionConfig::default();
+        assert_eq!(c.hard.len(), 2);
+        c.apply_kubelet_arg("eviction-hard=nodefs.available<50%")
+            .unwrap();
+        assert_eq!(c.hard.len(), 1);
+        c.apply_kubelet_arg("image-gc-low-threshold=1").unwrap();
+        c.apply_kubelet_arg("image-gc-high-threshold=2").unwrap();
+        c.apply_kubelet_arg("minimum-image-ttl-duration=1m30s")
+            .unwrap();
+        assert_eq!(c.image_min_age, Duration::from_secs(90));
+        c.apply_kubelet_arg("--eviction-pressure-transition-period=0s")
+            .unwrap();
+        assert_eq!(c.pressure_transition, Duration::ZERO);
+        assert!(c.apply_kubelet_arg("image-gc-low-threshold=50").is_err());
+        let e = c.apply_kubelet_arg("max-pods=200").unwrap_err();
+        assert!(e.contains("not supported"), "{e}");
+        assert!(c.apply_kubelet_arg("eviction-hard").is_err());
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_go_duration("1h2m3s"), Some(Duration::from_secs(3723)));
+        assert_eq!(parse_go_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_go_duration("5"), None);
+        assert_eq!(parse_go_duration("m"), None);
+    }
+
+    #[test]
+    fn ranking_puts_over_request_then_low_priority_then_big_users_first() {
+        let c = |key: &str, priority, exceeds_request, usage| Candidate {
+            uid: key.into(),
+            key: key.into(),
+            priority,
+            exceeds_request,
+            usage,
+            detail: String::new(),
+        };
+        let ranked = rank(vec![
+            c("a", 0, false, 900),
+            c("b", 100, true, 10),
+            c("c", 0, true, 5),
+            c("d", 0, true, 50),
+        ]);
+        let keys: Vec<&str> = ranked.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys, ["d", "c", "b", "a"]);
+    }
+
+    #[test]
+    fn admission_refuses_under_pressure_except_critical_and_non_best_effort_for_memory() {
+        let pressure: SharedPressure = Arc::default();
+        let pod = |qos: &str, priority: i32| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p"},
+                "spec": {"containers": [], "priority": priority},
+                "status": {"qosClass": qos}
+            }))
+            .unwrap()
+        };
+        assert_eq!(admission_refusal(&pressure, &pod("BestEffort", 0)), None);
+        {
+            let mut p = pressure.write().unwrap();
+            p.transition = Duration::from_secs(60);
+            p.last_met.insert(Condition::Memory, Instant::now());
+        }
+        assert_eq!(
+            admission_refusal(&pressure, &pod("BestEffort", 0)).as_deref(),
+            Some("The node had condition: [MemoryPressure]. ")
+        );
+        assert_eq!(admission_refusal(&pressure, &pod("Burstable", 0)), None);
+        pressure
+            .write()
+            .unwrap()
+            .last_met
+            .insert(Condition::Disk, Instant::now());
+        assert_eq!(
+            admission_refusal(&pressure, &pod("Burstable", 0)).as_deref(),
+            Some("The node had condition: [DiskPressure]. ")
+        );
+        assert_eq!(
+            admission_refusal(&pressure, &pod("BestEffort", 2_000_001_000)),
+            None
+        );
+    }
+}

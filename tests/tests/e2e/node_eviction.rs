@@ -1,0 +1,290 @@
+//! Node-pressure eviction on a real node: the data dir sits on a small tmpfs, a pod fills its
+//! emptyDir past `--kubelet-arg eviction-hard=nodefs.available<50%`, and the kubelet reports
+//! DiskPressure (the node gets the disk-pressure NoSchedule taint), deletes unused images, evicts
+//! the pod (Failed/Evicted, volumes removed), refuses new pods while the condition holds, and
+//! clears it afterwards. Named `node_*`: runs alone (it uses the host's cni0).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use skiff_e2e::{Kubectl, Server, skiff_binary};
+
+fn require_root() {
+    let uid = Command::new("id").arg("-u").output().expect("id -u");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "node tests need root (tmpfs mount, containers, bridge, cgroups): run them as root, as CI does"
+    );
+}
+
+fn image_tar(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../build/images/{name}.tar"));
+    assert!(
+        p.exists(),
+        "{} is missing: run `make images` first (make test does)",
+        p.display()
+    );
+    p
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A tmpfs mounted on a fresh dir; unmounted (lazily, after the server's own cleanup) on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("skiff-evict-e2e-")
+            .tempdir_in("/tmp")
+            .expect("tempdir")
+            .keep();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mounting a tmpfs on {} failed", dir.display());
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn node_condition(k: &Kubectl, kind: &str) -> String {
+    k.ok(&[
+        "get",
+        "node",
+        "skiff-e2e",
+        "-o",
+        &format!("jsonpath={{.status.conditions[?(@.type==\"{kind}\")].status}}"),
+    ])
+}
+
+fn taints(k: &Kubectl) -> String {
+    k.ok(&[
+        "get",
+        "node",
+        "skiff-e2e",
+        "-o",
+        "jsonpath={.spec.taints[*].key}",
+    ])
+}
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: keeper}
+spec:
+  nodeName: skiff-e2e
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: skiff.local/busybox:stable
+    imagePullPolicy: Never
+    command: ["sleep", "3600"]
+    resources:
+      requests: {cpu: 10m, memory: 16Mi, ephemeral-storage: 50Mi}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: filler}
+spec:
+  nodeName: skiff-e2e
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: skiff.local/busybox:stable
+    imagePullPolicy: Never
+    command: ["sh", "-c", "dd if=/dev/zero of=/scratch/fill bs=1M count=150 && sleep 3600"]
+    volumeMounts: [{name: scratch, mountPath: /scratch}]
+  volumes:
+  - name: scratch
+    emptyDir: {}
+"#;
+
+const LATE: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: late}
+spec:
+  nodeName: skiff-e2e
+  containers:
+  - name: main
+    image: skiff.local/busybox:stable
+    imagePullPolicy: Never
+    command: ["sleep", "3600"]
+"#;
+
+const SCHEDULED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: scheduled}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: skiff.local/busybox:stable
+    imagePullPolicy: Never
+    command: ["sleep", "3600"]
+"#;
+
+#[test]
+fn node_disk_pressure_reclaims_images_evicts_the_biggest_user_and_refuses_new_pods() {
+    require_root();
+    let fs = Tmpfs::mount("256M");
+    let data = tempfile::TempDir::with_prefix_in("data-", &fs.0).expect("data dir on the tmpfs");
+    for img in ["busybox", "nginx"] {
+        let st = Command::new(skiff_binary())
+            .args(["images", "--data-dir"])
+            .arg(data.path())
+            .arg("import")
+            .arg(image_tar(img))
+            .status()
+            .expect("skiff images import");
+        assert!(st.success(), "skiff images import {img} failed");
+    }
+    let server = Server::start_with_agent(
+        data,
+        &[
+            "--kubelet-arg",
+            "eviction-hard=nodefs.available<50%",
+            "--kubelet-arg",
+            "eviction-pressure-transition-period=20s",
+            "--kubelet-arg",
+            "minimum-image-ttl-duration=0s",
+            "--kubelet-arg",
+            "housekeeping-interval=2s",
+        ],
+    );
+    let k = Kubectl::new(Some("1.33"), &server);
+    wait_until("node skiff-e2e Ready", 60, || {
+        node_condition(&k, "Ready") == "True"
+    });
+    assert_eq!(node_condition(&k, "DiskPressure"), "False");
+    let images = || {
+        k.ok(&[
+            "get",
+            "node",
+            "skiff-e2e",
+            "-o",
+            "jsonpath={.status.images[*].names}",
+        ])
+    };
+    wait_until("both images listed in the node status", 60, || {
+        let i = images();
+        i.contains("busybox") && i.contains("nginx")
+    });
+
+    k.ok_stdin(&["apply", "-f", "-"], PODS);
+    wait_until("keeper and filler Running", 90, || {
+        k.ok(&[
+            "get",
+            "pods",
+            "keeper",
+            "filler",
+            "-o",
+            "jsonpath={.items[*].status.phase}",
+        ]) == "Running Running"
+    });
+
+    // The filler crosses the threshold: DiskPressure, the taint, the unused image goes, and
+    // the filler (over its zero request) is evicted while the keeper stays.
+    wait_until("filler evicted", 120, || {
+        k.ok(&["get", "pod", "filler", "-o", "jsonpath={.status.reason}"]) == "Evicted"
+    });
+    let phase = k.ok(&["get", "pod", "filler", "-o", "jsonpath={.status.phase}"]);
+    assert_eq!(phase, "Failed");
+    let msg = k.ok(&["get", "pod", "filler", "-o", "jsonpath={.status.message}"]);
+    assert!(
+        msg.contains("The node was low on resource: ephemeral-storage. Threshold quantity: 50%"),
+        "eviction message: {msg}"
+    );
+    let described = k.ok(&["describe", "pod", "filler"]);
+    assert!(
+        described
+            .lines()
+            .any(|l| l.starts_with("Reason:") && l.contains("Evicted")),
+        "kubectl describe pod filler shows:\n{described}"
+    );
+    let events = k.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=filler,reason=Evicted",
+        "-o",
+        "name",
+    ]);
+    assert!(!events.is_empty(), "no Evicted event for the filler");
+    assert_eq!(
+        k.ok(&["get", "pod", "keeper", "-o", "jsonpath={.status.phase}"]),
+        "Running",
+        "the keeper (within its request) must not be evicted"
+    );
+    // The node status lists images as of its last write (every 10 s at most).
+    wait_until("nginx (unused) deleted, busybox (used) kept", 30, || {
+        let i = images();
+        !i.contains("nginx") && i.contains("busybox")
+    });
+    assert_eq!(node_condition(&k, "DiskPressure"), "True");
+
+    // While the condition holds (20 s transition period), new pods are refused...
+    k.ok_stdin(&["apply", "-f", "-"], LATE);
+    wait_until("late refused", 30, || {
+        k.ok(&["get", "pod", "late", "-o", "jsonpath={.status.reason}"]) == "Evicted"
+    });
+    let msg = k.ok(&["get", "pod", "late", "-o", "jsonpath={.status.message}"]);
+    assert!(
+        msg.contains("The node had condition: [DiskPressure]"),
+        "refusal message: {msg}"
+    );
+    let table = k.ok(&["get", "pod", "late"]);
+    assert!(
+        table.contains("Evicted"),
+        "kubectl get pod late shows:\n{table}"
+    );
+    assert!(
+        taints(&k).contains("node.kubernetes.io/disk-pressure"),
+        "no disk-pressure taint: {}",
+        taints(&k)
+    );
+
+    // ... and once the space is back the condition and the taint go, and scheduling resumes.
+    wait_until("DiskPressure False", 90, || {
+        node_condition(&k, "DiskPressure") == "False"
+    });
+    wait_until("disk-pressure taint removed", 30, || {
+        !taints(&k).contains("disk-pressure")
+    });
+    k.ok_stdin(&["apply", "-f", "-"], SCHEDULED);
+    wait_until("scheduled pod Running", 90, || {
+        k.ok(&["get", "pod", "scheduled", "-o", "jsonpath={.status.phase}"]) == "Running"
+    });
+    drop(server);
+}
