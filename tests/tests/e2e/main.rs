@@ -14,3 +14,4 @@ mod node_services;
 mod openapi_v2;
 mod protobuf;
 mod python_client;
+mod service_account;
