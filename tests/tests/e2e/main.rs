@@ -10,6 +10,7 @@ mod kubectl;
 mod lifecycle;
 mod node_multinode;
 mod node_pods;
+mod node_service_account;
 mod node_services;
 mod openapi_v2;
 mod protobuf;

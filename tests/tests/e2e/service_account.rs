@@ -12,7 +12,7 @@ use skiff_e2e::{Kubectl, Server};
 
 const MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
@@ -21,7 +21,7 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 /// A kubeconfig with the server URL and CA of the admin kubeconfig and no user credentials.
-fn token_only(k: &Kubectl, server: &Server, version: &str) -> Kubectl {
+pub(crate) fn token_only(k: &Kubectl, server: &Server, version: &str) -> Kubectl {
     let ca = k.ok(&[
         "config",
         "view",
@@ -46,7 +46,7 @@ fn token_only(k: &Kubectl, server: &Server, version: &str) -> Kubectl {
     }
 }
 
-fn claims(token: &str) -> Value {
+pub(crate) fn claims(token: &str) -> Value {
     use base64::Engine as _;
     let part = token.split('.').nth(1).expect("a JWT");
     serde_json::from_slice(
@@ -58,7 +58,7 @@ fn claims(token: &str) -> Value {
 }
 
 /// `kubectl --token=T ARGS` with the token-only kubeconfig.
-fn with_token(anon: &Kubectl, token: &str, args: &[&str]) -> std::process::Output {
+pub(crate) fn with_token(anon: &Kubectl, token: &str, args: &[&str]) -> std::process::Output {
     let flag = format!("--token={token}");
     let mut full = vec![flag.as_str()];
     full.extend_from_slice(args);
