@@ -89,10 +89,14 @@ fn node_pod_service_account_token_authenticates() {
     };
     assert_eq!(exec(&["cat", &format!("{DIR}/ca.crt")]).as_bytes(), &ca[..]);
     assert_eq!(
-        exec(&["printenv", "KUBERNETES_SERVICE_HOST"]).trim(),
-        "10.43.0.1"
+        exec(&[
+            "sh",
+            "-c",
+            "echo $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT"
+        ])
+        .trim(),
+        "10.43.0.1:443"
     );
-    assert_eq!(exec(&["printenv", "KUBERNETES_SERVICE_PORT"]).trim(), "443");
 
     // The token from inside the pod authenticates with only the CA.
     let anon = token_only(&k, &server, "pod");
