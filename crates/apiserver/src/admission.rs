@@ -53,6 +53,35 @@ pub(crate) async fn bootstrap_priority_classes(st: &ApiState) -> Result<(), ApiS
     Ok(())
 }
 
+/// Creates the `default` ServiceAccount of each built-in namespace if missing (what the
+/// service-account controller would do a moment later).
+pub(crate) async fn bootstrap_default_service_accounts(
+    st: &ApiState,
+) -> Result<(), ApiServerError> {
+    let Some(r) = find("", "v1", "serviceaccounts") else {
+        return Ok(());
+    };
+    for ns in crate::DEFAULT_NAMESPACES {
+        let key = r.key(Some(ns), "default");
+        let err = |source| ApiServerError::Bootstrap {
+            what: format!("serviceaccount {ns}/default"),
+            source,
+        };
+        if st.store.get(&key).await.map_err(err)?.is_some() {
+            continue;
+        }
+        let mut obj =
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}});
+        prepare_new(r, &mut obj, Some(ns));
+        let bytes = bytes::Bytes::from(serde_json::to_vec(&obj).unwrap_or_default());
+        match st.store.create(&key, bytes).await {
+            Ok(_) | Err(skiff_store::StoreError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(())
+}
+
 /// The Priority admission plugin for a new pod: resolves `priorityClassName` (or the
 /// globalDefault class) into `spec.priority` and `spec.preemptionPolicy`.
 pub(crate) async fn pod_priority(

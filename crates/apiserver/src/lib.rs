@@ -188,6 +188,12 @@ impl ApiState {
         }
         state.bootstrap_kubernetes_service().await?;
         admission::bootstrap_priority_classes(&state).await?;
+        if state.sa_signer.is_some() {
+            // The ServiceAccount admission plugin refuses pods without their service account:
+            // the built-in namespaces have theirs from the first request on, not only once the
+            // service-account controller has run.
+            admission::bootstrap_default_service_accounts(&state).await?;
+        }
         Ok(state)
     }
 

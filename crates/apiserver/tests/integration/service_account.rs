@@ -264,8 +264,6 @@ async fn token_request_errors_are_kube_apiservers() {
 #[tokio::test]
 async fn bound_tokens_end_with_their_object() {
     let r = api().await;
-    // The namespace controller does not run here: make the default service account.
-    create_sa(&r, "default", "default").await;
     let (code, pod) = call(
         &r,
         Method::POST,
@@ -361,14 +359,38 @@ async fn service_account_admission() {
         p
     };
     const PODS: &str = "/api/v1/namespaces/default/pods";
-    // No default service account yet: refused as kube-apiserver does.
-    let (code, st) = call(&r, Method::POST, PODS, pod("early", json!({}))).await;
+    // A namespace whose default service account does not exist yet: refused as kube-apiserver
+    // does (the built-in namespaces get theirs at start).
+    let (code, _) = call(
+        &r,
+        Method::POST,
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "fresh"}}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let (code, st) = call(
+        &r,
+        Method::POST,
+        "/api/v1/namespaces/fresh/pods",
+        pod("early", json!({})),
+    )
+    .await;
     assert_eq!(code, 403, "{st}");
     assert_eq!(
         st["message"],
-        "pods \"early\" is forbidden: error looking up service account default/default: serviceaccount \"default\" not found"
+        "pods \"early\" is forbidden: error looking up service account fresh/default: serviceaccount \"default\" not found"
     );
-    create_sa(&r, "default", "default").await;
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let (code, _) = call(
+            &r,
+            Method::GET,
+            &format!("/api/v1/namespaces/{ns}/serviceaccounts/default"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 200, "{ns}/default");
+    }
     let (code, p) = call(&r, Method::POST, PODS, pod("a", json!({}))).await;
     assert_eq!(code, 201, "{p}");
     assert_eq!(p["spec"]["serviceAccountName"], "default");
