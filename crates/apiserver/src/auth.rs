@@ -1,11 +1,12 @@
 //! Authentication: the client-certificate identity set by the TLS layer, or a bearer token from
-//! the static token file. Authorization is "authenticated = allowed" until RBAC exists.
+//! the static token file or a service-account token (see `satoken`). Authorization is
+//! "authenticated = allowed" until RBAC exists.
 
 use std::collections::HashMap;
 
 use axum::extract::Request;
 
-use crate::Config;
+use crate::ApiState;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,19 +39,55 @@ impl Identity {
     }
 }
 
-pub(crate) fn authenticate(config: &Config, req: &Request) -> Option<Identity> {
+/// What a request presents: the TLS identity, a bearer token, or nothing.
+pub(crate) enum Credentials {
+    Identity(Identity),
+    Bearer(String),
+    None,
+}
+
+pub(crate) fn credentials(req: &Request) -> Credentials {
     if let Some(id) = req.extensions().get::<Identity>() {
+        return Credentials::Identity(id.clone());
+    }
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        });
+    match token {
+        Some(t) => Credentials::Bearer(t.trim().to_string()),
+        None => Credentials::None,
+    }
+}
+
+pub(crate) async fn authenticate(st: &ApiState, creds: Credentials) -> Option<Identity> {
+    match creds {
+        Credentials::Identity(id) => Some(id),
+        Credentials::Bearer(token) => {
+            authenticate_token(st, &token, &[crate::satoken::API_AUDIENCE]).await
+        }
+        Credentials::None => None,
+    }
+}
+
+/// The identity of a bearer token (static token file, then service-account JWTs valid for one of
+/// `audiences`), or None.
+pub(crate) async fn authenticate_token(
+    st: &ApiState,
+    token: &str,
+    audiences: &[&str],
+) -> Option<Identity> {
+    if let Some(id) = st.config.tokens.get(token) {
         return Some(id.clone());
     }
-    let header = req
-        .headers()
-        .get(http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let token = header
-        .strip_prefix("Bearer ")
-        .or_else(|| header.strip_prefix("bearer "))?;
-    config.tokens.get(token.trim()).cloned()
+    if crate::satoken::looks_like_jwt(token) {
+        return crate::satoken::authenticate(st, token, audiences).await;
+    }
+    None
 }
 
 /// Parses a static token file: one `token,user,uid[,"group1,group2"]` per line (kube-apiserver's

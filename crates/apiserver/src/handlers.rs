@@ -215,7 +215,7 @@ async fn handle(
         }
         let (ct, body) = read_body(req).await?;
         let obj = parse_object(&ct, &body)?;
-        return reviews(&st, r, &identity, obj);
+        return reviews(&st, r, &identity, obj).await;
     }
 
     if let Some(sub) = t.sub.clone() {
@@ -465,8 +465,8 @@ fn with_warnings(mut resp: Response, warnings: &[String]) -> Response {
     resp
 }
 
-fn reviews(
-    _st: &ApiState,
+async fn reviews(
+    st: &ApiState,
     r: &ResourceInfo,
     id: &Identity,
     mut obj: Value,
@@ -492,8 +492,30 @@ fn reviews(
             });
         }
         "TokenReview" => {
-            obj["status"] =
-                json!({"authenticated": false, "error": "token review is not supported yet"});
+            let token = obj
+                .pointer("/spec/token")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let wanted: Vec<String> = obj
+                .pointer("/spec/audiences")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .filter(|a: &Vec<String>| !a.is_empty())
+                .unwrap_or_else(|| vec![crate::satoken::API_AUDIENCE.to_string()]);
+            let auds: Vec<&str> = wanted.iter().map(String::as_str).collect();
+            obj["status"] = match crate::auth::authenticate_token(st, &token, &auds).await {
+                Some(who) => {
+                    json!({"authenticated": true, "audiences": wanted,
+                           "user": {"username": who.user, "uid": who.uid, "groups": who.all_groups()}})
+                }
+                None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
         }
         _ => return Err(ApiError::method_not_allowed()),
     }
@@ -620,6 +642,9 @@ async fn create(st: &ApiState, t: &Target, mut obj: Value, q: &Q) -> Result<Valu
     prepare_new(r, &mut obj, t.ns.as_deref());
     if r.group.is_empty() && r.kind == "Pod" {
         crate::admission::pod_priority(st, r, &mut obj).await?;
+        if st.sa_signer.is_some() {
+            crate::admission::pod_service_account(st, r, &mut obj).await?;
+        }
     }
     // Held until the create is stored, so two services never get the same address.
     let _alloc = if r.kind == "Service" {
@@ -1518,9 +1543,7 @@ async fn subresource(
             let container = q.get("container").map(String::as_str);
             crate::kubelet_proxy::pod_subresource(st, &pod, sub, container, req).await
         }
-        ("token", _) => Err(ApiError::unavailable(
-            "service account tokens are not issued by this server yet",
-        )),
+        ("token", _) => crate::satoken::token_request(st, t, &name, req).await,
         _ => Err(ApiError::method_not_allowed()),
     }
 }

@@ -14,6 +14,7 @@ mod metrics;
 mod openapi_v2;
 mod proto;
 mod proto_schema;
+mod satoken;
 mod schemas;
 mod watch;
 
@@ -31,6 +32,7 @@ pub use auth::{Identity, parse_token_file};
 use http_util::error_response;
 pub use join::{CACERTS_PATH, NODE_CERTS_PATH, NodeCredentialIssuer, NodeJoin};
 pub use kubelet_proxy::KubeletClientTls;
+pub use satoken::{API_AUDIENCE, ServiceAccountKey};
 
 /// (group, version, kind, schema name) of a kind with an OpenAPI schema.
 pub type SchemaRoot = (&'static str, &'static str, &'static str, String);
@@ -60,6 +62,9 @@ pub enum ApiServerError {
         /// The store error.
         source: skiff_store::StoreError,
     },
+    /// The service-account signing key could not be loaded.
+    #[error("apiserver: {0}; remove the key file to make a new one")]
+    ServiceAccountKey(String),
     /// The kubelet client credentials could not be loaded.
     #[error(
         "apiserver: kubelet client TLS: {0}; check the CA and the apiserver-kubelet-client certificate and key"
@@ -85,6 +90,10 @@ pub struct Config {
     pub kubelet_client: Option<KubeletClientTls>,
     /// Joining nodes (`GET /cacerts`, `POST /v1-skiff/node-certs`); None = those paths are 404.
     pub node_join: Option<NodeJoin>,
+    /// Service-account token signing key. Some = TokenRequest issues tokens, bearer JWTs signed
+    /// by it authenticate, and the ServiceAccount admission plugin runs on pod creation; None =
+    /// TokenRequest gets 503 and pods are admitted without a service account.
+    pub service_account_key: Option<ServiceAccountKey>,
 }
 
 impl Config {
@@ -112,6 +121,8 @@ pub struct ApiState {
     kubelet_tls: Option<Arc<rustls::ClientConfig>>,
     /// Request counters and latencies for `/metrics`.
     metrics: metrics::Metrics,
+    /// Signs and verifies service-account tokens, from [`Config::service_account_key`].
+    sa_signer: Option<satoken::Signer>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -131,8 +142,13 @@ impl ApiState {
             Some(t) => Some(kubelet_proxy::client_config(t).map_err(ApiServerError::KubeletTls)?),
             None => None,
         };
+        let sa_signer = match &config.service_account_key {
+            Some(k) => Some(satoken::Signer::new(k).map_err(ApiServerError::ServiceAccountKey)?),
+            None => None,
+        };
         let state = Arc::new(ApiState {
             kubelet_tls,
+            sa_signer,
             metrics: metrics::Metrics::default(),
             hub: watch::Hub::new(store.clone()),
             alloc_lock: tokio::sync::Mutex::new(()),
@@ -172,6 +188,12 @@ impl ApiState {
         }
         state.bootstrap_kubernetes_service().await?;
         admission::bootstrap_priority_classes(&state).await?;
+        if state.sa_signer.is_some() {
+            // The ServiceAccount admission plugin refuses pods without their service account:
+            // the built-in namespaces have theirs from the first request on, not only once the
+            // service-account controller has run.
+            admission::bootstrap_default_service_accounts(&state).await?;
+        }
         Ok(state)
     }
 
@@ -229,7 +251,7 @@ async fn dispatch(State(st): State<Arc<ApiState>>, req: Request) -> Response {
     ) || path.starts_with("/healthz/")
         || path.starts_with("/livez/")
         || path.starts_with("/readyz/");
-    let identity = match auth::authenticate(&st.config, &req) {
+    let identity = match auth::authenticate(&st, auth::credentials(&req)).await {
         Some(id) => id,
         None if public => Identity::anonymous(),
         None => return error_response(&skiff_api::ApiError::unauthorized()),

@@ -324,6 +324,10 @@ pub async fn run(
             key_pem: pki.kubelet_client_key_pem.clone(),
         }),
         node_join: Some(skiff_apiserver::NodeJoin(Arc::new(join))),
+        service_account_key: Some(skiff_apiserver::ServiceAccountKey {
+            private_pem: pki.service_account_key_pem.clone(),
+            public_pem: pki.service_account_pub_pem.clone(),
+        }),
     };
     let state = ApiState::new(store, api_config).await?;
     let router = skiff_apiserver::router(state);

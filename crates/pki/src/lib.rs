@@ -76,6 +76,10 @@ pub struct ServerPki {
     pub kubelet_serving_cert_pem: String,
     /// Key of [`ServerPki::kubelet_serving_cert_pem`] (PEM).
     pub kubelet_serving_key_pem: String,
+    /// Service-account token signing key (ECDSA P-256, PKCS#8 PEM; `service.key`, 0600).
+    pub service_account_key_pem: String,
+    /// Public half of [`ServerPki::service_account_key_pem`] (SubjectPublicKeyInfo PEM).
+    pub service_account_pub_pem: String,
 }
 
 impl std::fmt::Debug for ServerPki {
@@ -369,6 +373,8 @@ pub fn ensure_server_pki(dir: &Path, sans: &[String]) -> Result<ServerPki, PkiEr
         },
         &issuer,
     )?;
+    let (service_account_key_pem, service_account_pub_pem) =
+        ensure_service_account_key(&dir.join("service.key"))?;
     Ok(ServerPki {
         dir: dir.to_path_buf(),
         ca_cert_pem,
@@ -380,7 +386,25 @@ pub fn ensure_server_pki(dir: &Path, sans: &[String]) -> Result<ServerPki, PkiEr
         kubelet_client_key_pem,
         kubelet_serving_cert_pem,
         kubelet_serving_key_pem,
+        service_account_key_pem,
+        service_account_pub_pem,
     })
+}
+
+/// Loads the service-account signing key from `path` (k3s: `server/tls/service.key`), making an
+/// ECDSA P-256 key (mode 0600) the first time. Returns (private PKCS#8 PEM, public SPKI PEM).
+pub fn ensure_service_account_key(path: &Path) -> Result<(String, String), PkiError> {
+    if let Some(k) = read_opt(path)? {
+        let pair = KeyPair::from_pem(&k).map_err(|e| PkiError::Invalid {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        return Ok((k, pair.public_key_pem()));
+    }
+    let pair = KeyPair::generate().map_err(gen_err("service-account key"))?;
+    let k = pair.serialize_pem();
+    write_file(path, k.as_bytes(), 0o600)?;
+    Ok((k, pair.public_key_pem()))
 }
 
 fn ensure_leaf(
@@ -495,11 +519,15 @@ mod tests {
         let admin = cert_info_pem(&a.admin_cert_pem).unwrap();
         assert_eq!(admin.common_name, "system:admin");
         assert_eq!(admin.organizations, vec!["system:masters".to_string()]);
-        for k in ["ca.key", "serving.key", "admin.key"] {
+        for k in ["ca.key", "serving.key", "admin.key", "service.key"] {
             assert_eq!(mode(&dir.join(k)), 0o600, "{k}");
         }
+        assert!(a.service_account_key_pem.contains("PRIVATE KEY"));
+        assert!(a.service_account_pub_pem.contains("BEGIN PUBLIC KEY"));
         // Restart reuses everything.
         let b = ensure_server_pki(&dir, &["myhost".into(), "192.0.2.7".into()]).unwrap();
+        assert_eq!(a.service_account_key_pem, b.service_account_key_pem);
+        assert_eq!(a.service_account_pub_pem, b.service_account_pub_pem);
         assert_eq!(a.ca_cert_pem, b.ca_cert_pem);
         assert_eq!(a.serving_cert_pem, b.serving_cert_pem);
         assert_eq!(a.admin_cert_pem, b.admin_cert_pem);

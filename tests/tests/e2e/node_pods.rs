@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use skiff_e2e::{Kubectl, Server, skiff_binary};
 
-fn require_root() {
+pub(crate) fn require_root() {
     let uid = Command::new("id").arg("-u").output().expect("id -u");
     assert_eq!(
         String::from_utf8_lossy(&uid.stdout).trim(),
@@ -17,7 +17,7 @@ fn require_root() {
     );
 }
 
-fn busybox_tar() -> PathBuf {
+pub(crate) fn busybox_tar() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/images/busybox.tar");
     assert!(
         p.exists(),
@@ -28,7 +28,7 @@ fn busybox_tar() -> PathBuf {
 }
 
 /// A server with the node half, the busybox image imported into its data dir.
-fn node_server() -> Server {
+pub(crate) fn node_server() -> Server {
     require_root();
     let dir = tempfile::Builder::new()
         .prefix("skiff-node-e2e-")

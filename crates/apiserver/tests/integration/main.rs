@@ -8,3 +8,4 @@ mod api;
 mod join;
 mod kubelet_proxy;
 mod proto;
+mod service_account;

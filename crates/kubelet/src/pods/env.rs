@@ -95,7 +95,9 @@ pub async fn container_env(
             .map_err(api_err(format!("listing services in {ns}")))?
             .items;
     }
-    if ns != "default" {
+    // The API server's Service is in every container's environment (KUBERNETES_SERVICE_HOST),
+    // also without service links, as the kubelet does: in-cluster clients need it.
+    if ns != "default" || !links {
         let api: Api<Service> = Api::namespaced(client.clone(), "default");
         if let Ok(Some(k)) = api.get_opt("kubernetes").await {
             svcs.push(k);

@@ -1,17 +1,20 @@
 //! Pod volumes on the host: emptyDir (disk, or a tmpfs for `medium: Memory`), hostPath with type
 //! checks, PVCs bound to hostPath/local PVs, and configMap / secret / downwardAPI / projected
 //! volumes written by an atomic writer (a `..data` symlink swapped by rename, so a reader in the
-//! container sees either the old or the new set of files, never a mix).
+//! container sees either the old or the new set of files, never a mix). Projected
+//! `serviceAccountToken` sources are filled by TokenRequests bound to the pod ([`TokenCache`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, DownwardAPIVolumeFile, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod,
-    Secret, Volume,
+    Secret, ServiceAccount, ServiceAccountTokenProjection, Volume,
 };
-use kube::api::Api;
+use kube::api::{Api, PostParams};
 
 use crate::config::{KubeletError, api_err, io_err};
 use crate::pods::spec::{field_value, quantity_bytes, resource_value};
@@ -289,14 +292,135 @@ fn downward_files(
         .collect()
 }
 
+/// The audience of the Kubernetes API: a projected token without `audience` is for it.
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+/// Lifetime a projected token without `expirationSeconds` asks for.
+const DEFAULT_TOKEN_SECONDS: i64 = 3600;
+/// A token is refreshed at the latest after this long, whatever its lifetime (the kubelet's 24 h).
+const MAX_TOKEN_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// One token issued to a pod.
+#[derive(Clone)]
+struct CachedToken {
+    token: String,
+    fetched: Instant,
+    lifetime: Duration,
+}
+
+/// The service-account tokens of one pod, by (service account, audience, requested seconds),
+/// requested again once 80% of their lifetime (or 24 h) has passed, as the kubelet's token
+/// manager does. Tokens are never logged.
+#[derive(Default)]
+pub struct TokenCache {
+    tokens: HashMap<(String, String, i64), CachedToken>,
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("tokens", &self.tokens.len())
+            .finish()
+    }
+}
+
+/// Whether a token fetched `age` ago with `lifetime` must be requested again.
+pub fn token_needs_refresh(age: Duration, lifetime: Duration) -> bool {
+    age >= lifetime.mul_f64(0.8) || age >= MAX_TOKEN_AGE
+}
+
+/// The token of a projected `serviceAccountToken` source: a TokenRequest for the pod's service
+/// account bound to the pod, cached in `cache` until it is due for refresh. When a refresh fails
+/// the cached token is kept while it is still valid.
+async fn service_account_token(
+    src: &Sources<'_>,
+    pod: &Pod,
+    t: &ServiceAccountTokenProjection,
+    cache: &mut TokenCache,
+) -> Result<Vec<u8>, KubeletError> {
+    let sa = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_string());
+    let audience = t
+        .audience
+        .clone()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| API_AUDIENCE.to_string());
+    let seconds = t.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS);
+    let key = (sa.clone(), audience.clone(), seconds);
+    let cached = cache.tokens.get(&key).cloned();
+    if let Some(c) = &cached
+        && !token_needs_refresh(c.fetched.elapsed(), c.lifetime)
+    {
+        return Ok(c.token.clone().into_bytes());
+    }
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience],
+            expiration_seconds: Some(seconds),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod_name.clone()),
+                uid: pod.metadata.uid.clone(),
+            }),
+        },
+        ..TokenRequest::default()
+    };
+    let api: Api<ServiceAccount> = Api::namespaced(src.client.clone(), src.namespace);
+    let fetched = Instant::now();
+    let issued = api
+        .create_token_request(&sa, &PostParams::default(), &req)
+        .await
+        .map_err(api_err(format!(
+            "requesting a token for serviceaccount {}/{sa} (pod {pod_name})",
+            src.namespace
+        )));
+    let issued = match issued {
+        Ok(tr) => tr,
+        Err(e) => {
+            if let Some(c) = cached
+                && c.fetched.elapsed() < c.lifetime
+            {
+                tracing::warn!(pod = %pod_name, serviceaccount = %sa, error = %e, "token refresh failed; keeping the current token");
+                return Ok(c.token.into_bytes());
+            }
+            return Err(e);
+        }
+    };
+    let status = issued.status.ok_or_else(|| {
+        KubeletError::Invalid(format!(
+            "the TokenRequest for serviceaccount {}/{sa} returned no token",
+            src.namespace
+        ))
+    })?;
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    let left = (status.expiration_timestamp.0.as_second() - now).max(0);
+    let lifetime = Duration::from_secs(u64::try_from(left).unwrap_or(0));
+    tracing::debug!(pod = %pod_name, serviceaccount = %sa, lifetime_s = lifetime.as_secs(), "service-account token issued");
+    cache.tokens.insert(
+        key,
+        CachedToken {
+            token: status.token.clone(),
+            fetched,
+            lifetime,
+        },
+    );
+    Ok(status.token.into_bytes())
+}
+
 /// The files of an atomic-writer volume (configMap, secret, downwardAPI, projected), or None
-/// for other volume kinds.
+/// for other volume kinds. Service-account tokens come from (and go to) `tokens`.
 pub async fn payload(
     src: &Sources<'_>,
     pod: &Pod,
     vol: &Volume,
     node_name: &str,
     host_ip: &str,
+    tokens: &mut TokenCache,
 ) -> Result<Option<Vec<Payload>>, KubeletError> {
     if let Some(c) = &vol.config_map {
         let optional = c.optional.unwrap_or(false);
@@ -377,10 +501,9 @@ pub async fn payload(
                 out.extend(downward_files(pod, &items, mode, node_name, host_ip));
             }
             if let Some(t) = &s.service_account_token {
-                // The API server has no TokenRequest yet: the file exists, empty.
                 out.push(Payload {
                     path: t.path.clone(),
-                    data: Vec::new(),
+                    data: service_account_token(src, pod, t, tokens).await?,
                     mode: mode as u32,
                 });
             }
@@ -542,6 +665,20 @@ mod tests {
             data: data.as_bytes().to_vec(),
             mode: 0o644,
         }
+    }
+
+    #[test]
+    fn tokens_are_refreshed_at_80_percent_or_after_a_day() {
+        let hour = Duration::from_secs(3600);
+        assert!(!token_needs_refresh(Duration::ZERO, hour));
+        assert!(!token_needs_refresh(Duration::from_secs(2879), hour));
+        assert!(token_needs_refresh(Duration::from_secs(2880), hour));
+        assert!(token_needs_refresh(Duration::from_secs(4000), hour));
+        let year = Duration::from_secs(365 * 24 * 3600);
+        assert!(!token_needs_refresh(Duration::from_secs(23 * 3600), year));
+        assert!(token_needs_refresh(Duration::from_secs(24 * 3600), year));
+        // A token that came back already expired is requested again at once.
+        assert!(token_needs_refresh(Duration::ZERO, Duration::ZERO));
     }
 
     #[test]

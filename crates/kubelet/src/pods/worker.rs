@@ -194,6 +194,8 @@ pub struct Worker {
     ctrs: Vec<Ctr>,
     volumes: BTreeMap<String, HostVolume>,
     volumes_refreshed: Option<Instant>,
+    /// Service-account tokens of the pod's projected volumes.
+    tokens: volumes::TokenCache,
     start_time: Option<Time>,
     last_status: Option<serde_json::Value>,
     transitions: BTreeMap<String, (String, Time)>,
@@ -229,6 +231,7 @@ impl Worker {
             ctrs,
             volumes: BTreeMap::new(),
             volumes_refreshed: None,
+            tokens: volumes::TokenCache::default(),
             start_time: pod.status.as_ref().and_then(|s| s.start_time.clone()),
             last_status: pod
                 .status
@@ -403,8 +406,15 @@ impl Worker {
             {
                 continue;
             }
-            if let Some(files) =
-                volumes::payload(&src, pod, v, &self.sh.cfg.node_name, &host_ip).await?
+            if let Some(files) = volumes::payload(
+                &src,
+                pod,
+                v,
+                &self.sh.cfg.node_name,
+                &host_ip,
+                &mut self.tokens,
+            )
+            .await?
             {
                 if volumes::atomic_write(&dir, &files)? {
                     tracing::debug!(pod = %self.name, volume = %v.name, "volume contents updated");
