@@ -31,6 +31,11 @@ pub struct NodeArgs {
     /// How pod traffic reaches other nodes: host-gw (one L2), vxlan (UDP 8472) or none.
     #[arg(long, default_value = "vxlan", value_parser = ["host-gw", "vxlan", "none"])]
     network_backend: String,
+    /// An external CRI runtime to run pods with instead of the built-in one, e.g.
+    /// unix:///run/containerd/containerd.sock (its CNI conf_dir must be
+    /// <data-dir>/agent/etc/cni/net.d, where skiff writes the pod network's conflist).
+    #[arg(long)]
+    container_runtime_endpoint: Option<String>,
 }
 
 impl NodeArgs {
@@ -49,6 +54,7 @@ impl NodeArgs {
             kubelet_port: self.kubelet_port,
             resolv_conf: self.resolv_conf,
             network_backend,
+            container_runtime_endpoint: self.container_runtime_endpoint,
         })
     }
 }

@@ -472,6 +472,7 @@ pub async fn run(
         cluster_cidr: Some(stored.join.cluster_cidr.clone()),
         resolv_conf: cfg.node.resolv_conf.clone(),
         network_backend: cfg.node.network_backend,
+        container_runtime_endpoint: cfg.node.container_runtime_endpoint.clone(),
     };
     let tls = NodeTls {
         serving_cert_pem: c.serving_cert_pem.clone(),

@@ -64,6 +64,9 @@ pub struct NodeFlags {
     pub resolv_conf: Option<PathBuf>,
     /// How pod traffic reaches other nodes (default vxlan).
     pub network_backend: crate::overlay::NetworkBackend,
+    /// An external CRI runtime (`unix:///run/containerd/containerd.sock`) instead of the
+    /// built-in one.
+    pub container_runtime_endpoint: Option<String>,
 }
 
 impl Default for NodeFlags {
@@ -77,6 +80,7 @@ impl Default for NodeFlags {
             kubelet_port: 10250,
             resolv_conf: None,
             network_backend: crate::overlay::NetworkBackend::default(),
+            container_runtime_endpoint: None,
         }
     }
 }
@@ -439,6 +443,7 @@ async fn start_node(
         cluster_cidr: Some(cfg.cluster_cidr.clone()),
         resolv_conf: cfg.node.resolv_conf.clone(),
         network_backend: cfg.node.network_backend,
+        container_runtime_endpoint: cfg.node.container_runtime_endpoint.clone(),
     };
     let tls = crate::node::NodeTls {
         serving_cert_pem: pki.kubelet_serving_cert_pem.clone(),
