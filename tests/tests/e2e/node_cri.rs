@@ -345,6 +345,7 @@ fn host_has_skiff_table() -> bool {
 #[test]
 fn node_cri_server_runs_pods_through_containerd() {
     require_root();
+    let t0 = Instant::now();
     let data = tempfile::Builder::new()
         .prefix("skiff-cri-e2e-")
         .tempdir_in("/tmp")
@@ -353,12 +354,14 @@ fn node_cri_server_runs_pods_through_containerd() {
     let conf_dir = data_path.join("agent/etc/cni/net.d");
     // Declared first, dropped last: the server's killall still reaches containerd.
     let ctd = Containerd::start(&conf_dir);
+    eprintln!("node_cri: containerd up after {:?}", t0.elapsed());
     let ctd_dir = ctd.dir.path().to_path_buf();
     let ctd_sock = ctd.socket().display().to_string();
     let endpoint = ctd.endpoint();
     let server = Server::start_with_agent(data, &["--container-runtime-endpoint", &endpoint]);
     let k33 = Kubectl::new(Some("1.33"), &server);
     let k27 = Kubectl::new(Some("1.27"), &server);
+    eprintln!("node_cri: containerd and skiff up after {:?}", t0.elapsed());
 
     // The node reports containerd as its runtime.
     wait_until("node skiff-e2e Ready", 60, || {
@@ -415,11 +418,15 @@ fn node_cri_server_runs_pods_through_containerd() {
         sandboxes.lines().count() >= 2,
         "containerd runs the sandbox and the container: {sandboxes:?}"
     );
-    // The pod is reachable from the host over cni0.
-    let resp = sh(Command::new("busybox")
-        .args(["wget", "-q", "-O", "-", "-T", "10"])
-        .arg(format!("http://{ip}:8080/index.html")));
-    assert_eq!(resp, "hello-cri\n");
+    // The pod is reachable from the host over cni0 (once its httpd started).
+    wait_until("the pod's httpd answers over cni0", 30, || {
+        Command::new("busybox")
+            .args(["wget", "-q", "-O", "-", "-T", "5"])
+            .arg(format!("http://{ip}:8080/index.html"))
+            .output()
+            .is_ok_and(|o| o.stdout == b"hello-cri\n")
+    });
+    eprintln!("node_cri: pod running after {:?}", t0.elapsed());
 
     for (v, k) in [("1.27", &k27), ("1.33", &k33)] {
         // logs from containerd's CRI log file.
@@ -464,6 +471,8 @@ fn node_cri_server_runs_pods_through_containerd() {
             "kubectl {v} port-forward response: {resp:?}"
         );
     }
+
+    eprintln!("node_cri: streams checked after {:?}", t0.elapsed());
 
     // Deleting the pod removes its containerd sandbox.
     k33.ok(&["delete", "pod", "crib", "--timeout=60s"]);
