@@ -419,13 +419,31 @@ fn node_cri_server_runs_pods_through_containerd() {
         "containerd runs the sandbox and the container: {sandboxes:?}"
     );
     // The pod is reachable from the host over cni0 (once its httpd started).
-    wait_until("the pod's httpd answers over cni0", 30, || {
-        Command::new("busybox")
-            .args(["wget", "-q", "-O", "-", "-T", "5"])
-            .arg(format!("http://{ip}:8080/index.html"))
+    let url = format!("http://{ip}:8080/index.html");
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = Command::new("curl")
+            .args(["-sS", "--noproxy", "*", "-m", "5"])
+            .arg(&url)
             .output()
-            .is_ok_and(|o| o.stdout == b"hello-cri\n")
-    });
+            .unwrap();
+        if o.stdout == b"hello-cri\n" {
+            break;
+        }
+        last = format!(
+            "{}: {:?} {:?}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the pod's httpd at {url} does not answer over cni0: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = last;
     eprintln!("node_cri: pod running after {:?}", t0.elapsed());
 
     for (v, k) in [("1.27", &k27), ("1.33", &k33)] {
