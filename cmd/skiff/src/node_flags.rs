@@ -36,6 +36,11 @@ pub struct NodeArgs {
     /// minimum-image-ttl-duration, housekeeping-interval.
     #[arg(long = "kubelet-arg")]
     kubelet_arg: Vec<String>,
+    /// An external CRI runtime to run pods with instead of the built-in one, e.g.
+    /// unix:///run/containerd/containerd.sock (its CNI conf_dir must be
+    /// <data-dir>/agent/etc/cni/net.d, where skiff writes the pod network's conflist).
+    #[arg(long)]
+    container_runtime_endpoint: Option<String>,
 }
 
 impl NodeArgs {
@@ -55,6 +60,7 @@ impl NodeArgs {
             resolv_conf: self.resolv_conf,
             network_backend,
             kubelet_args: self.kubelet_arg,
+            container_runtime_endpoint: self.container_runtime_endpoint,
         })
     }
 }

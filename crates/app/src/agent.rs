@@ -473,6 +473,7 @@ pub async fn run(
         resolv_conf: cfg.node.resolv_conf.clone(),
         network_backend: cfg.node.network_backend,
         kubelet_args: cfg.node.kubelet_args.clone(),
+        container_runtime_endpoint: cfg.node.container_runtime_endpoint.clone(),
     };
     let tls = NodeTls {
         serving_cert_pem: c.serving_cert_pem.clone(),

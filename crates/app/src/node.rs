@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use skiff_kubelet::KubeletConfig;
-use skiff_runtime::{BuiltinRuntime, ImageStore, Runtime, RuntimeConfig};
+use skiff_runtime::{BuiltinRuntime, CriRuntime, ImageStore, Runtime, RuntimeConfig};
 
 use crate::node_net::ServicesSetup;
 pub use crate::overlay::NetworkBackend;
@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub network_backend: NetworkBackend,
     /// `--kubelet-arg name=value` (eviction and image GC settings).
     pub kubelet_args: Vec<String>,
+    /// An external CRI runtime (`unix:///…sock`) instead of the built-in one.
+    pub container_runtime_endpoint: Option<String>,
 }
 
 /// The kubelet server's TLS material.
@@ -116,12 +118,56 @@ pub fn open_runtime(data_dir: &Path) -> Result<BuiltinRuntime, AppError> {
     }
 }
 
+/// Where skiff writes the pod network's CNI config for an external CRI runtime (its CNI
+/// `conf_dir`), as k3s writes flannel's for its containerd.
+pub fn cni_conf_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("agent").join("etc").join("cni").join("net.d")
+}
+
+/// The file recording the CRI endpoint a data dir's node half last used (for `skiff killall`).
+fn endpoint_file(data_dir: &Path) -> PathBuf {
+    data_dir
+        .join("agent")
+        .join("etc")
+        .join("container-runtime-endpoint")
+}
+
+/// Connects to an external CRI runtime; an unreachable one is a configuration error (exit 2).
+pub async fn connect_cri(data_dir: &Path, endpoint: &str) -> Result<CriRuntime, AppError> {
+    let rt = CriRuntime::connect(endpoint).await.map_err(|e| {
+        AppError::Config(format!(
+            "--container-runtime-endpoint {endpoint}: {e}; start the runtime (e.g. `systemctl start containerd`) or give the right socket, or omit the flag to use skiff's built-in runtime"
+        ))
+    })?;
+    let f = endpoint_file(data_dir);
+    if let Some(dir) = f.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| AppError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+    }
+    std::fs::write(&f, endpoint).map_err(|source| AppError::Io {
+        what: format!("writing {}", f.display()),
+        source,
+    })?;
+    tracing::info!(
+        endpoint,
+        runtime = %rt.name(),
+        version = %rt.version().unwrap_or_default(),
+        cni_conf_dir = %cni_conf_dir(data_dir).display(),
+        "using an external CRI runtime: pods' networks come from its CNI config, which skiff writes into cni_conf_dir"
+    );
+    Ok(rt)
+}
+
 fn kubelet_config(data_dir: &Path, cfg: &NodeConfig) -> Result<KubeletConfig, AppError> {
     let mut k = KubeletConfig::new(
         cfg.node_name.clone(),
         data_dir.join("agent").join("kubelet"),
     );
     k.net_state_dir = data_dir.join("agent").join("net");
+    k.cni_conf_dir = cni_conf_dir(data_dir);
+    k.cni_ipam_dir = data_dir.join("agent").join("cni").join("networks");
     k.node_ip = match cfg.node_ip {
         Some(IpAddr::V4(a)) => Some(a),
         Some(IpAddr::V6(a)) => {
@@ -184,7 +230,10 @@ pub async fn start(
     let kcfg = kubelet_config(data_dir, cfg)?;
     let services = ServicesSetup::new(cfg, &kcfg)?;
     let client = clients.kubelet.clone();
-    let runtime: Arc<dyn Runtime> = Arc::new(open_runtime(data_dir)?);
+    let runtime: Arc<dyn Runtime> = match &cfg.container_runtime_endpoint {
+        Some(ep) => Arc::new(connect_cri(data_dir, ep).await?),
+        None => Arc::new(open_runtime(data_dir)?),
+    };
     let server_cfg = skiff_kubelet::server::ServerConfig {
         listen: SocketAddr::new(kubelet_bind_address(cfg), cfg.kubelet_port),
         serving_cert_pem: tls.serving_cert_pem.clone(),
@@ -230,9 +279,35 @@ pub async fn start(
 /// Removes what the node half of `data_dir` (a server's or an agent's) created on this host:
 /// every container and sandbox (and their shims), the pod cgroup subtree, the bridge and pod
 /// veths, the overlay's routes and VXLAN device, skiff's nftables table, and mounts under the
-/// data dir. Returns what it did, one line per item.
+/// data dir. With an external CRI runtime (recorded at start), only the sandboxes skiff made
+/// in it are removed. Returns what it did, one line per item.
 pub async fn killall(data_dir: &Path, bridge: &str) -> Result<Vec<String>, AppError> {
     let mut done = crate::overlay::cleanup(&data_dir.join("agent").join("net"));
+    // Pods run by an external CRI runtime: only the sandboxes skiff created (CRI metadata
+    // namespace `skiff`) are stopped and removed; the runtime itself and anything else it runs
+    // are left alone. The runtime tears their networks down (CNI DEL).
+    if let Ok(ep) = std::fs::read_to_string(endpoint_file(data_dir)) {
+        let ep = ep.trim();
+        match CriRuntime::connect(ep).await {
+            Ok(cri) => {
+                for sb in cri.list_sandboxes().await.unwrap_or_default() {
+                    let _ = cri.stop_sandbox(&sb.id, std::time::Duration::ZERO).await;
+                    for c in cri.list_containers().await.unwrap_or_default() {
+                        if c.sandbox_id.as_deref() == Some(sb.id.as_str()) {
+                            let _ = cri.remove_container(&c.id).await;
+                        }
+                    }
+                    match cri.remove_sandbox(&sb.id).await {
+                        Ok(()) => done.push(format!("removed {} sandbox {}", cri.name(), sb.id)),
+                        Err(e) => done.push(format!("{} sandbox {}: {e}", cri.name(), sb.id)),
+                    }
+                }
+            }
+            Err(e) => done.push(format!(
+                "container runtime {ep} not reachable, its skiff pods were left: {e}"
+            )),
+        }
+    }
     let rt_dir = data_dir.join("agent").join("runtime");
     if rt_dir.exists() {
         let rt = open_runtime(data_dir)?;

@@ -66,6 +66,9 @@ pub struct NodeFlags {
     pub network_backend: crate::overlay::NetworkBackend,
     /// `--kubelet-arg name=value` (eviction and image GC settings).
     pub kubelet_args: Vec<String>,
+    /// An external CRI runtime (`unix:///run/containerd/containerd.sock`) instead of the
+    /// built-in one.
+    pub container_runtime_endpoint: Option<String>,
 }
 
 impl Default for NodeFlags {
@@ -80,6 +83,7 @@ impl Default for NodeFlags {
             resolv_conf: None,
             network_backend: crate::overlay::NetworkBackend::default(),
             kubelet_args: Vec::new(),
+            container_runtime_endpoint: None,
         }
     }
 }
@@ -447,6 +451,7 @@ async fn start_node(
         resolv_conf: cfg.node.resolv_conf.clone(),
         network_backend: cfg.node.network_backend,
         kubelet_args: cfg.node.kubelet_args.clone(),
+        container_runtime_endpoint: cfg.node.container_runtime_endpoint.clone(),
     };
     let tls = crate::node::NodeTls {
         serving_cert_pem: pki.kubelet_serving_cert_pem.clone(),

@@ -26,6 +26,11 @@ pub struct KubeletConfig {
     pub net_state_dir: PathBuf,
     /// The pod bridge name (`cni0`).
     pub bridge_name: String,
+    /// Where the CNI network config for a runtime that calls CNI itself (an external CRI
+    /// runtime) is written (`<data-dir>/agent/etc/cni/net.d`).
+    pub cni_conf_dir: PathBuf,
+    /// host-local IPAM state of that network (`<data-dir>/agent/cni/networks`).
+    pub cni_ipam_dir: PathBuf,
     /// MTU of the bridge and pod interfaces (None: that of the default-route interface). With a
     /// VXLAN overlay it is the underlay's MTU minus the encapsulation overhead.
     pub pod_mtu: Option<u32>,
@@ -67,6 +72,8 @@ impl KubeletConfig {
             taints: Vec::new(),
             control_plane: false,
             net_state_dir: root_dir.join("net"),
+            cni_conf_dir: root_dir.join("cni").join("net.d"),
+            cni_ipam_dir: root_dir.join("cni").join("networks"),
             root_dir,
             bridge_name: skiff_net::DEFAULT_BRIDGE.to_string(),
             pod_mtu: None,

@@ -642,6 +642,11 @@ impl Manager {
     /// Deletes unused images: all of them under disk pressure, else while usage is above the
     /// high threshold, down to the low one. Least recently used first.
     async fn image_gc(&mut self, all: bool) {
+        if self.runtime.manages_pod_network() {
+            // An external CRI runtime's images are not ours to judge: its sandbox (pause) image
+            // is pinned through CRI's `pinned` flag, which skiff does not read yet.
+            return;
+        }
         let image_fs = self.image_fs();
         let Some(o) = fs(&image_fs, false) else {
             return;

@@ -2,6 +2,7 @@
 //! this node through the runtime, reports their status, and serves the kubelet HTTPS API (logs,
 //! exec, attach, port-forward, stats) that the API server proxies to.
 
+pub mod cni;
 pub mod config;
 pub mod eviction;
 pub mod node;
@@ -143,6 +144,23 @@ pub async fn run(
                 evictions.clone(),
             );
             let eviction_task = tokio::spawn(manager.run(stop_rx.clone()));
+            if runtime.manages_pod_network() {
+                let conf = cni::write(
+                    &cfg.cni_conf_dir,
+                    &cni::CniNetwork {
+                        bridge: &cfg.bridge_name,
+                        pod_cidr: cidr,
+                        gateway: net.gateway(),
+                        mtu: net.mtu(),
+                        ipam_dir: &cfg.cni_ipam_dir,
+                    },
+                )?;
+                tracing::info!(
+                    conflist = %conf.display(),
+                    runtime = %runtime.name(),
+                    "wrote the CNI network config for the container runtime: point its CNI conf_dir at this directory and bin_dir at the CNI plugins (/usr/lib/cni)"
+                );
+            }
             let sh = Arc::new(pods::Shared {
                 client,
                 cfg,

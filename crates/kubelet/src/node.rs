@@ -249,7 +249,11 @@ pub async fn node_status(
             boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
-            container_runtime_version: format!("{}://{}", runtime.name(), cfg.version),
+            container_runtime_version: format!(
+                "{}://{}",
+                runtime.name(),
+                runtime.version().unwrap_or_else(|| cfg.version.clone())
+            ),
             kernel_version: uname_field(|u| u.release()),
             kube_proxy_version: format!("v1.35.0-skiff.{}", cfg.version),
             kubelet_version: format!("v1.35.0-skiff.{}", cfg.version),

@@ -49,6 +49,50 @@ pub struct SandboxStatus {
     pub netns: Option<PathBuf>,
     /// creation time (ns since epoch)
     pub created_at: i64,
+    /// the pod IP the runtime's own network set-up gave the sandbox (CRI runtimes, which call
+    /// CNI themselves); None when the caller sets up the pod network
+    pub ip: Option<std::net::IpAddr>,
+}
+
+/// A streaming request the runtime may serve from its own streaming server (CRI `Exec`,
+/// `Attach`, `PortForward` answer with a URL the kubelet proxies the client's upgrade to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamRequest {
+    /// `kubectl exec`
+    Exec {
+        /// container id
+        id: String,
+        /// the command
+        argv: Vec<String>,
+        /// allocate a TTY
+        tty: bool,
+        /// stream stdin
+        stdin: bool,
+        /// stream stdout
+        stdout: bool,
+        /// stream stderr
+        stderr: bool,
+    },
+    /// `kubectl attach`
+    Attach {
+        /// container id
+        id: String,
+        /// the container has a TTY
+        tty: bool,
+        /// stream stdin
+        stdin: bool,
+        /// stream stdout
+        stdout: bool,
+        /// stream stderr
+        stderr: bool,
+    },
+    /// `kubectl port-forward`
+    PortForward {
+        /// sandbox id
+        sandbox_id: String,
+        /// the ports asked for (may be empty: SPDY clients name them per stream)
+        ports: Vec<u16>,
+    },
 }
 
 /// One image known to a runtime.
@@ -96,6 +140,27 @@ pub type ProgressFn<'a> = &'a (dyn Fn(PullProgress) + Send + Sync);
 pub trait Runtime: Send + Sync {
     /// A short name for logs and `skiff node` output (`skiff`, `containerd`, ...).
     fn name(&self) -> String;
+
+    /// The runtime's own version (CRI `Version`), for `nodeInfo.containerRuntimeVersion`;
+    /// None: the runtime is skiff's own and has skiff's version.
+    fn version(&self) -> Option<String> {
+        None
+    }
+
+    /// True when the runtime sets up pod networks itself (a CRI runtime calls CNI in
+    /// RunPodSandbox): the kubelet then attaches no interface of its own and takes the pod IP
+    /// from [`SandboxStatus::ip`].
+    fn manages_pod_network(&self) -> bool {
+        false
+    }
+
+    /// The URL of the runtime's own streaming server for this request, if it has one: the
+    /// kubelet then forwards the client's upgrade request there instead of calling
+    /// [`Runtime::exec`], [`Runtime::attach`] or [`Runtime::port_forward`].
+    async fn streaming_url(&self, req: StreamRequest) -> Result<Option<String>> {
+        let _ = req;
+        Ok(None)
+    }
 
     // ------------------------------------------------------------ sandboxes
     /// Creates and starts a pod sandbox; returns its id.
@@ -204,6 +269,7 @@ fn sandbox_status(sb: crate::sandbox::Sandbox) -> SandboxStatus {
         state: SandboxState::Ready,
         netns: sb.netns,
         created_at: sb.created_at,
+        ip: None,
     }
 }
 

@@ -6,7 +6,12 @@
 //! offer is refused with a clear error: importing tarballs (use the runtime's own tool, e.g.
 //! `ctr -n k8s.io images import`), standalone containers, and tmpfs mounts. Streaming exec,
 //! attach and port-forward go through the runtime's own streaming server (CRI returns a URL
-//! for them) and are not wired yet: they return [`Error::InvalidState`] naming the limitation.
+//! for them): [`Runtime::streaming_url`] returns that URL and the kubelet forwards the client's
+//! upgrade request to it, so the in-process `exec`/`attach`/`port_forward` methods refuse.
+//!
+//! The runtime calls CNI itself at RunPodSandbox ([`Runtime::manages_pod_network`]); the pod IP
+//! comes from PodSandboxStatus. Only sandboxes whose CRI metadata namespace is [`CRI_NAMESPACE`]
+//! (and their containers) are listed, so skiff never touches other users of the runtime.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +27,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::api::{
     AttachSession, DuplexStream, ExecSession, ImageInfo, ProgressFn, Runtime, SandboxState,
-    SandboxStatus,
+    SandboxStatus, StreamRequest,
 };
 use crate::cgroup::CgroupStats;
 use crate::error::{Error, Result};
@@ -31,13 +36,15 @@ use crate::runtime::{ContainerState, ContainerStatus, ExecOutput};
 use crate::sandbox::SandboxConfig;
 use crate::spec::{ContainerConfig, MountKind};
 
-/// Namespace recorded in the CRI metadata of sandboxes created through this client.
-const CRI_NAMESPACE: &str = "skiff";
+/// Namespace recorded in the CRI metadata of sandboxes created through this client; the
+/// sandboxes of anything else using the same runtime are invisible to skiff.
+pub const CRI_NAMESPACE: &str = "skiff";
 
 /// A container runtime reached over CRI.
 pub struct CriRuntime {
     endpoint: String,
     runtime_name: String,
+    runtime_version: String,
     rt: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
     /// Sandbox configs by id: CRI wants the sandbox's config again on CreateContainer.
@@ -61,6 +68,13 @@ fn rpc_err(endpoint: &str, what: &str) -> impl FnOnce(tonic::Status) -> Error {
         }
         _ => Error::InvalidState(format!("{op}: {}: {}", status.code(), status.message())),
     }
+}
+
+/// In-process streaming is not how CRI streams: the runtime's streaming server does.
+fn via_streaming_server(what: &str) -> Error {
+    Error::InvalidState(format!(
+        "{what} through CRI goes through the runtime's streaming server: ask streaming_url for its URL"
+    ))
 }
 
 fn unsupported(what: &str) -> Error {
@@ -121,6 +135,7 @@ impl CriRuntime {
         Ok(CriRuntime {
             endpoint: endpoint.to_string(),
             runtime_name: version.runtime_name,
+            runtime_version: version.runtime_version,
             rt,
             images: ImageServiceClient::new(channel),
             sandboxes: Mutex::new(HashMap::new()),
@@ -232,6 +247,10 @@ fn sandbox_status(st: cri::PodSandboxStatus, info: &HashMap<String, String>) -> 
             netns_from_info(info)
         },
         created_at: st.created_at,
+        ip: st
+            .network
+            .as_ref()
+            .and_then(|n| n.ip.parse::<std::net::IpAddr>().ok()),
     }
 }
 
@@ -247,6 +266,13 @@ fn netns_from_info(info: &HashMap<String, String>) -> Option<PathBuf> {
         .as_str()
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
+}
+
+/// Whether a sandbox was created through this client (its CRI metadata namespace).
+fn is_ours(s: &cri::PodSandbox) -> bool {
+    s.metadata
+        .as_ref()
+        .is_some_and(|m| m.namespace == CRI_NAMESPACE)
 }
 
 fn container_state(s: i32) -> ContainerState {
@@ -443,6 +469,80 @@ impl Runtime for CriRuntime {
         self.runtime_name.clone()
     }
 
+    fn version(&self) -> Option<String> {
+        Some(self.runtime_version.clone())
+    }
+
+    fn manages_pod_network(&self) -> bool {
+        true
+    }
+
+    async fn streaming_url(&self, req: StreamRequest) -> Result<Option<String>> {
+        let url = match req {
+            StreamRequest::Exec {
+                id,
+                argv,
+                tty,
+                stdin,
+                stdout,
+                stderr,
+            } => {
+                self.rt()
+                    .exec(cri::ExecRequest {
+                        container_id: id,
+                        cmd: argv,
+                        tty,
+                        stdin,
+                        stdout,
+                        // With a TTY stderr is merged into stdout; CRI refuses both set.
+                        stderr: stderr && !tty,
+                    })
+                    .await
+                    .map_err(rpc_err(&self.endpoint, "Exec"))?
+                    .into_inner()
+                    .url
+            }
+            StreamRequest::Attach {
+                id,
+                tty,
+                stdin,
+                stdout,
+                stderr,
+            } => {
+                self.rt()
+                    .attach(cri::AttachRequest {
+                        container_id: id,
+                        stdin,
+                        tty,
+                        stdout,
+                        stderr: stderr && !tty,
+                    })
+                    .await
+                    .map_err(rpc_err(&self.endpoint, "Attach"))?
+                    .into_inner()
+                    .url
+            }
+            StreamRequest::PortForward { sandbox_id, ports } => {
+                self.rt()
+                    .port_forward(cri::PortForwardRequest {
+                        pod_sandbox_id: sandbox_id,
+                        port: ports.into_iter().map(i32::from).collect(),
+                    })
+                    .await
+                    .map_err(rpc_err(&self.endpoint, "PortForward"))?
+                    .into_inner()
+                    .url
+            }
+        };
+        if url.is_empty() {
+            return Err(Error::InvalidState(format!(
+                "the CRI runtime at {} returned no streaming URL",
+                self.endpoint
+            )));
+        }
+        Ok(Some(url))
+    }
+
     async fn run_sandbox(&self, cfg: SandboxConfig) -> Result<String> {
         let config = self.sandbox_config(&cfg);
         let id = self
@@ -516,7 +616,7 @@ impl Runtime for CriRuntime {
             .into_inner()
             .items;
         let mut out = Vec::with_capacity(items.len());
-        for s in items {
+        for s in items.into_iter().filter(is_ours) {
             // The list lacks the netns path; ask for each sandbox's verbose status.
             match self.sandbox_status(&s.id).await {
                 Ok(st) => out.push(st),
@@ -607,6 +707,17 @@ impl Runtime for CriRuntime {
     }
 
     async fn list_containers(&self) -> Result<Vec<ContainerStatus>> {
+        let ours: std::collections::HashSet<String> = self
+            .rt()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ListPodSandbox"))?
+            .into_inner()
+            .items
+            .into_iter()
+            .filter(is_ours)
+            .map(|s| s.id)
+            .collect();
         let items = self
             .rt()
             .list_containers(cri::ListContainersRequest { filter: None })
@@ -615,7 +726,10 @@ impl Runtime for CriRuntime {
             .into_inner()
             .containers;
         let mut out = Vec::with_capacity(items.len());
-        for c in items {
+        for c in items
+            .into_iter()
+            .filter(|c| ours.contains(&c.pod_sandbox_id))
+        {
             match self.container_status(&c.id).await {
                 Ok(mut st) => {
                     st.sandbox_id = Some(c.pod_sandbox_id);
@@ -685,19 +799,19 @@ impl Runtime for CriRuntime {
         _argv: Vec<String>,
         _tty: bool,
     ) -> Result<Box<dyn ExecSession>> {
-        Err(unsupported("streaming exec"))
+        Err(via_streaming_server("streaming exec"))
     }
 
     async fn attach(&self, _id: &str) -> Result<Box<dyn AttachSession>> {
-        Err(unsupported("attach"))
+        Err(via_streaming_server("attach"))
     }
 
     async fn resize(&self, _id: &str, _rows: u16, _cols: u16) -> Result<()> {
-        Err(unsupported("terminal resize"))
+        Err(via_streaming_server("terminal resize"))
     }
 
     async fn port_forward(&self, _sandbox_id: &str, _port: u16) -> Result<Box<dyn DuplexStream>> {
-        Err(unsupported("port-forward"))
+        Err(via_streaming_server("port-forward"))
     }
 
     async fn pull_image(

@@ -17,6 +17,7 @@ pub mod unpack;
 
 pub use api::{
     AttachSession, DuplexStream, ExecSession, ImageInfo, Runtime, SandboxState, SandboxStatus,
+    StreamRequest,
 };
 pub use cri::CriRuntime;
 pub use error::{Error, Result};

@@ -273,7 +273,12 @@ impl Worker {
             return Ok(());
         };
         self.sandbox_id = Some(sb.id.clone());
-        if let Some(net) = &self.sh.network {
+        if rt.manages_pod_network() {
+            self.pod_ip = match sb.ip {
+                Some(IpAddr::V4(ip)) => Some(ip),
+                _ => None,
+            };
+        } else if let Some(net) = &self.sh.network {
             self.pod_ip = net.ipam().get(&sb.id)?;
         }
         let mut by_slot: BTreeMap<(bool, usize), Vec<(u32, ContainerStatus)>> = BTreeMap::new();
@@ -346,6 +351,22 @@ impl Worker {
         };
         if host_network {
             self.pod_ip = Some(self.sh.node_ip);
+        } else if self.pod_ip.is_none() && self.sh.runtime.manages_pod_network() {
+            // The runtime (containerd's CRI) called CNI itself at RunPodSandbox.
+            let st = self
+                .sh
+                .runtime
+                .sandbox_status(&sb)
+                .await
+                .map_err(rt_err("reading sandbox"))?;
+            match st.ip {
+                Some(IpAddr::V4(ip)) => self.pod_ip = Some(ip),
+                other => {
+                    return Err(KubeletError::Invalid(format!(
+                        "the container runtime gave sandbox {sb} no IPv4 pod address ({other:?}); check its CNI configuration"
+                    )));
+                }
+            }
         } else if self.pod_ip.is_none() {
             let net = self.sh.network.clone().ok_or_else(|| {
                 KubeletError::Invalid("the pod network is not configured yet".into())
@@ -1761,7 +1782,8 @@ pub async fn remove_sandbox(sh: &Shared, sb: &str) {
     if let Err(e) = rt.stop_sandbox(sb, Duration::ZERO).await {
         tracing::debug!(sandbox = %sb, error = %e, "stopping sandbox");
     }
-    if let Some(net) = sh.network.clone() {
+    // A runtime with its own pod network tore it down in StopPodSandbox.
+    if let Some(net) = sh.network.clone().filter(|_| !rt.manages_pod_network()) {
         let netns = rt.sandbox_status(sb).await.ok().and_then(|s| s.netns);
         let sb2 = sb.to_string();
         let _ = tokio::task::spawn_blocking(move || {

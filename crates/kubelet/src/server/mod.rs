@@ -11,6 +11,7 @@ pub mod remotecommand;
 pub mod routes;
 pub mod spdy;
 pub mod stats;
+pub mod stream_proxy;
 mod tls;
 pub mod upgrade;
 

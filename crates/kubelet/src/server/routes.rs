@@ -11,14 +11,16 @@ use axum::routing::{any, get};
 use bytes::Bytes;
 use http::{StatusCode, header};
 use serde_json::json;
-use skiff_runtime::Runtime;
+use skiff_runtime::{Runtime, StreamRequest};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
 use super::stats::CpuSamples;
 use super::upgrade::{self, Kind};
-use super::{ContainerRef, PodLookup, PodRef, logs, portforward, remotecommand, stats};
+use super::{
+    ContainerRef, PodLookup, PodRef, logs, portforward, remotecommand, stats, stream_proxy,
+};
 
 /// Everything the handlers need.
 #[derive(Clone)]
@@ -300,6 +302,36 @@ async fn remote(
         Ok(id) => id,
         Err(r) => return *r,
     };
+    if upgrade::kind(req.headers()) != Kind::None {
+        let sreq = match action {
+            remotecommand::Action::Exec => StreamRequest::Exec {
+                id: id.clone(),
+                argv: opts.command.clone(),
+                tty: opts.tty,
+                stdin: opts.stdin,
+                stdout: opts.stdout,
+                stderr: opts.stderr,
+            },
+            remotecommand::Action::Attach => StreamRequest::Attach {
+                id: id.clone(),
+                tty: opts.tty,
+                stdin: opts.stdin,
+                stdout: opts.stdout,
+                stderr: opts.stderr,
+            },
+        };
+        match s.runtime.streaming_url(sreq).await {
+            Ok(Some(url)) => return stream_proxy::forward(&url, req).await,
+            Ok(None) => {}
+            Err(e) => {
+                return status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    format!("the container runtime refused the stream: {e}"),
+                );
+            }
+        }
+    }
     let Some(on) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return bad_request("exec and attach need a connection upgrade (WebSocket or SPDY/3.1)");
     };
@@ -396,6 +428,28 @@ async fn port_forward(
             "pod \"{pod}\" has no sandbox yet: wait until it is running"
         ));
     };
+    if upgrade::kind(req.headers()) != Kind::None {
+        let ports = q
+            .iter()
+            .filter(|(k, _)| k == "port")
+            .filter_map(|(_, v)| v.parse::<u16>().ok())
+            .collect();
+        let sreq = StreamRequest::PortForward {
+            sandbox_id: sandbox.clone(),
+            ports,
+        };
+        match s.runtime.streaming_url(sreq).await {
+            Ok(Some(url)) => return stream_proxy::forward(&url, req).await,
+            Ok(None) => {}
+            Err(e) => {
+                return status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    format!("the container runtime refused the port-forward: {e}"),
+                );
+            }
+        }
+    }
     let Some(on) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return bad_request("port-forward needs a connection upgrade (SPDY/3.1 or WebSocket)");
     };

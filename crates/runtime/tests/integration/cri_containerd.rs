@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{E, busybox_layer, layer_tar, require_root, sha};
-use skiff_runtime::{ContainerConfig, ContainerState, CriRuntime, Runtime, SandboxConfig};
+use skiff_runtime::{
+    ContainerConfig, ContainerState, CriRuntime, Runtime, SandboxConfig, StreamRequest,
+};
 
 const BUSYBOX: &str = "skiff.local/cri-busybox:test";
 const PAUSE: &str = "skiff.local/cri-pause:test";
@@ -344,6 +346,9 @@ async fn cri_client_runs_pods_through_real_containerd() {
         .clone()
         .expect("a pod-network sandbox reports its netns path");
     assert!(netns.exists(), "{}", netns.display());
+    // The pod IP containerd's CNI call gave it (the ptp network's 10.250.x.0/24).
+    let ip = st.ip.expect("containerd reports the sandbox's IP");
+    assert!(ip.to_string().starts_with("10.250."), "{ip}");
     assert!(
         cri.list_sandboxes()
             .await
@@ -410,6 +415,33 @@ async fn cri_client_runs_pods_through_real_containerd() {
     let listed = cri.list_containers().await.unwrap();
     let l = listed.iter().find(|c| c.id == sleeper).unwrap();
     assert_eq!(l.sandbox_id.as_deref(), Some(sid.as_str()));
+
+    // Streams go through containerd's streaming server: CRI hands out its URL.
+    assert!(cri.manages_pod_network());
+    let url = cri
+        .streaming_url(StreamRequest::Exec {
+            id: sleeper.clone(),
+            argv: vec!["hostname".into()],
+            tty: false,
+            stdin: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    assert!(url.contains("/exec/"), "{url}");
+    let url = cri
+        .streaming_url(StreamRequest::PortForward {
+            sandbox_id: sid.clone(),
+            ports: vec![80],
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(url.contains("/portforward/"), "{url}");
+    assert!(cri.version().is_some_and(|v| v.starts_with("1.")));
 
     // What CRI cannot do here is refused with a message naming it.
     let e = cri
