@@ -1,6 +1,9 @@
 //! `make bench-runtime`: create+start+wait+delete of `/bin/true` in a busybox image, skiff (shim
-//! included) against Debian's runc on the same OCI bundle; also layer unpack throughput.
-//! Needs root. Usage: bench-runtime SHIM [ITERATIONS]   (SHIM: "/path/to/skiff shim")
+//! included) against Debian's runc on the same OCI bundle; also layer unpack throughput, and the
+//! pull time of an image from Debian's docker-registry on 127.0.0.1 against `skopeo copy` of the
+//! same image from the same registry (the image archive: `BENCH_PULL_IMAGE`, default
+//! `build/images/nginx.tar`). Needs root.
+//! Usage: bench-runtime SHIM [ITERATIONS]   (SHIM: "/path/to/skiff shim")
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark program, not library code
 
 use std::io::Write;
@@ -235,5 +238,124 @@ fn main() {
     println!("{:<40} {:7.2}x", "skiff / runc", skiff_mean / runc_mean);
     nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH).unwrap();
     let _ = rt.remove_cgroup_parent();
+    bench_pull(dir.path(), &tokio);
     let _ = std::io::stdout().flush();
+}
+
+/// Kills the registry when the benchmark ends (also on panic).
+struct Registry(std::process::Child);
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Pull time from a local docker-registry: skiff's `pull` into a fresh store against `skopeo
+/// copy` into a fresh OCI directory, same image, same registry, 5 rounds each.
+fn bench_pull(dir: &Path, tokio: &tokio::runtime::Runtime) {
+    let archive =
+        std::env::var("BENCH_PULL_IMAGE").unwrap_or_else(|_| "build/images/nginx.tar".into());
+    let archive = Path::new(&archive);
+    if !archive.exists() || !Path::new("/usr/bin/docker-registry").exists() {
+        println!(
+            "pull: skipped ({} or /usr/bin/docker-registry missing; run `make images`, install docker-registry)",
+            archive.display()
+        );
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("registry-data").display()
+        ),
+    )
+    .unwrap();
+    let _reg = Registry(
+        Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "docker-registry did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reference = format!("127.0.0.1:{port}/bench/image:latest");
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--insecure-policy",
+        ])
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo push: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::metadata(archive).map(|m| m.len()).unwrap_or(0);
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for i in 0..6 {
+        let store = ImageStore::open(dir.join(format!("pull-{i}"))).unwrap();
+        let t = Instant::now();
+        tokio
+            .block_on(skiff_runtime::pull::pull(
+                &store,
+                &reference,
+                &skiff_runtime::pull::RegistriesConfig::default(),
+                &skiff_runtime::pull::Credentials::Anonymous,
+                &|_| {},
+            ))
+            .unwrap();
+        let took = t.elapsed();
+        let t = Instant::now();
+        let out = Command::new("skopeo")
+            .args([
+                "copy",
+                "--quiet",
+                "--src-tls-verify=false",
+                "--insecure-policy",
+            ])
+            .arg(format!("docker://{reference}"))
+            .arg(format!(
+                "oci:{}:x",
+                dir.join(format!("skopeo-{i}")).display()
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo pull: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if i > 0 {
+            ours.push(took);
+            theirs.push(t.elapsed());
+        }
+    }
+    println!(
+        "pull of {} ({:.1} MB archive) from docker-registry on 127.0.0.1:",
+        archive.display(),
+        bytes as f64 / 1e6
+    );
+    let a = report("skiff pull (fresh store)", &mut ours);
+    let b = report("skopeo copy (fresh oci dir)", &mut theirs);
+    println!("{:<40} {:7.2}x", "skiff / skopeo", a / b);
 }
