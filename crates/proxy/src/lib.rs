@@ -83,7 +83,9 @@ pub struct ProxyConfig {
     /// NodePorts also answer on 127.0.0.1 from the node itself, as kube-proxy's iptables mode
     /// does by default (`--iptables-localhost-nodeports`): sets `route_localnet=1` in the
     /// namespace and drops new connections to 127.0.0.0/8 that come from elsewhere
-    /// (CVE-2020-8558). Turned off by itself when the sysctl cannot be written.
+    /// (CVE-2020-8558). Turned off by itself when the sysctl cannot be written. Off by default:
+    /// with `route_localnet=1` on a host, VXLAN between lab nodes on that host stopped passing
+    /// traffic (cause not found yet), so `skiff server` does not turn it on.
     pub localhost_node_ports: bool,
 }
 
@@ -104,7 +106,7 @@ impl Default for ProxyConfig {
             write_lb_status: true,
             masquerade_mark: 0x4000,
             delete_table_on_shutdown: false,
-            localhost_node_ports: true,
+            localhost_node_ports: false,
         }
     }
 }

@@ -549,6 +549,7 @@ mod tests {
             node_name: "n1".into(),
             node_ips: vec![Ipv4Addr::new(192, 168, 1, 10)],
             dns_target: Some(Ipv4Addr::new(10, 42, 0, 1)),
+            localhost_node_ports: true,
             ..ProxyConfig::default()
         }
     }

@@ -198,6 +198,7 @@ impl Proxy {
             dns_target: Some(Ipv4Addr::new(10, 42, 0, 1)),
             netns: Some(lab.node.netns_path()),
             debounce: Duration::from_millis(20),
+            localhost_node_ports: true,
             ..ProxyConfig::default()
         };
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();

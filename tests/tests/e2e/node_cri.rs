@@ -150,6 +150,21 @@ struct Containerd {
     dir: tempfile::TempDir,
     child: Option<Child>,
     before_cgroups: Vec<PathBuf>,
+    /// Whether the host had an `ip nat` table before: the CNI bridge plugin's ipMasq (through
+    /// iptables) makes one and CNI DEL leaves it behind, empty.
+    had_ip_nat: bool,
+}
+
+/// The host's `ip nat` table as `nft` lists it (None: there is none).
+fn ip_nat_table() -> Option<String> {
+    let out = Command::new("nft")
+        .args(["list", "table", "ip", "nat"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Containerd {
@@ -209,6 +224,7 @@ state = "{state}"
             dir,
             child: Some(child),
             before_cgroups,
+            had_ip_nat: ip_nat_table().is_some(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !c.socket().exists() {
@@ -283,6 +299,22 @@ impl Drop for Containerd {
                 let _ = std::fs::remove_dir(&cg);
             }
         }
+        // Only an `ip nat` table this test made and that holds nothing but empty chains.
+        if !self.had_ip_nat
+            && let Some(t) = ip_nat_table()
+            && t.lines().all(|l| {
+                let l = l.trim();
+                l.is_empty()
+                    || l.starts_with("table")
+                    || l.starts_with("chain")
+                    || l.starts_with("type")
+                    || l == "}"
+            })
+        {
+            let _ = Command::new("nft")
+                .args(["delete", "table", "ip", "nat"])
+                .status();
+        }
     }
 }
 
@@ -354,6 +386,7 @@ fn node_cri_server_runs_pods_through_containerd() {
     let conf_dir = data_path.join("agent/etc/cni/net.d");
     // Declared first, dropped last: the server's killall still reaches containerd.
     let ctd = Containerd::start(&conf_dir);
+    let had_ip_nat = ctd.had_ip_nat;
     eprintln!("node_cri: containerd up after {:?}", t0.elapsed());
     let ctd_dir = ctd.dir.path().to_path_buf();
     let ctd_sock = ctd.socket().display().to_string();
@@ -511,6 +544,12 @@ fn node_cri_server_runs_pods_through_containerd() {
     );
     assert!(!host_has_cni0(), "cni0 is left");
     assert!(!host_has_skiff_table(), "the inet skiff table is left");
+    if !had_ip_nat {
+        assert!(
+            ip_nat_table().is_none(),
+            "the CNI plugins' ip nat table is left"
+        );
+    }
     assert!(mounts_under(&data_path).is_empty(), "mounts left");
     assert!(mounts_under(&ctd_dir).is_empty(), "mounts left");
 }

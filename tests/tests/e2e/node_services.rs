@@ -404,13 +404,6 @@ fn node_services_clusterip_dns_nodeport_headless_hairpin_and_cleanup() {
         backends.iter().any(|b| resp.contains(b.as_str())),
         "NodePort {addr} answered {resp:?}"
     );
-    // And on 127.0.0.1 from the host, as with kube-proxy's iptables mode (k3s).
-    let lo = format!("127.0.0.1:{node_port}");
-    let resp = http_get(&lo).unwrap_or_else(|e| panic!("NodePort {lo}: {e}"));
-    assert!(
-        resp.starts_with("HTTP/1.") && backends.iter().any(|b| resp.contains(b.as_str())),
-        "NodePort {lo} answered {resp:?}"
-    );
 
     // Hairpin: the client pod reaches itself through its own Service.
     // (Not `http://client`: the pod's /etc/hosts maps its own name to its pod IP.)
