@@ -48,6 +48,53 @@ impl HostVolume {
     }
 }
 
+/// fsGroup ownership (as the kubelet's SetVolumeOwnership): every file and directory under
+/// `dir` gets group `gid`, files gain group read (and write unless `read_only`), directories
+/// gain group access and the setgid bit so that new files inherit the group. Symlinks are not
+/// followed. With `only_if_root_differs` (fsGroupChangePolicy OnRootMismatch) nothing is done
+/// when `dir` already has the group and the setgid bit.
+pub fn set_volume_ownership(
+    dir: &Path,
+    gid: u32,
+    read_only: bool,
+    only_if_root_differs: bool,
+) -> Result<(), KubeletError> {
+    use std::os::unix::fs::MetadataExt;
+    if only_if_root_differs
+        && std::fs::metadata(dir).is_ok_and(|m| m.gid() == gid && m.mode() & 0o2000 != 0)
+    {
+        return Ok(());
+    }
+    let file_mask = if read_only { 0o440 } else { 0o660 };
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p).map_err(io_err("reading", &p))?;
+        if md.file_type().is_symlink() {
+            continue;
+        }
+        std::os::unix::fs::lchown(&p, None, Some(gid)).map_err(io_err("setting group of", &p))?;
+        let mode = md.mode() & 0o7777;
+        let want = if md.is_dir() {
+            mode | file_mask | 0o110 | 0o2000
+        } else {
+            mode | file_mask
+        };
+        if want != mode {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(want))
+                .map_err(io_err("setting mode of", &p))?;
+        }
+        if md.is_dir() {
+            for e in std::fs::read_dir(&p)
+                .map_err(io_err("reading", &p))?
+                .flatten()
+            {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `files` into `dir` atomically: a new timestamped dir, `..data` swapped to it by
 /// rename, top-level names as symlinks through `..data`. Returns false when nothing changed.
 pub fn atomic_write(dir: &Path, files: &[Payload]) -> Result<bool, KubeletError> {
@@ -679,6 +726,43 @@ mod tests {
         assert!(token_needs_refresh(Duration::from_secs(24 * 3600), year));
         // A token that came back already expired is requested again at once.
         assert!(token_needs_refresh(Duration::ZERO, Duration::ZERO));
+    }
+
+    #[test]
+    fn fs_group_ownership_sets_group_setgid_and_group_bits() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let sub = d.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let f = sub.join("f");
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        symlink("/etc/passwd", d.path().join("link")).unwrap();
+        let root = nix::unistd::Uid::effective().is_root();
+        // Without root only our own groups are allowed: use ours.
+        let gid = if root {
+            4321
+        } else {
+            nix::unistd::getegid().as_raw()
+        };
+        set_volume_ownership(d.path(), gid, false, false).unwrap();
+        let m = std::fs::metadata(&sub).unwrap();
+        assert_eq!(m.gid(), gid);
+        assert_eq!(m.mode() & 0o7777, 0o2770);
+        let m = std::fs::metadata(&f).unwrap();
+        assert_eq!(m.gid(), gid);
+        assert_eq!(m.mode() & 0o7777, 0o660);
+        // The symlink's target is untouched.
+        assert_ne!(std::fs::metadata("/etc/passwd").unwrap().gid(), 4321);
+        // Read-only volumes get group read only.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o400)).unwrap();
+        set_volume_ownership(d.path(), gid, true, false).unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o7777, 0o440);
+        // OnRootMismatch: the root is already right, so nothing below is changed.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o400)).unwrap();
+        set_volume_ownership(d.path(), gid, true, true).unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o7777, 0o400);
     }
 
     #[test]

@@ -420,6 +420,12 @@ impl Worker {
             namespace: &self.namespace,
         };
         let host_ip = self.sh.node_ip.to_string();
+        let psc = spec.security_context.as_ref();
+        let fs_group = psc
+            .and_then(|s| s.fs_group)
+            .and_then(|g| u32::try_from(g).ok());
+        let on_root_mismatch =
+            psc.and_then(|s| s.fs_group_change_policy.as_deref()) == Some("OnRootMismatch");
         for v in spec.volumes.iter().flatten() {
             let dir = self.dir.join("volumes").join(&v.name);
             if self.volumes.contains_key(&v.name)
@@ -427,7 +433,7 @@ impl Worker {
             {
                 continue;
             }
-            if let Some(files) = volumes::payload(
+            if let Some(mut files) = volumes::payload(
                 &src,
                 pod,
                 v,
@@ -437,14 +443,36 @@ impl Worker {
             )
             .await?
             {
+                if fs_group.is_some() {
+                    // Group-readable for the fsGroup (modes fixed before the write, so that
+                    // an unchanged payload is still seen as unchanged).
+                    for f in &mut files {
+                        f.mode |= 0o440;
+                    }
+                }
                 if volumes::atomic_write(&dir, &files)? {
                     tracing::debug!(pod = %self.name, volume = %v.name, "volume contents updated");
+                    if let Some(gid) = fs_group {
+                        volumes::set_volume_ownership(&dir, gid, true, false)?;
+                    }
                 }
                 self.volumes
                     .insert(v.name.clone(), HostVolume::Projected(dir));
             } else if let Some(p) =
                 volumes::prepare_dir(&self.sh.client, &self.namespace, v, &dir).await?
             {
+                // fsGroup applies to volumes the kubelet owns the contents of (emptyDir, PVCs),
+                // not to hostPath.
+                if let Some(gid) = fs_group
+                    && v.host_path.is_none()
+                {
+                    let p2 = p.clone();
+                    tokio::task::spawn_blocking(move || {
+                        volumes::set_volume_ownership(&p2, gid, false, on_root_mismatch)
+                    })
+                    .await
+                    .map_err(|e| KubeletError::Invalid(format!("volume ownership task: {e}")))??;
+                }
                 self.volumes.insert(v.name.clone(), HostVolume::Dir(p));
             } else {
                 return Err(KubeletError::Invalid(format!(

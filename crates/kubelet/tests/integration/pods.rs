@@ -925,3 +925,86 @@ async fn node_sidecar_containers_run_beside_the_app_and_stop_after_it() {
     .await;
     k.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_fs_group_owns_empty_dir_and_secret_volumes() {
+    let node = TestNode::new();
+    let client = api_client().await;
+    let rt = node.runtime();
+    rt.import_image(busybox_tar()).await.unwrap();
+    let k = start(&client, rt.clone(), node.config());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), "default");
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "fsg"},
+                "stringData": {"key": "s3cret"}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "fsgroup"},
+        "spec": {
+            "nodeName": node.name, "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000},
+            "containers": [{
+                "name": "c", "image": "skiff.local/busybox:stable", "imagePullPolicy": "Never",
+                "command": ["sleep", "3600"],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                                 {"name": "sec", "mountPath": "/sec"}]
+            }],
+            "volumes": [{"name": "data", "emptyDir": {}},
+                        {"name": "sec", "secret": {"secretName": "fsg", "defaultMode": 256}}]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let p = pod_where(&pods, "fsgroup", 60, "Running", |p| phase(p) == "Running").await;
+    // A user of the pod (uid 1000, not root) writes into the emptyDir; the new file gets the
+    // fsGroup (setgid directory) and the secret (mode 0400 asked) is readable through it.
+    let out = exec(
+        &rt,
+        &p,
+        "c",
+        "touch /data/new && stat -c '%g %a' /data /data/new && stat -L -c '%g %a' /sec/key && cat /sec/key && echo && id -G",
+    )
+    .await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first().copied(), Some("2000 2777"), "emptyDir: {out}");
+    assert_eq!(
+        lines.get(1).map(|l| l.split(' ').next()),
+        Some(Some("2000")),
+        "new file: {out}"
+    );
+    assert_eq!(
+        lines.get(2).copied(),
+        Some("2000 440"),
+        "secret file: {out}"
+    );
+    assert_eq!(
+        lines.get(3).copied(),
+        Some("s3cret"),
+        "secret readable: {out}"
+    );
+    assert!(
+        lines
+            .get(4)
+            .is_some_and(|g| g.split(' ').any(|x| x == "2000")),
+        "fsGroup among the process' groups: {out}"
+    );
+    pods.delete("fsgroup", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("pod gone", 60, async || {
+        pods.get_opt("fsgroup")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    k.stop().await;
+}
