@@ -519,66 +519,41 @@ mod tests {
     fn verification_rejects_bad_tokens() {
         let s = signer();
         let now = now_unix();
-        let good = s
-            .sign(&claims(
+        // A token signed by `by` for `aud`, 600 s long, issued at `at`.
+        let token = |by: &Signer, aud: &str, at: i64| {
+            by.sign(&claims(
                 "d",
                 &sa(),
                 Bound::default(),
-                vec![API_AUDIENCE.into()],
+                vec![aud.into()],
                 600,
-                now,
+                at,
             ))
-            .unwrap();
+            .unwrap()
+        };
+        let good = token(&s, API_AUDIENCE, now);
         assert!(s.verify(&good, &[API_AUDIENCE]).is_some());
         // Another audience.
         assert!(s.verify(&good, &["vault"]).is_none());
-        let other_aud = s
-            .sign(&claims(
-                "d",
-                &sa(),
-                Bound::default(),
-                vec!["vault".into()],
-                600,
-                now,
-            ))
-            .unwrap();
-        assert!(s.verify(&other_aud, &[API_AUDIENCE]).is_none());
+        assert!(
+            s.verify(&token(&s, "vault", now), &[API_AUDIENCE])
+                .is_none()
+        );
         // Expired.
-        let expired = s
-            .sign(&claims(
-                "d",
-                &sa(),
-                Bound::default(),
-                vec![API_AUDIENCE.into()],
-                600,
-                now - 700,
-            ))
-            .unwrap();
-        assert!(s.verify(&expired, &[API_AUDIENCE]).is_none());
+        assert!(
+            s.verify(&token(&s, API_AUDIENCE, now - 700), &[API_AUDIENCE])
+                .is_none()
+        );
         // Not yet valid.
-        let future = s
-            .sign(&claims(
-                "d",
-                &sa(),
-                Bound::default(),
-                vec![API_AUDIENCE.into()],
-                600,
-                now + 300,
-            ))
-            .unwrap();
-        assert!(s.verify(&future, &[API_AUDIENCE]).is_none());
+        assert!(
+            s.verify(&token(&s, API_AUDIENCE, now + 300), &[API_AUDIENCE])
+                .is_none()
+        );
         // Signed by another key.
-        let stranger = signer()
-            .sign(&claims(
-                "d",
-                &sa(),
-                Bound::default(),
-                vec![API_AUDIENCE.into()],
-                600,
-                now,
-            ))
-            .unwrap();
-        assert!(s.verify(&stranger, &[API_AUDIENCE]).is_none());
+        assert!(
+            s.verify(&token(&signer(), API_AUDIENCE, now), &[API_AUDIENCE])
+                .is_none()
+        );
         // Tampered payload.
         let mut parts: Vec<&str> = good.split('.').collect();
         let forged = {

@@ -6,18 +6,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use skiff_e2e::{Kubectl, Server, skiff_binary};
 
-fn require_root() {
-    let uid = Command::new("id").arg("-u").output().expect("id -u");
-    assert_eq!(
-        String::from_utf8_lossy(&uid.stdout).trim(),
-        "0",
-        "node tests need root (tmpfs mount, containers, bridge, cgroups): run them as root, as CI does"
-    );
-}
+use crate::node_pods::{require_root, wait_until};
 
 fn image_tar(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../build/images/{name}.tar"));
@@ -27,17 +19,6 @@ fn image_tar(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// A tmpfs mounted on a fresh dir; unmounted (lazily, after the server's own cleanup) on drop.
