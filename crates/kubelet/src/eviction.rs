@@ -375,32 +375,25 @@ struct Observed {
 }
 
 fn meminfo() -> Option<Observed> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let get = |k: &str| -> Option<u64> {
-        text.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-    };
+    use crate::node::meminfo_kib;
     Some(Observed {
-        available: get("MemAvailable:")?,
-        capacity: get("MemTotal:")?,
+        available: meminfo_kib("MemAvailable:")? * 1024,
+        capacity: meminfo_kib("MemTotal:")? * 1024,
     })
 }
 
 fn fs(path: &Path, inodes: bool) -> Option<Observed> {
-    let st = nix::sys::statvfs::statvfs(path).ok()?;
     if inodes {
+        let st = nix::sys::statvfs::statvfs(path).ok()?;
         return Some(Observed {
             available: st.files_available() as u64,
             capacity: st.files() as u64,
         });
     }
-    let fr = st.fragment_size() as u64;
+    let (capacity, available) = crate::node::disk_bytes(path)?;
     Some(Observed {
-        available: st.blocks_available() as u64 * fr,
-        capacity: st.blocks() as u64 * fr,
+        available,
+        capacity,
     })
 }
 

@@ -43,7 +43,7 @@ pub fn detect_node_ip(flag: Option<Ipv4Addr>) -> Ipv4Addr {
     probe().unwrap_or(Ipv4Addr::LOCALHOST)
 }
 
-fn meminfo_kib(key: &str) -> Option<u64> {
+pub(crate) fn meminfo_kib(key: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     text.lines()
         .find(|l| l.starts_with(key))
@@ -51,7 +51,8 @@ fn meminfo_kib(key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn disk_bytes(path: &std::path::Path) -> Option<(u64, u64)> {
+/// (total, available) bytes of the file system holding `path`.
+pub(crate) fn disk_bytes(path: &std::path::Path) -> Option<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(path).ok()?;
     let frsize = st.fragment_size() as u64;
     Some((
