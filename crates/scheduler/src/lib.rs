@@ -14,13 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Binding, Event, Node, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use rand::Rng;
+use skiff_events::{NORMAL, Recorder, WARNING};
 use tokio::sync::{Semaphore, mpsc};
 
 use plugins::{Failure, NodeInfo, PodInfo};
@@ -226,6 +227,7 @@ struct Scheduler {
     relist_pods: Option<HashSet<String>>,
     relist_nodes: Option<HashSet<String>>,
     binds: Arc<Semaphore>,
+    events: Recorder,
 }
 
 impl Scheduler {
@@ -236,6 +238,7 @@ impl Scheduler {
         });
         let binds = Arc::new(Semaphore::new(config.bind_concurrency.max(1)));
         Scheduler {
+            events: Recorder::new(client.clone(), DEFAULT_SCHEDULER_NAME),
             client,
             config,
             tx,
@@ -712,6 +715,7 @@ impl Scheduler {
 
     fn spawn_preemption(&self, pod: &Arc<Pod>, node: String, victims: Vec<Arc<Pod>>) {
         let client = self.client.clone();
+        let events = self.events.clone();
         let pod = pod.clone();
         tokio::spawn(async move {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -719,7 +723,7 @@ impl Scheduler {
                 let ns = v.metadata.namespace.clone().unwrap_or_default();
                 let name = v.metadata.name.clone().unwrap_or_default();
                 let msg = format!("Preempted by pod {uid} on node {node}");
-                emit_event(&client, &v, "Normal", "Preempted", "Preempting", &msg).await;
+                events.event(&*v, NORMAL, "Preempted", msg);
                 let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
                 if let Err(e) = api.delete(&name, &Default::default()).await {
                     tracing::warn!(pod = %name, namespace = %ns, error = %e, "could not evict a preemption victim");
@@ -740,6 +744,7 @@ impl Scheduler {
 
     fn spawn_bind(&self, key: String, pod: Arc<Pod>, node: String) {
         let client = self.client.clone();
+        let events = self.events.clone();
         let tx = self.tx.clone();
         let permits = self.binds.clone();
         tokio::spawn(async move {
@@ -777,6 +782,7 @@ impl Scheduler {
                 Err(e) => (Err(e.to_string()), false),
             };
             let ok = result.is_ok();
+            drop(_permit);
             let _ = tx.send(Msg::Bound {
                 key,
                 result,
@@ -785,7 +791,7 @@ impl Scheduler {
             if ok {
                 tracing::debug!(pod = %name, namespace = %ns, node = %node, "bound");
                 let msg = format!("Successfully assigned {ns}/{name} to {node}");
-                emit_event(&client, &pod, "Normal", "Scheduled", "Binding", &msg).await;
+                events.event(&*pod, NORMAL, "Scheduled", msg);
             }
         });
     }
@@ -793,16 +799,9 @@ impl Scheduler {
     fn report_unschedulable(&self, pod: &Arc<Pod>, message: String) {
         let client = self.client.clone();
         let pod = pod.clone();
+        self.events
+            .event(&*pod, WARNING, "FailedScheduling", message.clone());
         tokio::spawn(async move {
-            emit_event(
-                &client,
-                &pod,
-                "Warning",
-                "FailedScheduling",
-                "Scheduling",
-                &message,
-            )
-            .await;
             let already = pod
                 .status
                 .as_ref()
@@ -846,55 +845,6 @@ fn placeholder(name: &str) -> Node {
             ..Default::default()
         },
         ..Default::default()
-    }
-}
-
-async fn emit_event(
-    client: &kube::Client,
-    pod: &Pod,
-    type_: &str,
-    reason: &str,
-    action: &str,
-    message: &str,
-) {
-    let ns = pod.metadata.namespace.clone().unwrap_or_default();
-    let name = pod.metadata.name.clone().unwrap_or_default();
-    let now = Timestamp::now();
-    let suffix: u64 = rand::rng().random();
-    let ev = Event {
-        metadata: ObjectMeta {
-            name: Some(format!("{name}.{suffix:016x}")),
-            namespace: Some(ns.clone()),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(name.clone()),
-            namespace: Some(ns.clone()),
-            uid: pod.metadata.uid.clone(),
-            resource_version: pod.metadata.resource_version.clone(),
-            ..Default::default()
-        },
-        reason: Some(reason.into()),
-        message: Some(message.into()),
-        type_: Some(type_.into()),
-        action: Some(action.into()),
-        count: Some(1),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        reporting_component: Some(DEFAULT_SCHEDULER_NAME.into()),
-        reporting_instance: Some(DEFAULT_SCHEDULER_NAME.into()),
-        source: Some(k8s_openapi::api::core::v1::EventSource {
-            component: Some(DEFAULT_SCHEDULER_NAME.into()),
-            host: None,
-        }),
-        ..Default::default()
-    };
-    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
-    if let Err(e) = api.create(&PostParams::default(), &ev).await {
-        tracing::warn!(pod = %name, namespace = %ns, reason, error = %e, "could not record event");
     }
 }
 
