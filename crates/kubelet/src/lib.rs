@@ -162,6 +162,7 @@ pub async fn run(
                 );
             }
             let sh = Arc::new(pods::Shared {
+                events: pods::events::recorder(client.clone(), &cfg.node_name),
                 client,
                 cfg,
                 runtime,

@@ -44,6 +44,8 @@ pub struct Shared {
     pub pressure: crate::eviction::SharedPressure,
     /// Pods the eviction manager asked to go, by uid.
     pub evictions: crate::eviction::EvictionRequests,
+    /// Where pod events are queued.
+    pub events: events::Recorder,
 }
 
 /// The [`PodLookup`] the kubelet server uses.
@@ -77,9 +79,13 @@ async fn run_worker(
     sh: Arc<Shared>,
     mut rx: watch::Receiver<Arc<Pod>>,
     mut stop: watch::Receiver<bool>,
+    adopt: bool,
 ) {
     let first = rx.borrow_and_update().clone();
     let mut w = Worker::new(sh.clone(), &first);
+    if !adopt {
+        w.nothing_to_adopt();
+    }
     let key = format!(
         "{}/{}",
         first.metadata.namespace.as_deref().unwrap_or(""),
@@ -113,6 +119,10 @@ pub struct PodManager {
     sh: Arc<Shared>,
     workers: HashMap<String, Handle>,
     stop: watch::Receiver<bool>,
+    /// Uids of pods whose sandboxes were on the node when the kubelet started: only their
+    /// workers look for something to re-adopt (a listing of every sandbox per new pod would
+    /// make starting n pods cost n² reads).
+    adoptable: HashSet<String>,
 }
 
 impl PodManager {
@@ -122,6 +132,7 @@ impl PodManager {
             sh,
             workers: HashMap::new(),
             stop,
+            adoptable: HashSet::new(),
         }
     }
 
@@ -136,8 +147,9 @@ impl PodManager {
             let _ = h.tx.send(pod);
             return;
         }
+        let adopt = self.adoptable.remove(&uid);
         let (tx, rx) = watch::channel(pod);
-        let task = tokio::spawn(run_worker(self.sh.clone(), rx, self.stop.clone()));
+        let task = tokio::spawn(run_worker(self.sh.clone(), rx, self.stop.clone(), adopt));
         self.workers.insert(uid, Handle { tx, task });
     }
 
@@ -146,16 +158,23 @@ impl PodManager {
         self.workers.remove(uid);
     }
 
-    /// Removes sandboxes and pod dirs whose pods no longer exist.
-    pub async fn cleanup_orphans(&self, live: &HashSet<String>) -> Result<(), KubeletError> {
+    /// Removes sandboxes and pod dirs whose pods no longer exist; returns the pod uids whose
+    /// sandboxes stay (for their workers to re-adopt).
+    pub async fn cleanup_orphans(
+        &self,
+        live: &HashSet<String>,
+    ) -> Result<HashSet<String>, KubeletError> {
         let sbs = self
             .sh
             .runtime
             .list_sandboxes()
             .await
             .map_err(rt_err("listing sandboxes"))?;
+        let mut kept = HashSet::new();
         for sb in sbs {
-            if !live.contains(&sb.name) {
+            if live.contains(&sb.name) {
+                kept.insert(sb.name);
+            } else {
                 tracing::info!(sandbox = %sb.id, pod_uid = %sb.name, "removing sandbox of a pod that no longer exists");
                 worker::remove_sandbox(&self.sh, &sb.id).await;
             }
@@ -179,7 +198,7 @@ impl PodManager {
                 }
             }
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// Lists, cleans up, then watches until stopped.
@@ -195,7 +214,7 @@ impl PodManager {
             .iter()
             .filter_map(|p| p.metadata.uid.clone())
             .collect();
-        self.cleanup_orphans(&live).await?;
+        self.adoptable = self.cleanup_orphans(&live).await?;
         for p in initial.items {
             self.dispatch(p);
         }

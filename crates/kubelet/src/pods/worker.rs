@@ -261,6 +261,12 @@ impl Worker {
             .join(format!("{}_{}_{}", self.namespace, self.name, self.uid))
     }
 
+    /// Marks the pod as new to this node: it had no sandbox when the kubelet started, so there
+    /// is nothing to re-adopt.
+    pub fn nothing_to_adopt(&mut self) {
+        self.adopted = true;
+    }
+
     /// Finds what a previous kubelet left running for this pod.
     async fn adopt(&mut self) -> Result<(), KubeletError> {
         self.adopted = true;
