@@ -2,6 +2,7 @@
 //! Services, EndpointSlices and Pods (see [`zone`]); every other name is forwarded to upstream
 //! resolvers (from a resolv.conf, or given) with a small cache. Entry point: [`run`].
 
+mod udp;
 pub mod zone;
 
 use std::collections::HashMap;
@@ -220,6 +221,17 @@ pub struct Handler {
     fwd: Forwarder,
 }
 
+/// The answer to one question.
+pub(crate) struct Resolved {
+    pub(crate) authoritative: bool,
+    pub(crate) code: ResponseCode,
+    pub(crate) answers: Vec<Record>,
+    pub(crate) authorities: Vec<Record>,
+    /// Whether it comes from the cluster zone alone (nothing forwarded), so that the same
+    /// question gets the same bytes back for as long as the zone is unchanged.
+    pub(crate) from_zone: bool,
+}
+
 impl Handler {
     fn zone(&self) -> Arc<Zone> {
         match self.zone.read() {
@@ -227,10 +239,71 @@ impl Handler {
             Err(p) => p.into_inner().clone(),
         }
     }
+
+    /// Answers `q`: from the cluster zone, else from upstream resolvers.
+    pub(crate) async fn resolve(&self, q: &Query) -> Resolved {
+        let name = q.name().to_string().to_ascii_lowercase();
+        let name = if name.ends_with('.') {
+            name
+        } else {
+            format!("{name}.")
+        };
+        let zone = self.zone();
+        let soa = || zone.soa().cloned().into_iter().collect::<Vec<_>>();
+        let ours = |code, answers, authorities| Resolved {
+            authoritative: true,
+            code,
+            answers,
+            authorities,
+            from_zone: true,
+        };
+        match zone.lookup(&name, q.query_type()) {
+            Answer::Records(r) => ours(ResponseCode::NoError, r, Vec::new()),
+            Answer::Alias(c) => {
+                let target = match &c.data {
+                    RData::CNAME(c) => Some(c.0.clone()),
+                    _ => None,
+                };
+                let mut r = ours(ResponseCode::NoError, vec![*c], Vec::new());
+                // Chase an outside target so stub resolvers get addresses in one answer.
+                if let Some(t) = target
+                    && !zone.is_ours(&t.to_ascii().to_ascii_lowercase())
+                    && q.query_type() != RecordType::CNAME
+                {
+                    r.from_zone = false;
+                    if let Some((_, a, _)) =
+                        self.fwd.resolve(&Query::query(t, q.query_type())).await
+                    {
+                        r.answers.extend(a);
+                    }
+                }
+                r
+            }
+            Answer::NoData => ours(ResponseCode::NoError, Vec::new(), soa()),
+            Answer::NxDomain => ours(ResponseCode::NXDomain, Vec::new(), soa()),
+            Answer::NotOurs => {
+                let (code, answers, authorities) = self.fwd.resolve(q).await.unwrap_or((
+                    ResponseCode::ServFail,
+                    Vec::new(),
+                    Vec::new(),
+                ));
+                Resolved {
+                    authoritative: false,
+                    code,
+                    answers,
+                    authorities,
+                    from_zone: false,
+                }
+            }
+        }
+    }
 }
 
+/// The handler as hickory-server's TCP serving holds it (shared with the UDP loops).
+pub struct SharedHandler(Arc<Handler>);
+
 #[async_trait::async_trait]
-impl RequestHandler for Handler {
+impl RequestHandler for SharedHandler {
     async fn handle_request<R: ResponseHandler, T: Time>(
         &self,
         request: &Request,
@@ -260,56 +333,10 @@ impl RequestHandler for Handler {
                 .await
                 .unwrap_or_else(|_| fail(md));
         }
-        let name = q.name().to_string().to_ascii_lowercase();
-        let name = if name.ends_with('.') {
-            name
-        } else {
-            format!("{name}.")
-        };
-        let zone = self.zone();
-        let mut answers: Vec<Record> = Vec::new();
-        let mut authorities: Vec<Record> = Vec::new();
-        let soa = || zone.soa().cloned().into_iter().collect::<Vec<_>>();
-        match zone.lookup(&name, q.query_type()) {
-            Answer::Records(r) => {
-                md.authoritative = true;
-                answers = r;
-            }
-            Answer::Alias(c) => {
-                md.authoritative = true;
-                let target = match &c.data {
-                    RData::CNAME(c) => Some(c.0.clone()),
-                    _ => None,
-                };
-                answers.push(*c);
-                // Chase an outside target so stub resolvers get addresses in one answer.
-                if let Some(t) = target
-                    && !zone.is_ours(&t.to_ascii().to_ascii_lowercase())
-                    && q.query_type() != RecordType::CNAME
-                    && let Some((_, a, _)) =
-                        self.fwd.resolve(&Query::query(t, q.query_type())).await
-                {
-                    answers.extend(a);
-                }
-            }
-            Answer::NoData => {
-                md.authoritative = true;
-                authorities = soa();
-            }
-            Answer::NxDomain => {
-                md.authoritative = true;
-                md.response_code = ResponseCode::NXDomain;
-                authorities = soa();
-            }
-            Answer::NotOurs => match self.fwd.resolve(q.original()).await {
-                Some((code, a, auth)) => {
-                    md.response_code = code;
-                    answers = a;
-                    authorities = auth;
-                }
-                None => md.response_code = ResponseCode::ServFail,
-            },
-        }
+        let r = self.0.resolve(q.original()).await;
+        md.authoritative = r.authoritative;
+        md.response_code = r.code;
+        let (answers, authorities) = (r.answers, r.authorities);
         let resp = MessageResponseBuilder::from_message_request(request).build(
             md,
             answers.iter(),
@@ -327,11 +354,21 @@ impl RequestHandler for Handler {
     }
 }
 
+/// What [`serve`] started: hickory-server on TCP, skiff's own loops on UDP.
+struct Serving {
+    tcp: hickory_server::Server<SharedHandler>,
+    udp: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    async fn shutdown(mut self) {
+        self.udp.abort();
+        let _ = self.tcp.shutdown_gracefully().await;
+    }
+}
+
 /// Binds UDP and TCP on `cfg.listen` and serves `zone` (kept current by the caller).
-async fn serve(
-    cfg: &DnsConfig,
-    zone: Arc<RwLock<Arc<Zone>>>,
-) -> Result<hickory_server::Server<Handler>, DnsError> {
+async fn serve(cfg: &DnsConfig, zone: Arc<RwLock<Arc<Zone>>>) -> Result<Serving, DnsError> {
     let upstreams = if !cfg.upstreams.is_empty() {
         cfg.upstreams.clone()
     } else if let Some(p) = &cfg.resolv_conf {
@@ -340,8 +377,8 @@ async fn serve(
         Vec::new()
     };
     tracing::info!(listen = %cfg.listen, upstreams = ?upstreams, "cluster dns starting");
-    let handler = Handler {
-        zone,
+    let handler = Arc::new(Handler {
+        zone: zone.clone(),
         fwd: Forwarder {
             upstreams,
             timeout: cfg.upstream_timeout,
@@ -349,8 +386,8 @@ async fn serve(
             max: cfg.cache_entries.max(1),
             next_id: AtomicU16::new(rand_id()),
         },
-    };
-    let mut server = hickory_server::Server::new(handler);
+    });
+    let mut server = hickory_server::Server::new(SharedHandler(handler.clone()));
     let udp = tokio::net::UdpSocket::bind(cfg.listen)
         .await
         .map_err(|source| DnsError::Bind {
@@ -363,9 +400,15 @@ async fn serve(
             addr: cfg.listen,
             source,
         })?;
-    server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(10), 65535);
-    Ok(server)
+    // One receive loop per core (at most 4) on the one socket.
+    let loops = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let udp = tokio::spawn(udp::serve(
+        Arc::new(udp::UdpServer::new(handler, zone)),
+        Arc::new(udp),
+        loops,
+    ));
+    Ok(Serving { tcp: server, udp })
 }
 
 fn rand_id() -> u16 {
@@ -383,9 +426,9 @@ pub async fn serve_zone(
     zone: Zone,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DnsError> {
-    let mut server = serve(&cfg, Arc::new(RwLock::new(Arc::new(zone)))).await?;
+    let server = serve(&cfg, Arc::new(RwLock::new(Arc::new(zone)))).await?;
     shutdown.await;
-    let _ = server.shutdown_gracefully().await;
+    server.shutdown().await;
     Ok(())
 }
 
@@ -396,7 +439,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DnsError> {
     let zone = Arc::new(RwLock::new(Arc::new(Zone::empty(&cfg.domain, cfg.ttl))));
-    let mut server = serve(&cfg, zone.clone()).await?;
+    let server = serve(&cfg, zone.clone()).await?;
     let changed = Arc::new(tokio::sync::Notify::new());
     let (svc_r, svc_w) = reflector::store::<Service>();
     let (eps_r, eps_w) = reflector::store::<EndpointSlice>();
@@ -445,7 +488,7 @@ pub async fn run(
         _ = rebuild => {}
     }
     tasks.abort_all();
-    let _ = server.shutdown_gracefully().await;
+    server.shutdown().await;
     Ok(())
 }
 
