@@ -30,6 +30,13 @@ pub struct Args {
     /// give up after this many seconds
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
+    /// then, with the Deployment's pods running, create this many single pods one at a time
+    /// (the "latency pods" of Kubernetes' density test) and measure each one's start-up
+    #[arg(long, default_value_t = 20)]
+    latency_pods: usize,
+    /// the pause between two latency pods, in milliseconds
+    #[arg(long, default_value_t = 250)]
+    latency_interval_ms: u64,
 }
 
 /// The server under test; stopped and cleaned up (`skiff killall`) on drop.
@@ -81,11 +88,25 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// Total RSS of the `skiff shim` processes (one per container) of this data dir.
-fn shims_rss_kib(data_dir: &Path) -> (usize, u64) {
+/// A field (in KiB) of `/proc/<pid>/smaps_rollup`, e.g. `Pss`.
+fn smaps_kib(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    s.lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The `skiff shim` processes (one per container) of this data dir: their count, total RSS,
+/// total PSS (shared pages divided among their users) and total private dirty memory, in KiB.
+fn shims_mem_kib(data_dir: &Path) -> (usize, u64, u64, u64) {
     let needle = data_dir.display().to_string();
     let mut n = 0;
     let mut total = 0;
+    let mut pss = 0;
+    let mut private = 0;
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -98,10 +119,12 @@ fn shims_rss_kib(data_dir: &Path) -> (usize, u64) {
             if cmd.contains(" shim") && cmd.contains(&needle) {
                 n += 1;
                 total += rss_kib(pid).unwrap_or(0);
+                pss += smaps_kib(pid, "Pss").unwrap_or(0);
+                private += smaps_kib(pid, "Private_Dirty").unwrap_or(0);
             }
         }
     }
-    (n, total)
+    (n, total, pss, private)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -279,11 +302,13 @@ async fn measure(args: &Args, server: &Server, pid: u32) -> anyhow::Result<()> {
     }
     let all_running = t0.elapsed();
     peak_rss = peak_rss.max(rss_kib(pid).unwrap_or(0));
-    let (shims, shims_rss) = shims_rss_kib(server.dir.path());
+    let (shims, shims_rss, shims_pss, shims_private) = shims_mem_kib(server.dir.path());
     let mut lat: Vec<Duration> = latency.values().copied().collect();
     lat.sort();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let steady_rss = rss_kib(pid).unwrap_or(0);
+    let mut single = latency_pods(args, &pods).await?;
+    single.sort();
 
     deployments
         .delete("bench", &DeleteParams::background())
@@ -291,7 +316,7 @@ async fn measure(args: &Args, server: &Server, pid: u32) -> anyhow::Result<()> {
     let gone_deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let left = pods
-            .list_metadata(&ListParams::default().labels("app=bench"))
+            .list_metadata(&ListParams::default().labels("app in (bench,bench-latency)"))
             .await?
             .items
             .len();
@@ -332,10 +357,114 @@ async fn measure(args: &Args, server: &Server, pid: u32) -> anyhow::Result<()> {
         "| skiff server RSS after the Deployment is deleted | {} MiB |",
         after_rss / 1024
     );
+    let each = |kib: u64| kib / (shims.max(1) as u64);
     println!(
         "| container shims: count, total RSS | {shims}, {} MiB ({} KiB each) |",
         shims_rss / 1024,
-        shims_rss / (shims.max(1) as u64)
+        each(shims_rss)
     );
+    println!(
+        "| container shims: total PSS, private dirty | {} MiB ({} KiB each), {} MiB ({} KiB each) |",
+        shims_pss / 1024,
+        each(shims_pss),
+        shims_private / 1024,
+        each(shims_private)
+    );
+    if !single.is_empty() {
+        println!(
+            "| latency pods ({}, one every {} ms, {} running): start-up p50 / p99 / max | {} / {} / {} |",
+            single.len(),
+            args.latency_interval_ms,
+            args.replicas,
+            ms(pct(&single, 0.50)),
+            ms(pct(&single, 0.99)),
+            ms(pct(&single, 1.0))
+        );
+    }
     Ok(())
+}
+
+/// The density test's latency phase: single pods created one at a time at a steady pace while
+/// the Deployment's pods run; each one's ADDED → Running+Ready as seen by a watch. The pods are
+/// deleted afterwards.
+async fn latency_pods(args: &Args, pods: &Api<Pod>) -> anyhow::Result<Vec<Duration>> {
+    if args.latency_pods == 0 {
+        return Ok(Vec::new());
+    }
+    let rv = pods
+        .list_metadata(&ListParams::default())
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let mut stream = pods
+        .watch(
+            &WatchParams::default()
+                .labels("app=bench-latency")
+                .timeout(290),
+            &rv,
+        )
+        .await?
+        .boxed();
+    let creator = {
+        let pods = pods.clone();
+        let (n, pause) = (
+            args.latency_pods,
+            Duration::from_millis(args.latency_interval_ms),
+        );
+        tokio::spawn(async move {
+            for i in 0..n {
+                let pod: Pod = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": format!("bench-latency-{i}"), "labels": {"app": "bench-latency"}},
+                    "spec": {
+                        "terminationGracePeriodSeconds": 1,
+                        "containers": [{
+                            "name": "sleep",
+                            "image": "skiff.local/busybox:stable",
+                            "imagePullPolicy": "Never",
+                            "command": ["sleep", "3600"],
+                        }],
+                    },
+                }))?;
+                pods.create(&PostParams::default(), &pod).await?;
+                tokio::time::sleep(pause).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let mut added: HashMap<String, Instant> = HashMap::new();
+    let mut latency: HashMap<String, Duration> = HashMap::new();
+    while latency.len() < args.latency_pods {
+        let ev = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+            Err(_) if Instant::now() < deadline => continue,
+            Err(_) | Ok(None) => bail!(
+                "only {}/{} latency pods Running+Ready",
+                latency.len(),
+                args.latency_pods
+            ),
+            Ok(Some(ev)) => ev?,
+        };
+        let now = Instant::now();
+        match ev {
+            WatchEvent::Added(p) | WatchEvent::Modified(p) => {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                let first = *added.entry(name.clone()).or_insert(now);
+                if running_and_ready(&p) && !latency.contains_key(&name) {
+                    latency.insert(name, now - first);
+                }
+            }
+            WatchEvent::Error(e) => bail!("watch error: {}", e.message),
+            _ => {}
+        }
+    }
+    creator.await??;
+    pods.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("app=bench-latency"),
+    )
+    .await?;
+    Ok(latency.into_values().collect())
 }
