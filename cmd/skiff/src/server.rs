@@ -22,7 +22,8 @@ pub struct Args {
     /// External datastore: an etcd URL (default: embedded store under the data dir).
     #[arg(long)]
     datastore_endpoint: Option<String>,
-    /// Cluster join token for agents.
+    /// Cluster token: agents join with it; with --datastore-endpoint, servers sharing the
+    /// datastore must all be given the same one (it encrypts the shared CA and keys).
     #[arg(long, env = "SKIFF_TOKEN")]
     token: Option<String>,
     /// Service CIDR.

@@ -2,6 +2,7 @@
 //! shutdown.
 
 pub mod agent;
+mod bootstrap;
 pub mod client;
 pub mod control_plane;
 pub mod join;

@@ -30,7 +30,8 @@ pub struct ServerConfig {
     pub tls_sans: Vec<String>,
     /// External datastore (etcd URL); None = embedded redb.
     pub datastore_endpoint: Option<String>,
-    /// Cluster join token (used by agents; not an API credential).
+    /// Cluster token (agents join with it; with an external datastore it also seals the
+    /// cluster's bootstrap data; not an API credential).
     pub token: Option<String>,
     /// Service CIDR.
     pub service_cidr: String,
@@ -293,6 +294,15 @@ pub async fn run(
         sans.push(node_ip.to_string());
     }
     sans.push(std::net::Ipv4Addr::from(u32::from(service_net.0).wrapping_add(1)).to_string());
+    // With a shared datastore the CA and the service-account key are the cluster's: taken from
+    // (or, by the first server, saved to) the datastore before this server's certificates.
+    let shared_secret = match &cfg.datastore_endpoint {
+        Some(_) => Some(
+            crate::bootstrap::reconcile(store.as_ref(), &cfg.data_dir, cfg.token.as_deref())
+                .await?,
+        ),
+        None => None,
+    };
     let pki = skiff_pki::ensure_server_pki(&cfg.data_dir.join("server").join("tls"), &sans)?;
     let host = if cfg.bind_address.is_unspecified() || cfg.bind_address.is_loopback() {
         "127.0.0.1".to_string()
@@ -306,8 +316,11 @@ pub async fn run(
     let kubeconfig = cfg.data_dir.join("kubeconfig.yaml");
     skiff_pki::write_admin_kubeconfig(&kubeconfig, &url, &pki)?;
     let server_dir = cfg.data_dir.join("server");
-    let secret =
-        skiff_pki::join::ensure_server_token(&server_dir, cfg.token.as_deref(), &pki.ca_cert_pem)?;
+    let secret = skiff_pki::join::ensure_server_token(
+        &server_dir,
+        shared_secret.as_deref().or(cfg.token.as_deref()),
+        &pki.ca_cert_pem,
+    )?;
     let join = crate::join::ServerJoin {
         tls_dir: pki.dir.clone(),
         ca_pem: pki.ca_cert_pem.clone(),

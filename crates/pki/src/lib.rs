@@ -2,6 +2,7 @@
 //! certificate and the admin kubeconfig; join tokens and the certificates of joining nodes
 //! ([`join`]). Knows nothing of Kubernetes objects.
 
+pub mod bootstrap;
 pub mod join;
 
 use std::fs;
@@ -273,6 +274,34 @@ fn random_serial() -> rcgen::SerialNumber {
     rcgen::SerialNumber::from_slice(&bytes)
 }
 
+/// A fresh self-signed cluster CA (`CN=skiff-ca`, [`CA_VALIDITY`]): (certificate PEM, key PEM).
+/// Nothing is written.
+pub fn new_ca() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(gen_err("ca key"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name("skiff-ca", &[]);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + CA_VALIDITY;
+    params.serial_number = Some(random_serial());
+    let cert = params
+        .self_signed(&key)
+        .map_err(gen_err("ca certificate"))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A fresh service-account signing key (ECDSA P-256, PKCS#8 PEM). Nothing is written.
+pub fn new_service_account_key() -> Result<String, PkiError> {
+    let pair = KeyPair::generate().map_err(gen_err("service-account key"))?;
+    Ok(pair.serialize_pem())
+}
+
 /// Loads the server PKI from `dir`, creating whatever is missing. The serving certificate is
 /// re-issued (same CA) when it lacks one of `sans` or expires within [`RENEW_BEFORE`]; the admin
 /// certificate likewise on expiry.
@@ -283,23 +312,7 @@ pub fn ensure_server_pki(dir: &Path, sans: &[String]) -> Result<ServerPki, PkiEr
     let (ca_cert_pem, ca_key_pem) = match (read_opt(&ca_crt)?, read_opt(&ca_key)?) {
         (Some(c), Some(k)) => (c, k),
         _ => {
-            let key = KeyPair::generate().map_err(gen_err("ca key"))?;
-            let mut params = CertificateParams::default();
-            params.distinguished_name = name("skiff-ca", &[]);
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            let now = OffsetDateTime::now_utc();
-            params.not_before = now - Duration::hours(1);
-            params.not_after = now + CA_VALIDITY;
-            params.serial_number = Some(random_serial());
-            let cert = params
-                .self_signed(&key)
-                .map_err(gen_err("ca certificate"))?;
-            let (c, k) = (cert.pem(), key.serialize_pem());
+            let (c, k) = new_ca()?;
             write_file(&ca_key, k.as_bytes(), 0o600)?;
             write_file(&ca_crt, c.as_bytes(), 0o644)?;
             (c, k)
@@ -401,8 +414,8 @@ pub fn ensure_service_account_key(path: &Path) -> Result<(String, String), PkiEr
         })?;
         return Ok((k, pair.public_key_pem()));
     }
-    let pair = KeyPair::generate().map_err(gen_err("service-account key"))?;
-    let k = pair.serialize_pem();
+    let k = new_service_account_key()?;
+    let pair = KeyPair::from_pem(&k).map_err(gen_err("service-account key"))?;
     write_file(path, k.as_bytes(), 0o600)?;
     Ok((k, pair.public_key_pem()))
 }

@@ -766,7 +766,8 @@ fn deployment_runs(k: &Kubectl, name: &str, replicas: usize, node_prefix: &str) 
 /// the `kube-scheduler` and `kube-controller-manager` Leases); when it is killed (SIGKILL: it
 /// cannot release) another takes over once the lease expires (15 s), and when it stops cleanly
 /// (SIGTERM) it releases the leases so that another takes over within a retry period (2 s).
-/// Each server has its own CA here (no shared bootstrap data): every kubectl talks to one server.
+/// The servers share one cluster token (and so one CA, see `shared_datastore.rs`); every kubectl
+/// still talks to one server.
 #[test]
 fn leader_election_fails_over_between_servers_on_one_etcd() {
     let t0 = Instant::now();
@@ -775,7 +776,14 @@ fn leader_election_fails_over_between_servers_on_one_etcd() {
     let server = |name: &str| {
         Server::start_with(
             tempfile::tempdir().unwrap(),
-            &["--datastore-endpoint", &etcd.url, "--node-name", name],
+            &[
+                "--datastore-endpoint",
+                &etcd.url,
+                "--node-name",
+                name,
+                "--token",
+                "failover-token",
+            ],
         )
     };
     let a = server("server-a");

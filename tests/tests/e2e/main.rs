@@ -18,3 +18,4 @@ mod openapi_v2;
 mod protobuf;
 mod python_client;
 mod service_account;
+mod shared_datastore;
