@@ -444,6 +444,7 @@ pub struct CniExecutor {
     bin_dirs: Vec<PathBuf>,
     cache_dir: PathBuf,
     timeout: Duration,
+    loopback: bool,
 }
 
 impl CniExecutor {
@@ -455,7 +456,35 @@ impl CniExecutor {
             bin_dirs,
             cache_dir,
             timeout: DEFAULT_TIMEOUT,
+            loopback: false,
         }
+    }
+
+    /// Also brings up `lo` in the netns with the `loopback` plugin (a network of its own,
+    /// `CNI_IFNAME=lo`, run before the main network on ADD and after it on DEL), as containerd
+    /// and CRI-O do for pods.
+    pub fn with_loopback(mut self) -> CniExecutor {
+        self.loopback = true;
+        self
+    }
+
+    fn loopback_plugin(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("type".into(), json!("loopback"));
+        m
+    }
+
+    async fn run_loopback(&self, command: &str, a: &Attachment) -> Result<(), NetError> {
+        if !self.loopback {
+            return Ok(());
+        }
+        let lo = Attachment {
+            ifname: "lo".into(),
+            ..a.clone()
+        };
+        self.run_plugin(command, &self.loopback_plugin(), &lo, None)
+            .await
+            .map(|_| ())
     }
 
     /// Loads the network from `conf_dir` (see [`load_network`]).
@@ -486,6 +515,9 @@ impl CniExecutor {
     pub fn check_plugins(&self) -> Result<(), NetError> {
         for t in self.network.plugin_types() {
             self.find_plugin(t)?;
+        }
+        if self.loopback {
+            self.find_plugin("loopback")?;
         }
         Ok(())
     }
@@ -662,6 +694,7 @@ impl CniExecutor {
     /// a plugin fails, the plugins already run are undone (DEL) before the error is returned.
     pub async fn add(&self, a: &Attachment) -> Result<CniResult, NetError> {
         self.cache_path(a)?;
+        self.run_loopback("ADD", a).await?;
         let mut prev: Option<CniResult> = None;
         for (i, plugin) in self.network.plugins.iter().enumerate() {
             let t = plugin.get("type").and_then(Value::as_str).unwrap_or("");
@@ -696,6 +729,7 @@ impl CniExecutor {
                             tracing::warn!(container = %a.container_id, error = %de, "undoing a failed CNI ADD");
                         }
                     }
+                    let _ = self.run_loopback("DEL", a).await;
                     return Err(e);
                 }
             }
@@ -733,6 +767,7 @@ impl CniExecutor {
         for plugin in self.network.plugins.iter().rev() {
             self.run_plugin("DEL", plugin, &att, prev.as_ref()).await?;
         }
+        self.run_loopback("DEL", &att).await?;
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
