@@ -594,6 +594,33 @@ impl CniExecutor {
         Ok(Some((r, entry.attachment)))
     }
 
+    /// The attachments with a cached result of this network (what is still added), e.g. for a
+    /// cleanup that DELs them all. Unreadable entries are skipped.
+    pub fn cached_attachments(&self) -> Vec<Attachment> {
+        let prefix = format!("{}-", self.network.name);
+        let Ok(rd) = std::fs::read_dir(&self.cache_dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in rd.filter_map(Result::ok) {
+            let name = e.file_name();
+            if !name.to_string_lossy().starts_with(&prefix) {
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(e.path()) else {
+                continue;
+            };
+            if let Ok(entry) = serde_json::from_slice::<CacheEntry>(&bytes)
+                && entry.kind == CACHE_KIND
+                && entry.network_name == self.network.name
+            {
+                out.push(entry.attachment);
+            }
+        }
+        out.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        out
+    }
+
     fn write_cache(&self, a: &Attachment, r: &CniResult) -> Result<(), NetError> {
         let path = self.cache_path(a)?;
         std::fs::create_dir_all(&self.cache_dir)
