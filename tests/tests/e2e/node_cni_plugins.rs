@@ -2,8 +2,8 @@
 //! using Debian's `bridge` (on skiff's `cni0`, ipMasq off) and `host-local` over the node's pod
 //! CIDR. Real kubectl: pods get their IPs from host-local, pod to pod and a busybox pod to an
 //! nginx Service by name work, a restarted server re-adopts the pods (CHECK) with the same
-//! addresses, deleting the pods releases the leases, and after stop + killall nothing of skiff's
-//! is left on the host. Named `node_*`: shares `cni0` and `inet skiff`, runs one at a time.
+//! addresses, deleting a pod releases its lease, and after stop + killall (which DELs the pods still
+//! running) nothing of skiff's is left on the host. Named `node_*`: shares `cni0` and `inet skiff`, runs one at a time.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -258,28 +258,30 @@ fn node_cni_plugins_bridge_host_local_pods_services_restart_and_cleanup() {
     assert_eq!(leases(&ipam), want, "leases after the restart");
     wait_nginx(&k, "http://web");
 
-    // Deleting the pods runs DEL: host-local's leases go.
-    k.ok(&[
-        "delete",
-        "pod",
-        "web",
-        "client",
-        "--wait=true",
-        "--timeout=60s",
-    ]);
-    wait_until("host-local leases released", 30, || {
-        leases(&ipam).is_empty()
+    // Deleting a pod runs DEL: its host-local lease goes.
+    k.ok(&["delete", "pod", "web", "--wait=true", "--timeout=60s"]);
+    let client_only: BTreeSet<String> = [client_ip.clone()].into();
+    wait_until("web's host-local lease released", 30, || {
+        leases(&ipam) == client_only
     });
     let cache = server.dir.path().join("agent/cni/results");
-    let cached: Vec<_> = std::fs::read_dir(&cache)
-        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(cached.is_empty(), "CNI result cache left: {cached:?}");
+    let cached = || -> Vec<String> {
+        std::fs::read_dir(&cache)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(cached().len(), 1, "CNI result cache: {:?}", cached());
 
-    // Stop + killall: no cni0, no veth of ours, no inet skiff, no ip nat table of the plugins.
+    // Stop (the client pod keeps running) + killall, which DELs it: no lease, no cache, no
+    // cni0, no veth of ours, no inet skiff, no ip nat table of the plugins.
     let mut server = server;
     let st = server.stop();
     assert!(st.success(), "skiff server exited with {st}");
+    assert_eq!(leases(&ipam), client_only, "the running pod lost its lease");
     let st = Command::new(skiff_binary())
         .arg("killall")
         .arg("--data-dir")
@@ -288,6 +290,12 @@ fn node_cni_plugins_bridge_host_local_pods_services_restart_and_cleanup() {
         .status()
         .unwrap();
     assert!(st.success());
+    assert!(
+        leases(&ipam).is_empty(),
+        "leases left after killall: {:?}",
+        leases(&ipam)
+    );
+    assert!(cached().is_empty(), "CNI result cache left: {:?}", cached());
     assert!(!cmd_ok("ip", &["link", "show", "cni0"]), "cni0 left");
     let new_veths: Vec<String> = veths().difference(&veths_before).cloned().collect();
     assert!(new_veths.is_empty(), "veths left: {new_veths:?}");
