@@ -135,9 +135,10 @@ pub async fn run(
                 .await
                 .map_err(|e| KubeletError::Invalid(format!("network setup task: {e}")))??;
             tracing::info!(pod_cidr = %cidr, bridge = %cfg.bridge_name, "pod network ready");
-            let cni = match runtime.manages_pod_network() {
-                true => None,
-                false => pods::cni_plugins::load(&cfg, cidr)?.map(Arc::new),
+            let cni = if runtime.manages_pod_network() {
+                None
+            } else {
+                pods::cni_plugins::load(&cfg, cidr)?.map(Arc::new)
             };
             let manager = eviction::Manager::new(
                 cfg.eviction.clone(),
