@@ -318,12 +318,14 @@ fn node_cni_plugins_bad_config_exits_2() {
     let tmp = tempfile::tempdir().unwrap();
     let conf = tmp.path().join("net.d");
     std::fs::create_dir_all(&conf).unwrap();
-    let run = |data: &str, bin: &str| {
+    // (exit code, stderr). stderr goes to a file and the wait is bounded: a server that did
+    // not refuse the flags would run on.
+    let run = |data: &str, bin: &str| -> (Option<i32>, String) {
         let data = tmp.path().join(data);
-        // Bounded: a server that did not refuse the flags would run on.
-        Command::new("timeout")
-            .arg("120")
-            .arg(skiff_binary())
+        let log = tmp
+            .path()
+            .join(format!("{}.log", data.display().to_string().len()));
+        let mut child = Command::new(skiff_binary())
             .args([
                 "server",
                 "--https-listen-port",
@@ -340,12 +342,29 @@ fn node_cni_plugins_bad_config_exits_2() {
             .args(["--cni-bin-dir", bin, "--data-dir"])
             .arg(&data)
             .env("SKIFF_LOG", "warn")
-            .output()
-            .unwrap()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait().unwrap();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        (
+            status.code(),
+            std::fs::read_to_string(&log).unwrap_or_default(),
+        )
     };
-    let out = run("d1", BIN_DIR);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = run("d1", BIN_DIR);
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("--cni-conf-dir") && err.contains("no *.conf"),
         "{err}"
@@ -358,9 +377,8 @@ fn node_cni_plugins_bad_config_exits_2() {
     .unwrap();
     let empty_bin = tmp.path().join("bin");
     std::fs::create_dir_all(&empty_bin).unwrap();
-    let out = run("d2", empty_bin.to_str().unwrap());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = run("d2", empty_bin.to_str().unwrap());
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("\"bridge\" not found") && err.contains(empty_bin.to_str().unwrap()),
         "{err}"
