@@ -140,6 +140,30 @@ fn init_tracing() {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
+    /// `--cni-conf-dir`/`--cni-bin-dir` exist on server and agent, so their `--config` keys too.
+    #[test]
+    fn cni_flags_are_on_server_and_agent_and_in_the_config_file() {
+        for sub in ["server", "agent"] {
+            let flags = super::config_file::Flags::of(&super::Cli::command(), sub);
+            let out = super::config_file::flags_from(
+                std::path::Path::new("/c.yaml"),
+                "cni-conf-dir: /etc/cni/net.d\ncni-bin-dir: [/usr/lib/cni, /opt/cni/bin]\n",
+                &flags,
+                &[],
+            )
+            .unwrap_or_default();
+            for f in [
+                "--cni-conf-dir=/etc/cni/net.d",
+                "--cni-bin-dir=/usr/lib/cni",
+                "--cni-bin-dir=/opt/cni/bin",
+            ] {
+                assert!(out.iter().any(|o| o == f), "{sub}: {out:?} lacks {f}");
+            }
+        }
+    }
+
     /// The constructor ran before main (in this test binary too): the two options hold our
     /// values. (The ids were checked against `MIMALLOC_VERBOSE=1`'s option listing of the
     /// libmimalloc-sys pinned in Cargo.lock, whose defaults there are 2 and 1000.)

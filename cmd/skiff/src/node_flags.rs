@@ -41,6 +41,16 @@ pub struct NodeArgs {
     /// <data-dir>/agent/etc/cni/net.d, where skiff writes the pod network's conflist).
     #[arg(long)]
     container_runtime_endpoint: Option<String>,
+    /// Run external CNI plugins (ADD/DEL/CHECK) with the network configuration in this dir (the
+    /// first *.conf, *.conflist or *.json in lexical order) instead of the built-in bridge
+    /// attach; built-in runtime only. Use bridge `cni0` over the node's pod CIDR so that pods
+    /// reach the cluster DNS and Service VIPs.
+    #[arg(long)]
+    cni_conf_dir: Option<PathBuf>,
+    /// Where the CNI plugins are (repeatable, searched in order; default /usr/lib/cni, then
+    /// /opt/cni/bin).
+    #[arg(long = "cni-bin-dir")]
+    cni_bin_dir: Vec<PathBuf>,
 }
 
 impl NodeArgs {
@@ -61,6 +71,8 @@ impl NodeArgs {
             network_backend,
             kubelet_args: self.kubelet_arg,
             container_runtime_endpoint: self.container_runtime_endpoint,
+            cni_conf_dir: self.cni_conf_dir,
+            cni_bin_dirs: self.cni_bin_dir,
         })
     }
 }

@@ -474,6 +474,8 @@ pub async fn run(
         network_backend: cfg.node.network_backend,
         kubelet_args: cfg.node.kubelet_args.clone(),
         container_runtime_endpoint: cfg.node.container_runtime_endpoint.clone(),
+        cni_conf_dir: cfg.node.cni_conf_dir.clone(),
+        cni_bin_dirs: cfg.node.cni_bin_dirs.clone(),
     };
     let tls = NodeTls {
         serving_cert_pem: c.serving_cert_pem.clone(),

@@ -49,7 +49,15 @@ pub struct NodeConfig {
     pub kubelet_args: Vec<String>,
     /// An external CRI runtime (`unix:///…sock`) instead of the built-in one.
     pub container_runtime_endpoint: Option<String>,
+    /// External CNI plugins' conf dir (`--cni-conf-dir`), built-in runtime only.
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Their bin dirs (`--cni-bin-dir`; empty: [`DEFAULT_CNI_BIN_DIRS`]).
+    pub cni_bin_dirs: Vec<PathBuf>,
 }
+
+/// Where CNI plugins are looked for without `--cni-bin-dir`: Debian's package, then the
+/// upstream default.
+pub const DEFAULT_CNI_BIN_DIRS: &[&str] = &["/usr/lib/cni", "/opt/cni/bin"];
 
 /// The kubelet server's TLS material.
 #[derive(Clone)]
@@ -160,6 +168,110 @@ pub async fn connect_cri(data_dir: &Path, endpoint: &str) -> Result<CriRuntime, 
     Ok(rt)
 }
 
+/// The record of the CNI plugin settings a data dir's node half last used (for `skiff killall`).
+fn cni_record_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("agent").join("etc").join("cni-plugins.json")
+}
+
+/// The external CNI plugins of `--cni-conf-dir`/`--cni-bin-dir`, checked now (a bad conf dir
+/// or a missing plugin is a configuration error, exit 2).
+fn cni_plugins(
+    data_dir: &Path,
+    cfg: &NodeConfig,
+) -> Result<Option<skiff_kubelet::CniPlugins>, AppError> {
+    let Some(conf_dir) = &cfg.cni_conf_dir else {
+        if !cfg.cni_bin_dirs.is_empty() {
+            return Err(AppError::Config(
+                "--cni-bin-dir needs --cni-conf-dir (the network configuration to run the plugins with)".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if cfg.container_runtime_endpoint.is_some() {
+        return Err(AppError::Config(
+            "--cni-conf-dir cannot be used with --container-runtime-endpoint: the external runtime calls CNI itself; set its CNI conf_dir and bin_dir instead".into(),
+        ));
+    }
+    let bin_dirs: Vec<PathBuf> = if cfg.cni_bin_dirs.is_empty() {
+        DEFAULT_CNI_BIN_DIRS.iter().map(PathBuf::from).collect()
+    } else {
+        cfg.cni_bin_dirs.clone()
+    };
+    let p = skiff_kubelet::CniPlugins {
+        conf_dir: conf_dir.clone(),
+        bin_dirs,
+        cache_dir: data_dir.join("agent").join("cni").join("results"),
+    };
+    p.executor()
+        .map_err(|e| AppError::Config(format!("--cni-conf-dir/--cni-bin-dir: {e}")))?;
+    Ok(Some(p))
+}
+
+/// Records (or forgets) the CNI plugin settings for `skiff killall`.
+fn record_cni_plugins(
+    data_dir: &Path,
+    p: Option<&skiff_kubelet::CniPlugins>,
+) -> Result<(), AppError> {
+    let f = cni_record_file(data_dir);
+    let Some(p) = p else {
+        let _ = std::fs::remove_file(&f);
+        return Ok(());
+    };
+    let v = serde_json::json!({
+        "confDir": p.conf_dir,
+        "binDirs": p.bin_dirs,
+        "cacheDir": p.cache_dir,
+    });
+    let io = |source| AppError::Io {
+        what: format!("writing {}", f.display()),
+        source,
+    };
+    if let Some(d) = f.parent() {
+        std::fs::create_dir_all(d).map_err(io)?;
+    }
+    std::fs::write(&f, v.to_string()).map_err(io)
+}
+
+/// `skiff killall`: CNI DEL of every pod attachment the recorded plugins still have, so that
+/// their addresses (host-local leases) and host interfaces are released.
+async fn killall_cni(data_dir: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    let Ok(text) = std::fs::read_to_string(cni_record_file(data_dir)) else {
+        return done;
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Rec {
+        conf_dir: PathBuf,
+        bin_dirs: Vec<PathBuf>,
+        cache_dir: PathBuf,
+    }
+    let rec: Rec = match serde_json::from_str(&text) {
+        Ok(r) => r,
+        Err(e) => {
+            done.push(format!("CNI plugin record unreadable, no CNI DEL run: {e}"));
+            return done;
+        }
+    };
+    let ex = match skiff_net::cni::CniExecutor::load(&rec.conf_dir, rec.bin_dirs, rec.cache_dir) {
+        Ok(ex) => ex.with_loopback(),
+        Err(e) => {
+            done.push(format!("CNI config not loadable, no CNI DEL run: {e}"));
+            return done;
+        }
+    };
+    for mut a in ex.cached_attachments() {
+        if !a.netns.exists() {
+            a.netns = PathBuf::new();
+        }
+        match ex.del(&a).await {
+            Ok(()) => done.push(format!("CNI DEL of sandbox {}", a.container_id)),
+            Err(e) => done.push(format!("CNI DEL of sandbox {}: {e}", a.container_id)),
+        }
+    }
+    done
+}
+
 fn kubelet_config(data_dir: &Path, cfg: &NodeConfig) -> Result<KubeletConfig, AppError> {
     let mut k = KubeletConfig::new(
         cfg.node_name.clone(),
@@ -198,6 +310,7 @@ fn kubelet_config(data_dir: &Path, cfg: &NodeConfig) -> Result<KubeletConfig, Ap
     k.service_cidr = cfg.service_cidr.clone();
     k.control_plane = cfg.control_plane;
     k.pod_mtu = crate::overlay::pod_mtu(cfg.network_backend);
+    k.cni_plugins = cni_plugins(data_dir, cfg)?;
     if let Some(r) = &cfg.resolv_conf {
         k.resolv_conf = r.clone();
     }
@@ -228,6 +341,7 @@ pub async fn start(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(tokio::task::JoinHandle<()>, SocketAddr), AppError> {
     let kcfg = kubelet_config(data_dir, cfg)?;
+    record_cni_plugins(data_dir, kcfg.cni_plugins.as_ref())?;
     let services = ServicesSetup::new(cfg, &kcfg)?;
     let client = clients.kubelet.clone();
     let runtime: Arc<dyn Runtime> = match &cfg.container_runtime_endpoint {
@@ -308,6 +422,7 @@ pub async fn killall(data_dir: &Path, bridge: &str) -> Result<Vec<String>, AppEr
             )),
         }
     }
+    done.extend(killall_cni(data_dir).await);
     let rt_dir = data_dir.join("agent").join("runtime");
     if rt_dir.exists() {
         let rt = open_runtime(data_dir)?;

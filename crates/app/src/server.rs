@@ -70,6 +70,10 @@ pub struct NodeFlags {
     /// An external CRI runtime (`unix:///run/containerd/containerd.sock`) instead of the
     /// built-in one.
     pub container_runtime_endpoint: Option<String>,
+    /// `--cni-conf-dir`: external CNI plugins attach pods (built-in runtime only).
+    pub cni_conf_dir: Option<PathBuf>,
+    /// `--cni-bin-dir` (repeatable; empty: /usr/lib/cni and /opt/cni/bin).
+    pub cni_bin_dirs: Vec<PathBuf>,
 }
 
 impl Default for NodeFlags {
@@ -85,6 +89,8 @@ impl Default for NodeFlags {
             network_backend: crate::overlay::NetworkBackend::default(),
             kubelet_args: Vec::new(),
             container_runtime_endpoint: None,
+            cni_conf_dir: None,
+            cni_bin_dirs: Vec::new(),
         }
     }
 }
@@ -465,6 +471,8 @@ async fn start_node(
         network_backend: cfg.node.network_backend,
         kubelet_args: cfg.node.kubelet_args.clone(),
         container_runtime_endpoint: cfg.node.container_runtime_endpoint.clone(),
+        cni_conf_dir: cfg.node.cni_conf_dir.clone(),
+        cni_bin_dirs: cfg.node.cni_bin_dirs.clone(),
     };
     let tls = crate::node::NodeTls {
         serving_cert_pem: pki.kubelet_serving_cert_pem.clone(),

@@ -31,6 +31,9 @@ pub struct KubeletConfig {
     pub cni_conf_dir: PathBuf,
     /// host-local IPAM state of that network (`<data-dir>/agent/cni/networks`).
     pub cni_ipam_dir: PathBuf,
+    /// External CNI plugins attach pods instead of the built-in veth attach (built-in runtime
+    /// only; `--cni-conf-dir`/`--cni-bin-dir`).
+    pub cni_plugins: Option<CniPlugins>,
     /// MTU of the bridge and pod interfaces (None: that of the default-route interface). With a
     /// VXLAN overlay it is the underlay's MTU minus the encapsulation overhead.
     pub pod_mtu: Option<u32>,
@@ -77,6 +80,7 @@ impl KubeletConfig {
             root_dir,
             bridge_name: skiff_net::DEFAULT_BRIDGE.to_string(),
             pod_mtu: None,
+            cni_plugins: None,
             cluster_dns: Ipv4Addr::new(10, 43, 0, 10),
             cluster_domain: "cluster.local".into(),
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
@@ -90,6 +94,31 @@ impl KubeletConfig {
             max_backoff: Duration::from_secs(300),
             eviction: crate::eviction::EvictionConfig::default(),
         }
+    }
+}
+
+/// Where the external CNI plugins and their configuration are.
+#[derive(Debug, Clone)]
+pub struct CniPlugins {
+    /// The network configuration dir (`--cni-conf-dir`; the first file in lexical order).
+    pub conf_dir: PathBuf,
+    /// The plugin dirs (`--cni-bin-dir`), searched in order.
+    pub bin_dirs: Vec<PathBuf>,
+    /// Where ADD results are cached for DEL and CHECK (`<data-dir>/agent/cni/results`).
+    pub cache_dir: PathBuf,
+}
+
+impl CniPlugins {
+    /// Loads the network and checks that its plugins (and `loopback`) are in the bin dirs.
+    pub fn executor(&self) -> Result<skiff_net::cni::CniExecutor, KubeletError> {
+        let ex = skiff_net::cni::CniExecutor::load(
+            &self.conf_dir,
+            self.bin_dirs.clone(),
+            self.cache_dir.clone(),
+        )?
+        .with_loopback();
+        ex.check_plugins()?;
+        Ok(ex)
     }
 }
 

@@ -19,7 +19,7 @@ use kube::api::Api;
 use skiff_net::{Ipv4Cidr, Network, NetworkConfig};
 use skiff_runtime::Runtime;
 
-pub use config::{KubeletConfig, KubeletError, parse_label, parse_taint};
+pub use config::{CniPlugins, KubeletConfig, KubeletError, parse_label, parse_taint};
 pub use pods::Registry;
 
 /// Waits for the node's pod CIDR (the override, else `spec.podCIDR` once node IPAM set it).
@@ -135,6 +135,11 @@ pub async fn run(
                 .await
                 .map_err(|e| KubeletError::Invalid(format!("network setup task: {e}")))??;
             tracing::info!(pod_cidr = %cidr, bridge = %cfg.bridge_name, "pod network ready");
+            let cni = if runtime.manages_pod_network() {
+                None
+            } else {
+                pods::cni_plugins::load(&cfg, cidr)?.map(Arc::new)
+            };
             let manager = eviction::Manager::new(
                 cfg.eviction.clone(),
                 cfg.root_dir.clone(),
@@ -167,6 +172,7 @@ pub async fn run(
                 cfg,
                 runtime,
                 network: Some(Arc::new(net)),
+                cni,
                 node_ip,
                 registry: registry.0.clone(),
                 pressure,

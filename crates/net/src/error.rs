@@ -65,6 +65,48 @@ pub enum NetError {
         /// What nft printed on stderr.
         stderr: String,
     },
+    /// A CNI network configuration cannot be used.
+    #[error("CNI config {path}: {reason}")]
+    CniConfig {
+        /// The file (or the conf dir when no file fits).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A CNI plugin binary is not in the bin dirs.
+    #[error(
+        "CNI plugin {plugin:?} not found in the CNI bin dirs ({dirs}); install it there (Debian: containernetworking-plugins in /usr/lib/cni) or fix --cni-bin-dir"
+    )]
+    CniPluginMissing {
+        /// The plugin type (binary name).
+        plugin: String,
+        /// The dirs searched.
+        dirs: String,
+    },
+    /// A CNI plugin failed.
+    #[error("CNI plugin {plugin} {command} failed: {msg}{}", if details.is_empty() { String::new() } else { format!(" ({details})") })]
+    Cni {
+        /// The plugin type.
+        plugin: String,
+        /// ADD, DEL or CHECK.
+        command: String,
+        /// The CNI error code (0: the plugin printed none).
+        code: u32,
+        /// Its message.
+        msg: String,
+        /// Its details, or what it printed on stderr.
+        details: String,
+    },
+    /// A CNI plugin did not finish in time (it was killed).
+    #[error("CNI plugin {plugin} {command} did not finish within {after:?} and was killed")]
+    CniTimeout {
+        /// The plugin type.
+        plugin: String,
+        /// ADD, DEL or CHECK.
+        command: String,
+        /// The time limit.
+        after: std::time::Duration,
+    },
 }
 
 impl NetError {

@@ -5,8 +5,10 @@
 //! The kubelet calls [`Network::attach`]/[`Network::detach`] with a sandbox's netns path; the
 //! service proxy builds a [`nft::Table`] and hands it to [`nft::Nft::apply`]; cross-node traffic
 //! uses [`Network::add_host_gw_route`] or [`Network::ensure_vxlan`] + [`Network::set_vxlan_peer`].
+//! With external CNI plugins the kubelet uses [`cni::CniExecutor`] (ADD/DEL/CHECK) instead.
 
 mod cidr;
+pub mod cni;
 mod error;
 mod ipam;
 mod netlink;

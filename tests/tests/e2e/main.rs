@@ -8,6 +8,7 @@ mod bad_input;
 mod controllers;
 mod kubectl;
 mod lifecycle;
+mod node_cni_plugins;
 mod node_cri;
 mod node_eviction;
 mod node_multinode;

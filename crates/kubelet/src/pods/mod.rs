@@ -2,6 +2,7 @@
 //! sandboxes of pods that are gone (also those deleted while the kubelet was down), and answers
 //! the kubelet server's [`PodLookup`] questions.
 
+pub mod cni_plugins;
 pub mod env;
 pub mod events;
 pub mod probe;
@@ -36,6 +37,9 @@ pub struct Shared {
     pub runtime: Arc<dyn Runtime>,
     /// Pod network (None until the pod CIDR is known, or for host-network only nodes).
     pub network: Option<Arc<Network>>,
+    /// External CNI plugins (`--cni-conf-dir`): pods are attached by them instead of by
+    /// `network`, which then only keeps the bridge, its gateway address and the service route.
+    pub cni: Option<Arc<skiff_net::cni::CniExecutor>>,
     /// The node's InternalIP.
     pub node_ip: Ipv4Addr,
     /// Pods as the kubelet server sees them.

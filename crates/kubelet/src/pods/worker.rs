@@ -284,6 +284,8 @@ impl Worker {
                 Some(IpAddr::V4(ip)) => Some(ip),
                 _ => None,
             };
+        } else if let Some(cni) = self.sh.cni.clone() {
+            self.pod_ip = super::cni_plugins::adopt(&self.sh, &cni, &sb.id).await;
         } else if let Some(net) = &self.sh.network {
             self.pod_ip = net.ipam().get(&sb.id)?;
         }
@@ -373,6 +375,12 @@ impl Worker {
                     )));
                 }
             }
+        } else if self.pod_ip.is_none()
+            && let Some(cni) = self.sh.cni.clone()
+        {
+            let (ns, name, uid) = (&self.namespace, &self.name, &self.uid);
+            let ip = super::cni_plugins::attach(&self.sh, &cni, &sb, ns, name, uid).await?;
+            self.pod_ip = Some(ip);
         } else if self.pod_ip.is_none() {
             let net = self.sh.network.clone().ok_or_else(|| {
                 KubeletError::Invalid("the pod network is not configured yet".into())
@@ -1817,7 +1825,9 @@ pub async fn remove_sandbox(sh: &Shared, sb: &str) {
         tracing::debug!(sandbox = %sb, error = %e, "stopping sandbox");
     }
     // A runtime with its own pod network tore it down in StopPodSandbox.
-    if let Some(net) = sh.network.clone().filter(|_| !rt.manages_pod_network()) {
+    if let Some(cni) = sh.cni.clone().filter(|_| !rt.manages_pod_network()) {
+        super::cni_plugins::detach(sh, &cni, sb).await;
+    } else if let Some(net) = sh.network.clone().filter(|_| !rt.manages_pod_network()) {
         let netns = rt.sandbox_status(sb).await.ok().and_then(|s| s.netns);
         let sb2 = sb.to_string();
         let _ = tokio::task::spawn_blocking(move || {
