@@ -31,8 +31,9 @@ pub struct Args {
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
     /// then, with the Deployment's pods running, create this many single pods one at a time
-    /// (the "latency pods" of Kubernetes' density test) and measure each one's start-up
-    #[arg(long, default_value_t = 20)]
+    /// (the "latency pods" of Kubernetes' density test) and measure each one's start-up; with
+    /// the default 100 replicas, 10 fill the node's 110-pod capacity
+    #[arg(long, default_value_t = 10)]
     latency_pods: usize,
     /// the pause between two latency pods, in milliseconds
     #[arg(long, default_value_t = 250)]
@@ -441,7 +442,7 @@ async fn latency_pods(args: &Args, pods: &Api<Pod>) -> anyhow::Result<Vec<Durati
         let ev = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
             Err(_) if Instant::now() < deadline => continue,
             Err(_) | Ok(None) => bail!(
-                "only {}/{} latency pods Running+Ready",
+                "only {}/{} latency pods Running+Ready (replicas + latency pods must fit the node's 110 pods)",
                 latency.len(),
                 args.latency_pods
             ),
