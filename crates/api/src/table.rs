@@ -361,14 +361,32 @@ pub fn cells(group: &str, kind: &str, obj: &Value, now: OffsetDateTime) -> Vec<V
                         .join(",")
                 })
                 .unwrap_or_default();
-            let ext = if ext.is_empty() {
-                match t.as_str() {
-                    "LoadBalancer" => "<pending>".to_string(),
-                    "ExternalName" => lookup_string(obj, "spec.externalName"),
-                    _ => "<none>".to_string(),
-                }
-            } else {
-                ext
+            // As kubectl's printer: a LoadBalancer shows its ingress addresses (then any
+            // externalIPs), `<pending>` while it has none.
+            let lb = lookup(obj, "status.loadBalancer.ingress")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|i| {
+                            i.get("ip")
+                                .or_else(|| i.get("hostname"))
+                                .and_then(Value::as_str)
+                                .filter(|s| !s.is_empty())
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            let ext = match t.as_str() {
+                "LoadBalancer" => match (lb.is_empty(), ext.is_empty()) {
+                    (true, true) => "<pending>".to_string(),
+                    (false, true) => lb,
+                    (true, false) => ext,
+                    (false, false) => format!("{lb},{ext}"),
+                },
+                "ExternalName" => lookup_string(obj, "spec.externalName"),
+                _ if ext.is_empty() => "<none>".to_string(),
+                _ => ext,
             };
             vec![
                 name,
@@ -628,6 +646,29 @@ mod tests {
         assert_eq!(c[3], "2");
         assert_eq!(c[6], "n1");
         assert_eq!(columns("", "Pod").len(), c.len());
+    }
+
+    #[test]
+    fn load_balancer_external_ip_is_its_ingress() {
+        let now = OffsetDateTime::now_utc();
+        let ext = |svc: Value| cells("", "Service", &svc, now)[3].clone();
+        let spec = json!({"type": "LoadBalancer", "clusterIP": "10.43.0.5"});
+        assert_eq!(ext(json!({"spec": spec})), json!("<pending>"));
+        assert_eq!(
+            ext(
+                json!({"spec": spec, "status": {"loadBalancer": {"ingress": [
+                {"ip": "192.0.2.2"}, {"hostname": "lb.example"}]}}})
+            ),
+            json!("192.0.2.2,lb.example")
+        );
+        let with_ext = json!({"type": "LoadBalancer", "externalIPs": ["198.51.100.1"]});
+        assert_eq!(ext(json!({"spec": with_ext})), json!("198.51.100.1"));
+        assert_eq!(
+            ext(json!({"spec": with_ext,
+                "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.2"}]}}})),
+            json!("192.0.2.2,198.51.100.1")
+        );
+        assert_eq!(ext(json!({"spec": {"type": "ClusterIP"}})), json!("<none>"));
     }
 
     #[test]

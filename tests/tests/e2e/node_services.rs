@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
 use skiff_e2e::{Kubectl, Server, skiff_binary};
 
 /// Address of the fake upstream resolver.
@@ -473,4 +475,274 @@ fn node_services_disable_agent_starts_no_proxy() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(!skiff_table_exists(), "--disable-agent created inet skiff");
     assert!(!link_exists("cni0"), "--disable-agent created cni0");
+}
+
+/// The node's cluster DNS as the host reaches it: the bridge gateway of the default pod CIDR.
+const NODE_DNS: &str = "10.42.0.1:53";
+
+/// One UDP query from the host to the node's cluster DNS: (rcode, answers as `name TYPE rdata`).
+fn dns_query(name: &str, rtype: RecordType) -> (ResponseCode, Vec<String>) {
+    let mut msg = Message::query();
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    sock.send_to(&msg.to_vec().unwrap(), NODE_DNS).unwrap();
+    let mut buf = [0u8; 4096];
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no answer from {NODE_DNS} for {name} {rtype}: {e}"));
+    let resp = Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(resp.metadata.id, msg.metadata.id, "answer to another query");
+    let answers = resp
+        .answers
+        .iter()
+        .map(|r| format!("{} {} {}", r.name, r.record_type(), r.data))
+        .collect();
+    (resp.metadata.response_code, answers)
+}
+
+/// Reverse name of an IPv4 address (`d.c.b.a.in-addr.arpa.`).
+fn in_addr_arpa(ip: &str) -> String {
+    let o: Vec<&str> = ip.split('.').collect();
+    assert_eq!(o.len(), 4, "not an IPv4 address: {ip}");
+    format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0])
+}
+
+/// The pod IP with dashes, as CoreDNS names endpoints without a hostname.
+fn dashed(ip: &str) -> String {
+    ip.replace('.', "-")
+}
+
+/// SRV and PTR records (ClusterIP and headless, as CoreDNS's kubernetes plugin gives them),
+/// NXDOMAIN and NODATA, a record following a Service change (the UDP answer cache is emptied),
+/// and a LoadBalancer Service: node address in `status.loadBalancer.ingress`, its port
+/// forwarded on the node address, gone once the Service is deleted.
+#[test]
+fn node_services_srv_ptr_rcodes_and_loadbalancer() {
+    let node_ip = default_route_ip();
+    let upstream = FakeUpstream::start();
+    let mut server = node_server_on(&node_ip, &format!("nameserver {UPSTREAM}\n"));
+    let k = Kubectl::new(Some("1.33"), &server);
+
+    k.ok_stdin(&["apply", "-f", "-"], APPS);
+    k.ok(&["rollout", "status", "deployment/web", "--timeout=180s"]);
+    k.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/client",
+        "--timeout=120s",
+    ]);
+    let cluster_ip = k.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    let pod_ips: BTreeSet<String> = k
+        .ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].status.podIP}",
+        ])
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(pod_ips.len(), 2, "{pod_ips:?}");
+
+    // SRV of a ClusterIP Service's named port: the Service port and the Service name.
+    let srv = "_http._tcp.web.default.svc.cluster.local.";
+    wait_until("the headless Service's endpoints in DNS", 30, || {
+        dns_query("web-headless.default.svc.cluster.local.", RecordType::A)
+            .1
+            .len()
+            == 2
+    });
+    let (rc, ans) = dns_query(srv, RecordType::SRV);
+    assert_eq!(rc, ResponseCode::NoError, "{srv}: {ans:?}");
+    assert_eq!(
+        ans,
+        vec![format!("{srv} SRV 0 100 80 web.default.svc.cluster.local.")],
+        "SRV {srv}"
+    );
+    // From inside a pod with busybox nslookup too.
+    let (_, text, _) = exec(&k, &["nslookup", "-type=SRV", srv, "10.43.0.10"]);
+    assert!(
+        text.contains("80 web.default.svc.cluster.local"),
+        "busybox nslookup -type=SRV {srv}: {text}"
+    );
+
+    // Headless: one SRV per ready pod, on the endpoint port, to <dashed-ip>.<svc>...
+    // (The port of web-headless is unnamed, so its SRV is `_http` only if named; give it one.)
+    k.ok(&[
+        "patch",
+        "svc",
+        "web-headless",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/ports/0/name","value":"http"}]"#,
+    ]);
+    let hsrv = "_http._tcp.web-headless.default.svc.cluster.local.";
+    let want: BTreeSet<String> = pod_ips
+        .iter()
+        .map(|ip| {
+            format!(
+                "{hsrv} SRV 0 50 8080 {}.web-headless.default.svc.cluster.local.",
+                dashed(ip)
+            )
+        })
+        .collect();
+    let mut last = Vec::new();
+    wait_until("one SRV per headless pod", 15, || {
+        last = dns_query(hsrv, RecordType::SRV).1;
+        last.iter().cloned().collect::<BTreeSet<_>>() == want
+    });
+    assert_eq!(last.len(), 2, "{last:?}");
+
+    // PTR: the ClusterIP gives the Service name; a headless pod IP gives its endpoint name.
+    let ptr = in_addr_arpa(&cluster_ip);
+    let (rc, ans) = dns_query(&ptr, RecordType::PTR);
+    assert_eq!(rc, ResponseCode::NoError, "{ptr}: {ans:?}");
+    assert_eq!(
+        ans,
+        vec![format!("{ptr} PTR web.default.svc.cluster.local.")],
+        "PTR {ptr}"
+    );
+    let (_, text, _) = exec(&k, &["nslookup", "-type=PTR", &ptr, "10.43.0.10"]);
+    assert!(
+        text.contains("web.default.svc.cluster.local"),
+        "busybox nslookup -type=PTR {ptr}: {text}"
+    );
+    for ip in &pod_ips {
+        let ptr = in_addr_arpa(ip);
+        let (rc, ans) = dns_query(&ptr, RecordType::PTR);
+        assert_eq!(rc, ResponseCode::NoError, "{ptr}: {ans:?}");
+        assert_eq!(
+            ans,
+            vec![format!(
+                "{ptr} PTR {}.web-headless.default.svc.cluster.local.",
+                dashed(ip)
+            )],
+            "PTR of headless pod {ip}"
+        );
+    }
+
+    // NXDOMAIN for a missing name; NODATA (NOERROR, no answers) for a type a name lacks.
+    for (name, rtype) in [
+        ("nosuch.default.svc.cluster.local.", RecordType::A),
+        (
+            "_nosuch._tcp.web.default.svc.cluster.local.",
+            RecordType::SRV,
+        ),
+    ] {
+        let (rc, ans) = dns_query(name, rtype);
+        assert_eq!(rc, ResponseCode::NXDomain, "{name} {rtype}: {ans:?}");
+        assert!(ans.is_empty(), "{name}: {ans:?}");
+    }
+    for (name, rtype) in [
+        ("web.default.svc.cluster.local.", RecordType::AAAA),
+        ("web.default.svc.cluster.local.", RecordType::TXT),
+        (srv, RecordType::A),
+    ] {
+        let (rc, ans) = dns_query(name, rtype);
+        assert_eq!(rc, ResponseCode::NoError, "{name} {rtype}: {ans:?}");
+        assert!(ans.is_empty(), "{name} {rtype} has answers: {ans:?}");
+    }
+
+    // A record follows a Service change (the cached answer above must not outlive it).
+    k.ok(&["delete", "svc", "web"]);
+    k.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{port: 81, targetPort: 8080, name: www}]\n",
+    );
+    wait_until("the old SRV name NXDOMAIN", 10, || {
+        dns_query(srv, RecordType::SRV).0 == ResponseCode::NXDomain
+    });
+    let new_srv = "_www._tcp.web.default.svc.cluster.local.";
+    // (the delete may be seen before the new Service)
+    wait_until("the new SRV name", 10, || {
+        dns_query(new_srv, RecordType::SRV).0 == ResponseCode::NoError
+    });
+    let (rc, ans) = dns_query(new_srv, RecordType::SRV);
+    assert_eq!(rc, ResponseCode::NoError, "{new_srv}: {ans:?}");
+    assert_eq!(
+        ans,
+        vec![format!(
+            "{new_srv} SRV 0 100 81 web.default.svc.cluster.local."
+        )]
+    );
+    let new_ip = k.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    if new_ip != cluster_ip {
+        let (rc, ans) = dns_query(&ptr, RecordType::PTR);
+        assert_eq!(
+            rc,
+            ResponseCode::NXDomain,
+            "old ClusterIP PTR {ptr}: {ans:?}"
+        );
+    }
+
+    // LoadBalancer: the node address in status.loadBalancer.ingress, the port on the node IP.
+    k.ok(&[
+        "expose",
+        "deployment",
+        "web",
+        "--name=web-lb",
+        "--type=LoadBalancer",
+        "--port=8080",
+        "--target-port=8080",
+    ]);
+    let mut ingress = String::new();
+    wait_until("web-lb's status.loadBalancer.ingress", 30, || {
+        ingress = k.ok(&[
+            "get",
+            "svc",
+            "web-lb",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[*].ip}",
+        ]);
+        !ingress.is_empty()
+    });
+    assert_eq!(ingress, node_ip, "status.loadBalancer.ingress");
+    let table = k.ok(&["get", "svc", "web-lb"]);
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.split_whitespace().nth(3) == Some(node_ip.as_str())),
+        "kubectl get svc web-lb has no EXTERNAL-IP {node_ip}:\n{table}"
+    );
+    let addr = format!("{node_ip}:8080");
+    let mut resp = String::new();
+    wait_until(
+        "the LoadBalancer port answers on the node address",
+        15,
+        || {
+            resp = http_get(&addr).unwrap_or_default();
+            !resp.is_empty()
+        },
+    );
+    assert!(resp.starts_with("HTTP/1."), "{resp}");
+    let backends: BTreeSet<String> = k
+        .ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert!(
+        backends.iter().any(|b| resp.contains(b.as_str())),
+        "LoadBalancer {addr} answered {resp:?}"
+    );
+    k.ok(&["delete", "svc", "web-lb"]);
+    wait_until("the LoadBalancer port closed after the delete", 15, || {
+        http_get(&addr).is_err()
+    });
+
+    drop(upstream);
+    k.ok(&["delete", "pod", "client", "--wait=true", "--timeout=60s"]);
+    let st = server.stop();
+    assert!(st.success(), "skiff server exited with {st}");
 }
