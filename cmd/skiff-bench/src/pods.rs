@@ -267,40 +267,22 @@ async fn measure(args: &Args, server: &Server, pid: u32) -> anyhow::Result<()> {
     }))?;
     let t0 = Instant::now();
     deployments.create(&PostParams::default(), &dep).await?;
-    let mut added: HashMap<String, Instant> = HashMap::new();
-    let mut latency: HashMap<String, Duration> = HashMap::new();
     let mut peak_rss = idle_rss;
     let mut last_sample = Instant::now();
     let deadline = t0 + Duration::from_secs(args.timeout_secs);
-    while latency.len() < args.replicas as usize {
-        if last_sample.elapsed() > Duration::from_millis(200) {
-            peak_rss = peak_rss.max(rss_kib(pid).unwrap_or(0));
-            last_sample = Instant::now();
-        }
-        let next = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
-        let ev = match next {
-            Err(_) if Instant::now() < deadline => continue,
-            Err(_) | Ok(None) => bail!(
-                "only {}/{} pods Running+Ready after {:?}",
-                latency.len(),
-                args.replicas,
-                t0.elapsed()
-            ),
-            Ok(Some(ev)) => ev?,
-        };
-        let now = Instant::now();
-        match ev {
-            WatchEvent::Added(p) | WatchEvent::Modified(p) => {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                let first = *added.entry(name.clone()).or_insert(now);
-                if running_and_ready(&p) && !latency.contains_key(&name) {
-                    latency.insert(name, now - first);
-                }
+    let latency = until_ready(
+        &mut stream,
+        args.replicas as usize,
+        deadline,
+        "pods",
+        || {
+            if last_sample.elapsed() > Duration::from_millis(200) {
+                peak_rss = peak_rss.max(rss_kib(pid).unwrap_or(0));
+                last_sample = Instant::now();
             }
-            WatchEvent::Error(e) => bail!("watch error: {}", e.message),
-            _ => {}
-        }
-    }
+        },
+    )
+    .await?;
     let all_running = t0.elapsed();
     peak_rss = peak_rss.max(rss_kib(pid).unwrap_or(0));
     let (shims, shims_rss, shims_pss, shims_private) = shims_mem_kib(server.dir.path());
@@ -385,6 +367,40 @@ async fn measure(args: &Args, server: &Server, pid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Follows a pod watch until `n` pods are Running+Ready; returns each one's time from its first
+/// event (ADDED) to Running+Ready. `tick` runs between events (e.g. to sample RSS).
+async fn until_ready(
+    stream: &mut futures::stream::BoxStream<'_, kube::Result<WatchEvent<Pod>>>,
+    n: usize,
+    deadline: Instant,
+    what: &str,
+    mut tick: impl FnMut(),
+) -> anyhow::Result<HashMap<String, Duration>> {
+    let mut added: HashMap<String, Instant> = HashMap::new();
+    let mut latency: HashMap<String, Duration> = HashMap::new();
+    while latency.len() < n {
+        tick();
+        let ev = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+            Err(_) if Instant::now() < deadline => continue,
+            Err(_) | Ok(None) => bail!("only {}/{n} {what} Running+Ready", latency.len()),
+            Ok(Some(ev)) => ev?,
+        };
+        let now = Instant::now();
+        match ev {
+            WatchEvent::Added(p) | WatchEvent::Modified(p) => {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                let first = *added.entry(name.clone()).or_insert(now);
+                if running_and_ready(&p) && !latency.contains_key(&name) {
+                    latency.insert(name, now - first);
+                }
+            }
+            WatchEvent::Error(e) => bail!("watch error: {}", e.message),
+            _ => {}
+        }
+    }
+    Ok(latency)
+}
+
 /// The density test's latency phase: single pods created one at a time at a steady pace while
 /// the Deployment's pods run; each one's ADDED → Running+Ready as seen by a watch. The pods are
 /// deleted afterwards.
@@ -436,31 +452,14 @@ async fn latency_pods(args: &Args, pods: &Api<Pod>) -> anyhow::Result<Vec<Durati
         })
     };
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    let mut added: HashMap<String, Instant> = HashMap::new();
-    let mut latency: HashMap<String, Duration> = HashMap::new();
-    while latency.len() < args.latency_pods {
-        let ev = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
-            Err(_) if Instant::now() < deadline => continue,
-            Err(_) | Ok(None) => bail!(
-                "only {}/{} latency pods Running+Ready (replicas + latency pods must fit the node's 110 pods)",
-                latency.len(),
-                args.latency_pods
-            ),
-            Ok(Some(ev)) => ev?,
-        };
-        let now = Instant::now();
-        match ev {
-            WatchEvent::Added(p) | WatchEvent::Modified(p) => {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                let first = *added.entry(name.clone()).or_insert(now);
-                if running_and_ready(&p) && !latency.contains_key(&name) {
-                    latency.insert(name, now - first);
-                }
-            }
-            WatchEvent::Error(e) => bail!("watch error: {}", e.message),
-            _ => {}
-        }
-    }
+    let latency = until_ready(
+        &mut stream,
+        args.latency_pods,
+        deadline,
+        "latency pods (replicas + latency pods must fit the node's 110 pods)",
+        || {},
+    )
+    .await?;
     creator.await??;
     pods.delete_collection(
         &DeleteParams::default(),
