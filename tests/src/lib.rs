@@ -17,6 +17,10 @@ fn target_profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The hard eviction thresholds node tests run with (see `launch`): disk pressure only when the
+/// disk is really full.
+pub const TEST_EVICTION_HARD: &str = "eviction-hard=nodefs.available<1%,imagefs.available<1%";
+
 /// Builds `skiff` (a no-op when fresh) and returns its path.
 pub fn skiff_binary() -> PathBuf {
     let profile_dir = target_profile_dir();
@@ -104,9 +108,17 @@ impl Server {
             ])
             .args(fixed)
             // This build machine's disk is over the kubelet's image GC threshold (85% used by
-            // its measure, which counts blocks reserved from us): keep test images.
+            // its measure, which counts blocks reserved from us): keep test images. And a build
+            // machine with build outputs on it can get under the default 5% free, where the
+            // kubelet would evict the tests' pods: node tests are not about disk pressure
+            // (node_eviction sets its own thresholds on a tmpfs, after these).
             .args(if agent {
-                &["--kubelet-arg", "image-gc-high-threshold=100"][..]
+                &[
+                    "--kubelet-arg",
+                    "image-gc-high-threshold=100",
+                    "--kubelet-arg",
+                    TEST_EVICTION_HARD,
+                ][..]
             } else {
                 &[][..]
             })

@@ -321,6 +321,8 @@ fn start_server(bridge: &Bridge, prefix: &str, backend: &str) -> (LabNode, Strin
         // The build machine's disk is over the image GC threshold: keep the test images.
         "--kubelet-arg",
         "image-gc-high-threshold=100",
+        "--kubelet-arg",
+        skiff_e2e::TEST_EVICTION_HARD,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -355,6 +357,8 @@ fn agent_args(url: &str, token: &str, ip: &str, backend: &str, resolv: &str) -> 
         resolv,
         "--kubelet-arg",
         "image-gc-high-threshold=100",
+        "--kubelet-arg",
+        skiff_e2e::TEST_EVICTION_HARD,
     ]
     .iter()
     .map(|s| s.to_string())

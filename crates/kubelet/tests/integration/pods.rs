@@ -110,6 +110,10 @@ impl TestNode {
         cfg.sync_interval = Duration::from_millis(300);
         // The build machine's disk is over the image GC threshold: keep the test images.
         cfg.eviction.image_gc_high = 100;
+        // Nor should a build machine with little free disk evict the tests' pods.
+        cfg.eviction.hard =
+            skiff_kubelet::eviction::parse_thresholds("nodefs.available<1%,imagefs.available<1%")
+                .unwrap();
         cfg
     }
 }
