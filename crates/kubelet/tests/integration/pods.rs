@@ -325,8 +325,12 @@ async fn node_registration_pods_probes_restarts_and_deletion() {
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True")
     );
+    // The kubelet creates its Lease right after registering the Node: wait for it too.
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-    let l = leases.get(&node.name).await.unwrap();
+    let l = wait_for("node lease", 30, async || {
+        leases.get_opt(&node.name).await.unwrap()
+    })
+    .await;
     assert!(l.spec.unwrap().renew_time.is_some());
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
