@@ -140,6 +140,19 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// The pod spec of every benchmark pod: busybox sleeping, from the imported image.
+fn pod_spec() -> serde_json::Value {
+    serde_json::json!({
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{
+            "name": "sleep",
+            "image": "skiff.local/busybox:stable",
+            "imagePullPolicy": "Never",
+            "command": ["sleep", "3600"],
+        }],
+    })
+}
+
 fn running_and_ready(p: &Pod) -> bool {
     let Some(st) = &p.status else { return false };
     st.phase.as_deref() == Some("Running")
@@ -253,15 +266,7 @@ async fn measure(args: &Args, server: &Server, pid: u32) -> anyhow::Result<()> {
             "selector": {"matchLabels": {"app": "bench"}},
             "template": {
                 "metadata": {"labels": {"app": "bench"}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{
-                        "name": "sleep",
-                        "image": "skiff.local/busybox:stable",
-                        "imagePullPolicy": "Never",
-                        "command": ["sleep", "3600"],
-                    }],
-                },
+                "spec": pod_spec(),
             },
         },
     }))?;
@@ -435,15 +440,7 @@ async fn latency_pods(args: &Args, pods: &Api<Pod>) -> anyhow::Result<Vec<Durati
                     "apiVersion": "v1",
                     "kind": "Pod",
                     "metadata": {"name": format!("bench-latency-{i}"), "labels": {"app": "bench-latency"}},
-                    "spec": {
-                        "terminationGracePeriodSeconds": 1,
-                        "containers": [{
-                            "name": "sleep",
-                            "image": "skiff.local/busybox:stable",
-                            "imagePullPolicy": "Never",
-                            "command": ["sleep", "3600"],
-                        }],
-                    },
+                    "spec": pod_spec(),
                 }))?;
                 pods.create(&PostParams::default(), &pod).await?;
                 tokio::time::sleep(pause).await;
