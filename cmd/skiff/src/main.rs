@@ -30,12 +30,24 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// speed. The arena setting only counts before the first allocation creates the first arena, so
 /// this runs as an ELF constructor (`.init_array`), before Rust's runtime allocates anything;
 /// setting it at the top of `main` was measured to be too late.
+///
+/// mimalloc's own environment variables (`MIMALLOC_ARENA_EAGER_COMMIT`, `MIMALLOC_PURGE_DELAY`)
+/// still win when set, so the trade between memory and speed can be tuned (and measured) on a
+/// given board without a rebuild.
 extern "C" fn tune_allocator() {
-    // SAFETY: mi_option_set only stores an integer in mimalloc's option table; it neither
-    // allocates nor depends on Rust's runtime being initialised.
+    unsafe extern "C" {
+        fn getenv(name: *const std::ffi::c_char) -> *const std::ffi::c_char;
+    }
+    // SAFETY: getenv reads the environment the loader set up and does not allocate;
+    // mi_option_set only stores an integer in mimalloc's option table. Neither depends on Rust's
+    // runtime being initialised.
     unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+        if getenv(c"MIMALLOC_ARENA_EAGER_COMMIT".as_ptr()).is_null() {
+            libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+        }
+        if getenv(c"MIMALLOC_PURGE_DELAY".as_ptr()).is_null() {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+        }
     }
 }
 

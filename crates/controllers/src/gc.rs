@@ -17,9 +17,21 @@ use crate::informer::Informer;
 use crate::queue::Queue;
 use crate::{ControllerError, Ctx};
 
+/// An object's metadata behind the informer's `Arc`, so a scan reads the cache without copying.
+trait AsMeta: Send + Sync {
+    fn meta(&self) -> &ObjectMeta;
+}
+
+impl<K: Resource + Send + Sync> AsMeta for K {
+    fn meta(&self) -> &ObjectMeta {
+        Resource::meta(self)
+    }
+}
+
 /// A cached kind the collector reads metadata from.
 trait MetaSource: Send + Sync {
-    fn each(&self, f: &mut dyn FnMut(&ObjectMeta));
+    /// Every cached object of the kind (shared, not cloned).
+    fn snapshot(&self) -> Vec<Arc<dyn AsMeta>>;
 }
 
 impl<K> MetaSource for Informer<K>
@@ -32,10 +44,12 @@ where
         + Sync
         + 'static,
 {
-    fn each(&self, f: &mut dyn FnMut(&ObjectMeta)) {
-        for o in self.store.state() {
-            f(o.meta());
-        }
+    fn snapshot(&self) -> Vec<Arc<dyn AsMeta>> {
+        self.store
+            .state()
+            .into_iter()
+            .map(|o| o as Arc<dyn AsMeta>)
+            .collect()
     }
 }
 
@@ -180,15 +194,37 @@ pub async fn run(ctx: Arc<Ctx>) {
         .await;
 }
 
+/// One cached object as the scan sees it: its kind's index and its (shared) metadata.
 struct Obj {
     kind: usize,
-    ns: String,
-    name: String,
-    uid: String,
-    rv: Option<String>,
-    deleting: bool,
-    finalizers: Vec<String>,
-    refs: Vec<OwnerReference>,
+    obj: Arc<dyn AsMeta>,
+}
+
+impl Obj {
+    fn m(&self) -> &ObjectMeta {
+        self.obj.meta()
+    }
+    fn ns(&self) -> &str {
+        self.m().namespace.as_deref().unwrap_or_default()
+    }
+    fn name(&self) -> &str {
+        self.m().name.as_deref().unwrap_or_default()
+    }
+    fn uid(&self) -> &str {
+        self.m().uid.as_deref().unwrap_or_default()
+    }
+    fn rv(&self) -> Option<&str> {
+        self.m().resource_version.as_deref()
+    }
+    fn deleting(&self) -> bool {
+        self.m().deletion_timestamp.is_some()
+    }
+    fn finalizers(&self) -> &[String] {
+        self.m().finalizers.as_deref().unwrap_or_default()
+    }
+    fn refs(&self) -> &[OwnerReference] {
+        self.m().owner_references.as_deref().unwrap_or_default()
+    }
 }
 
 fn group_of(api_version: &str) -> &str {
@@ -206,26 +242,18 @@ impl Kind {
 }
 
 async fn scan(ctx: &Ctx, kinds: &[Kind]) -> Result<(), ControllerError> {
+    // The scan runs often on a busy cluster: it shares the informers' objects instead of
+    // copying every object's metadata each time.
     let mut objs: Vec<Obj> = Vec::new();
     for (i, k) in kinds.iter().enumerate() {
-        k.source.each(&mut |m| {
-            objs.push(Obj {
-                kind: i,
-                ns: m.namespace.clone().unwrap_or_default(),
-                name: m.name.clone().unwrap_or_default(),
-                uid: m.uid.clone().unwrap_or_default(),
-                rv: m.resource_version.clone(),
-                deleting: m.deletion_timestamp.is_some(),
-                finalizers: m.finalizers.clone().unwrap_or_default(),
-                refs: m.owner_references.clone().unwrap_or_default(),
-            })
-        });
+        objs.extend(
+            k.source
+                .snapshot()
+                .into_iter()
+                .map(|obj| Obj { kind: i, obj }),
+        );
     }
-    let by_uid: HashMap<&str, usize> = objs
-        .iter()
-        .enumerate()
-        .map(|(i, o)| (o.uid.as_str(), i))
-        .collect();
+    let by_uid: HashMap<&str, usize> = objs.iter().enumerate().map(|(i, o)| (o.uid(), i)).collect();
     let kind_of = |r: &OwnerReference| {
         kinds
             .iter()
@@ -235,12 +263,12 @@ async fn scan(ctx: &Ctx, kinds: &[Kind]) -> Result<(), ControllerError> {
     let mut deps: HashMap<usize, Vec<(usize, bool)>> = HashMap::new();
     let mut verified: HashMap<String, bool> = HashMap::new();
     for (i, o) in objs.iter().enumerate() {
-        if o.refs.is_empty() {
+        if o.refs().is_empty() {
             continue;
         }
         let mut gone: Vec<&OwnerReference> = Vec::new();
         let mut alive = 0;
-        for r in &o.refs {
+        for r in o.refs() {
             match (by_uid.get(r.uid.as_str()), kind_of(r)) {
                 (Some(&oi), _) => {
                     alive += 1;
@@ -255,7 +283,7 @@ async fn scan(ctx: &Ctx, kinds: &[Kind]) -> Result<(), ControllerError> {
                         Some(v) => *v,
                         None => {
                             let k = &kinds[ki];
-                            let v = match k.api(&ctx.client, &o.ns).get_opt(&r.name).await? {
+                            let v = match k.api(&ctx.client, o.ns()).get_opt(&r.name).await? {
                                 None => true,
                                 Some(live) => live.metadata.uid.as_deref() != Some(r.uid.as_str()),
                             };
@@ -271,26 +299,26 @@ async fn scan(ctx: &Ctx, kinds: &[Kind]) -> Result<(), ControllerError> {
                 }
             }
         }
-        if gone.is_empty() || o.deleting {
+        if gone.is_empty() || o.deleting() {
             continue;
         }
-        let api = kinds[o.kind].api(&ctx.client, &o.ns);
+        let api = kinds[o.kind].api(&ctx.client, o.ns());
         if alive == 0 {
-            tracing::info!(kind = %kinds[o.kind].ar.kind, namespace = %o.ns, name = %o.name, "deleting dependent whose owners are gone");
+            tracing::info!(kind = %kinds[o.kind].ar.kind, namespace = %o.ns(), name = %o.name(), "deleting dependent whose owners are gone");
             ignore_missing(
-                api.delete(&o.name, &DeleteParams::background())
+                api.delete(o.name(), &DeleteParams::background())
                     .await
                     .map(|_| ()),
             )?;
         } else {
             let keep: Vec<&OwnerReference> = o
-                .refs
+                .refs()
                 .iter()
                 .filter(|r| !gone.iter().any(|g| g.uid == r.uid))
                 .collect();
-            let patch = json!({"metadata": {"ownerReferences": keep, "resourceVersion": o.rv}});
+            let patch = json!({"metadata": {"ownerReferences": keep, "resourceVersion": o.rv()}});
             ignore_missing(
-                api.patch(&o.name, &PatchParams::default(), &Patch::Merge(patch))
+                api.patch(o.name(), &PatchParams::default(), &Patch::Merge(patch))
                     .await
                     .map(|_| ()),
             )?;
@@ -298,28 +326,30 @@ async fn scan(ctx: &Ctx, kinds: &[Kind]) -> Result<(), ControllerError> {
     }
     // Owners being deleted with Orphan or Foreground propagation.
     for (oi, o) in objs.iter().enumerate() {
-        if !o.deleting {
+        if !o.deleting() {
             continue;
         }
         let my = deps.get(&oi).cloned().unwrap_or_default();
-        if o.finalizers.iter().any(|f| f == "orphan") {
+        if o.finalizers().iter().any(|f| f == "orphan") {
             for (di, _) in &my {
                 let d = &objs[*di];
-                let keep: Vec<&OwnerReference> = d.refs.iter().filter(|r| r.uid != o.uid).collect();
-                let patch = json!({"metadata": {"ownerReferences": keep, "resourceVersion": d.rv}});
+                let keep: Vec<&OwnerReference> =
+                    d.refs().iter().filter(|r| r.uid != o.uid()).collect();
+                let patch =
+                    json!({"metadata": {"ownerReferences": keep, "resourceVersion": d.rv()}});
                 ignore_missing(
                     kinds[d.kind]
-                        .api(&ctx.client, &d.ns)
-                        .patch(&d.name, &PatchParams::default(), &Patch::Merge(patch))
+                        .api(&ctx.client, d.ns())
+                        .patch(d.name(), &PatchParams::default(), &Patch::Merge(patch))
                         .await
                         .map(|_| ()),
                 )?;
             }
             remove_finalizer(ctx, &kinds[o.kind], o, "orphan").await?;
-        } else if o.finalizers.iter().any(|f| f == "foregroundDeletion") {
+        } else if o.finalizers().iter().any(|f| f == "foregroundDeletion") {
             for (di, block) in &my {
                 let d = &objs[*di];
-                if d.deleting {
+                if d.deleting() {
                     continue;
                 }
                 let dp = DeleteParams {
@@ -332,8 +362,8 @@ async fn scan(ctx: &Ctx, kinds: &[Kind]) -> Result<(), ControllerError> {
                 };
                 ignore_missing(
                     kinds[d.kind]
-                        .api(&ctx.client, &d.ns)
-                        .delete(&d.name, &dp)
+                        .api(&ctx.client, d.ns())
+                        .delete(d.name(), &dp)
                         .await
                         .map(|_| ()),
                 )?;
@@ -347,12 +377,12 @@ async fn scan(ctx: &Ctx, kinds: &[Kind]) -> Result<(), ControllerError> {
 }
 
 async fn remove_finalizer(ctx: &Ctx, kind: &Kind, o: &Obj, f: &str) -> Result<(), ControllerError> {
-    let rest: Vec<&String> = o.finalizers.iter().filter(|x| *x != f).collect();
-    let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": o.rv}});
-    tracing::info!(kind = %kind.ar.kind, namespace = %o.ns, name = %o.name, finalizer = f, "dependents handled; removing finalizer");
+    let rest: Vec<&String> = o.finalizers().iter().filter(|x| *x != f).collect();
+    let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": o.rv()}});
+    tracing::info!(kind = %kind.ar.kind, namespace = %o.ns(), name = %o.name(), finalizer = f, "dependents handled; removing finalizer");
     ignore_missing(
-        kind.api(&ctx.client, &o.ns)
-            .patch(&o.name, &PatchParams::default(), &Patch::Merge(patch))
+        kind.api(&ctx.client, o.ns())
+            .patch(o.name(), &PatchParams::default(), &Patch::Merge(patch))
             .await
             .map(|_| ()),
     )

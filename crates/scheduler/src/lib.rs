@@ -1,4 +1,4 @@
-//! The scheduler: watches pods and nodes through the `kube` client (one reflector per type),
+//! The scheduler: watches pods and nodes through the `kube` client (one watcher per type),
 //! queues unbound pods, filters and scores nodes, binds through `pods/binding`, and reports
 //! `Scheduled` / `FailedScheduling` events and the `PodScheduled` condition.
 
@@ -18,7 +18,6 @@ use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use rand::Rng;
 use skiff_events::{NORMAL, Recorder, WARNING};
@@ -97,12 +96,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SchedulerError> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let (pod_reader, pod_writer) = reflector::store::<Pod>();
-    let (node_reader, node_writer) = reflector::store::<Node>();
     let pods = spawn_watch(
         Api::<Pod>::all(client.clone()),
-        pod_writer,
-        pod_reader,
         tx.clone(),
         "pods",
         Msg::PodApply,
@@ -112,8 +107,6 @@ pub async fn run(
     );
     let nodes = spawn_watch(
         Api::<Node>::all(client.clone()),
-        node_writer,
-        node_reader,
         tx.clone(),
         "nodes",
         Msg::NodeApply,
@@ -131,11 +124,11 @@ pub async fn run(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Turns a watch of `api` into messages for the scheduling loop. No reflector cache: the loop
+/// keeps the objects it needs itself (a reflector would clone every object into a second map),
+/// and relists are handled with the `Init`/`InitDone` messages.
 fn spawn_watch<K>(
     api: Api<K>,
-    writer: reflector::store::Writer<K>,
-    reader: Store<K>,
     tx: mpsc::UnboundedSender<Msg>,
     resource: &'static str,
     apply: fn(Arc<K>) -> Msg,
@@ -153,19 +146,11 @@ where
         + 'static,
 {
     tokio::spawn(async move {
-        let stream = reflector::reflector(
-            writer,
-            watcher::watcher(api, watcher::Config::default()).default_backoff(),
-        );
+        let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
             let msg = match ev {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                    let shared = reader
-                        .get(&ObjectRef::from_obj(&o))
-                        .unwrap_or_else(|| Arc::new(o));
-                    apply(shared)
-                }
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => apply(Arc::new(o)),
                 Ok(watcher::Event::Delete(o)) => delete(o),
                 Ok(watcher::Event::Init) => init(),
                 Ok(watcher::Event::InitDone) => init_done(),
