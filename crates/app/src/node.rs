@@ -318,6 +318,7 @@ fn kubelet_config(data_dir: &Path, cfg: &NodeConfig) -> Result<KubeletConfig, Ap
     for a in &cfg.kubelet_args {
         k.eviction.apply_kubelet_arg(a).map_err(AppError::Config)?;
     }
+    k.eviction.validate().map_err(AppError::Config)?;
     Ok(k)
 }
 

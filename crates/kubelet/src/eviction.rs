@@ -7,7 +7,11 @@
 //! nodefs.available<5%`, not the upstream kubelet's, which adds `memory.available<100Mi` and
 //! uses 10%/15%: edge boards run with small, full SD cards). A met threshold sets the node condition
 //! (MemoryPressure, DiskPressure, PIDPressure), which stays True for the pressure transition
-//! period after the signal recovers. Under disk pressure unused images are deleted first; if that
+//! period after the signal recovers. Soft thresholds (`eviction-soft`) set the condition at once
+//! but evict only after they have held for their `eviction-soft-grace-period`, and then with a
+//! grace period of at most `eviction-max-pod-grace-period` (0, the kubelet's default: at once).
+//! Once a threshold is met it counts as met until `eviction-minimum-reclaim` more than the
+//! threshold is available again. Under disk pressure unused images are deleted first; if that
 //! is not enough, one pod per interval is evicted: its containers are killed without grace, its
 //! sandbox and volumes are removed and it ends `Failed` with reason `Evicted`. Pods are ranked as
 //! the kubelet does: pods using more than they requested first, then lower priority, then higher
@@ -106,6 +110,8 @@ pub struct Threshold {
     pub amount: Amount,
     /// The text given (`100Mi`, `10%`), for messages.
     text: String,
+    /// From `eviction-soft` (evicts only after its grace period, with pod grace).
+    soft: bool,
 }
 
 impl Threshold {
@@ -175,9 +181,43 @@ pub fn parse_thresholds(s: &str) -> Result<Vec<Threshold>, String> {
             signal,
             amount,
             text: val.to_string(),
+            soft: false,
         });
     }
     Ok(out)
+}
+
+/// Parses a `SIGNAL=VALUE` list (`eviction-soft-grace-period`, `eviction-minimum-reclaim`).
+fn parse_signal_map<T>(
+    flag: &str,
+    s: &str,
+    value: impl Fn(&str) -> Option<T>,
+    what: &str,
+) -> Result<HashMap<Signal, T>, String> {
+    let mut out = HashMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (sig, val) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--kubelet-arg {flag}: {part:?}: expected SIGNAL=VALUE"))?;
+        let signal = Signal::parse(sig.trim())
+            .ok_or_else(|| format!("--kubelet-arg {flag}: {part:?}: unknown signal {sig:?}"))?;
+        let v = value(val.trim())
+            .ok_or_else(|| format!("--kubelet-arg {flag}: {part:?}: {val:?} is not {what}"))?;
+        out.insert(signal, v);
+    }
+    Ok(out)
+}
+
+/// Parses a quantity or a percentage (`500Mi`, `5%`).
+fn parse_amount(v: &str) -> Option<Amount> {
+    match v.strip_suffix('%') {
+        Some(p) => p
+            .parse::<f64>()
+            .ok()
+            .filter(|p| (0.0..=100.0).contains(p))
+            .map(Amount::Percent),
+        None => parse_quantity(v).map(Amount::Absolute),
+    }
 }
 
 /// Parses a Go duration (`5m`, `2m30s`, `0s`, `500ms`, `1h`).
@@ -218,6 +258,16 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
 pub struct EvictionConfig {
     /// `--eviction-hard`.
     pub hard: Vec<Threshold>,
+    /// `--eviction-soft` (none by default).
+    pub soft: Vec<Threshold>,
+    /// `--eviction-soft-grace-period`: how long a soft threshold must hold before eviction.
+    pub soft_grace: HashMap<Signal, Duration>,
+    /// `--eviction-max-pod-grace-period`: the most grace a pod gets in a soft eviction (it caps
+    /// the pod's terminationGracePeriodSeconds; 0, the default, stops it at once).
+    pub max_pod_grace: Duration,
+    /// `--eviction-minimum-reclaim`: how much above its threshold a signal must come back
+    /// before the threshold counts as resolved.
+    pub min_reclaim: HashMap<Signal, Amount>,
     /// `--eviction-pressure-transition-period` (5 min).
     pub pressure_transition: Duration,
     /// How often signals are observed (10 s).
@@ -238,6 +288,10 @@ impl Default for EvictionConfig {
     fn default() -> Self {
         EvictionConfig {
             hard: parse_thresholds("imagefs.available<5%,nodefs.available<5%").unwrap_or_default(),
+            soft: Vec::new(),
+            soft_grace: HashMap::new(),
+            max_pod_grace: Duration::ZERO,
+            min_reclaim: HashMap::new(),
             pressure_transition: Duration::from_secs(300),
             interval: Duration::from_secs(10),
             image_gc_high: 85,
@@ -269,6 +323,26 @@ impl EvictionConfig {
         };
         match name {
             "eviction-hard" => self.hard = parse_thresholds(value)?,
+            "eviction-soft" => {
+                self.soft = parse_thresholds(value)?;
+                for t in &mut self.soft {
+                    t.soft = true;
+                }
+            }
+            "eviction-soft-grace-period" => {
+                self.soft_grace =
+                    parse_signal_map(name, value, parse_go_duration, "a duration like 1m30s")?;
+            }
+            "eviction-max-pod-grace-period" => {
+                let secs: i64 = value.parse().map_err(|_| {
+                    format!("--kubelet-arg {name}: {value:?} is not a number of seconds")
+                })?;
+                self.max_pod_grace = Duration::from_secs(secs.max(0) as u64);
+            }
+            "eviction-minimum-reclaim" => {
+                self.min_reclaim =
+                    parse_signal_map(name, value, parse_amount, "a quantity or a percentage")?;
+            }
             "eviction-pressure-transition-period" => self.pressure_transition = dur(value)?,
             "image-gc-high-threshold" => self.image_gc_high = pct(value)?,
             "image-gc-low-threshold" => self.image_gc_low = pct(value)?,
@@ -278,7 +352,7 @@ impl EvictionConfig {
             }
             _ => {
                 return Err(format!(
-                    "--kubelet-arg {name}: not supported by skiff (supported: eviction-hard, eviction-pressure-transition-period, image-gc-high-threshold, image-gc-low-threshold, minimum-image-ttl-duration, housekeeping-interval)"
+                    "--kubelet-arg {name}: not supported by skiff (supported: eviction-hard, eviction-soft, eviction-soft-grace-period, eviction-max-pod-grace-period, eviction-minimum-reclaim, eviction-pressure-transition-period, image-gc-high-threshold, image-gc-low-threshold, minimum-image-ttl-duration, housekeeping-interval)"
                 ));
             }
         }
@@ -287,6 +361,21 @@ impl EvictionConfig {
                 "--kubelet-arg: image-gc-low-threshold ({}) must not be above image-gc-high-threshold ({})",
                 self.image_gc_low, self.image_gc_high
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks the settings as a whole, after every `--kubelet-arg` was applied (the kubelet
+    /// refuses a soft threshold without a grace period).
+    pub fn validate(&self) -> Result<(), String> {
+        for t in &self.soft {
+            if !self.soft_grace.contains_key(&t.signal) {
+                return Err(format!(
+                    "--kubelet-arg eviction-soft: grace period must be specified for the soft eviction threshold {} (add it to eviction-soft-grace-period, e.g. {}=1m30s)",
+                    t.signal.name(),
+                    t.signal.name()
+                ));
+            }
         }
         Ok(())
     }
@@ -334,8 +423,17 @@ impl Pressure {
 /// Shared pressure state.
 pub type SharedPressure = Arc<RwLock<Pressure>>;
 
-/// Pod uid → eviction message, taken by the pod's worker.
-pub type EvictionRequests = Arc<Mutex<HashMap<String, String>>>;
+/// What the eviction manager asks of one pod's worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvictionRequest {
+    /// The pod's status message (and the Evicted event's).
+    pub message: String,
+    /// How long its containers get to stop (zero for hard thresholds).
+    pub grace: Duration,
+}
+
+/// Pod uid → eviction request, taken by the pod's worker.
+pub type EvictionRequests = Arc<Mutex<HashMap<String, EvictionRequest>>>;
 
 /// Why a new pod may not start here now (the kubelet's eviction admission): under memory
 /// pressure BestEffort pods are refused, under disk or PID pressure every pod is.
@@ -466,6 +564,8 @@ struct Candidate {
     exceeds_request: bool,
     usage: u64,
     detail: String,
+    /// The pod's terminationGracePeriodSeconds (30 if unset).
+    grace_secs: u64,
 }
 
 /// Orders candidates the way the kubelet does: over their request first, then lower priority,
@@ -511,6 +611,67 @@ fn du(dir: &Path) -> u64 {
     total
 }
 
+/// The thresholds met by the observations (hard first, then soft), each with its index in
+/// hard ++ soft. A threshold met at the last observation (`first_met`) stays met until its
+/// minimum reclaim is available too.
+fn thresholds_met(
+    cfg: &EvictionConfig,
+    first_met: &HashMap<usize, Instant>,
+    observe: impl Fn(Signal) -> Option<Observed>,
+) -> Vec<(usize, Met)> {
+    cfg.hard
+        .iter()
+        .chain(&cfg.soft)
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let o = observe(t.signal)?;
+            let mut limit = t.limit(o.capacity);
+            if first_met.contains_key(&i)
+                && let Some(r) = cfg.min_reclaim.get(&t.signal)
+            {
+                limit = limit.saturating_add(match *r {
+                    Amount::Absolute(v) => v,
+                    Amount::Percent(p) => (o.capacity as f64 * p / 100.0) as u64,
+                });
+            }
+            (o.available < limit).then(|| {
+                (
+                    i,
+                    Met {
+                        threshold: t.clone(),
+                        observed: o,
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// Of the thresholds met now, those that may evict: hard ones, and soft ones that have held
+/// for their grace period.
+fn thresholds_due(
+    cfg: &EvictionConfig,
+    first_met: &HashMap<usize, Instant>,
+    met: Vec<(usize, Met)>,
+    now: Instant,
+) -> Vec<Met> {
+    met.into_iter()
+        .filter(|(i, m)| {
+            !m.threshold.soft || {
+                let grace = cfg
+                    .soft_grace
+                    .get(&m.threshold.signal)
+                    .copied()
+                    .unwrap_or_default();
+                first_met
+                    .get(i)
+                    .is_some_and(|t| now.saturating_duration_since(*t) >= grace)
+            }
+        })
+        .map(|(_, m)| m)
+        .collect()
+}
+
 /// The eviction manager and image garbage collector of one node.
 pub struct Manager {
     cfg: EvictionConfig,
@@ -526,6 +687,9 @@ pub struct Manager {
     pending: HashMap<String, Instant>,
     /// "Nothing to evict" was logged for this pressure episode.
     said_nothing_to_evict: bool,
+    /// Thresholds met at the last observation (index into hard ++ soft) and since when: they
+    /// stay met until the minimum reclaim is available, and soft ones evict after their grace.
+    first_met: HashMap<usize, Instant>,
 }
 
 impl Manager {
@@ -552,6 +716,7 @@ impl Manager {
             last_image_gc: None,
             pending: HashMap::new(),
             said_nothing_to_evict: false,
+            first_met: HashMap::new(),
         }
     }
 
@@ -562,19 +727,17 @@ impl Manager {
             .unwrap_or_else(|| self.root.clone())
     }
 
-    fn met(&self) -> Vec<Met> {
+    /// The thresholds met now (see `thresholds_met`).
+    fn met(&self) -> Vec<(usize, Met)> {
         let image_fs = self.image_fs();
-        self.cfg
-            .hard
-            .iter()
-            .filter_map(|t| {
-                let o = observe(t.signal, &self.root, &image_fs)?;
-                (o.available < t.limit(o.capacity)).then(|| Met {
-                    threshold: t.clone(),
-                    observed: o,
-                })
-            })
-            .collect()
+        thresholds_met(&self.cfg, &self.first_met, |s| {
+            observe(s, &self.root, &image_fs)
+        })
+    }
+
+    /// Of the thresholds met now, those that may evict (see `thresholds_due`).
+    fn due(&self, met: Vec<(usize, Met)>, now: Instant) -> Vec<Met> {
+        thresholds_due(&self.cfg, &self.first_met, met, now)
     }
 
     /// Runs until `stop` turns true.
@@ -590,10 +753,15 @@ impl Manager {
 
     /// One observation round.
     pub async fn tick(&mut self) {
+        let now = Instant::now();
         let met = self.met();
+        self.first_met
+            .retain(|i, _| met.iter().any(|(j, _)| j == i));
+        for (i, _) in &met {
+            self.first_met.entry(*i).or_insert(now);
+        }
         if let Ok(mut p) = self.pressure.write() {
-            let now = Instant::now();
-            for m in &met {
+            for (_, m) in &met {
                 let c = m.threshold.signal.condition();
                 if !p.holds(c) {
                     tracing::warn!(
@@ -612,7 +780,7 @@ impl Manager {
             .is_none_or(|t| t.elapsed() >= self.cfg.image_gc_interval);
         let disk = met
             .iter()
-            .any(|m| m.threshold.signal.condition() == Condition::Disk);
+            .any(|(_, m)| m.threshold.signal.condition() == Condition::Disk);
         if due || disk {
             self.last_image_gc = Some(Instant::now());
             self.image_gc(disk).await;
@@ -628,7 +796,8 @@ impl Manager {
         }
         // Reclaim may have been enough.
         let met = if disk { self.met() } else { met };
-        let Some(first) = met.first() else { return };
+        let due = self.due(met, now);
+        let Some(first) = due.first() else { return };
         self.evict_one(first).await;
     }
 
@@ -726,6 +895,12 @@ impl Manager {
                 exceeds_request: usage > request,
                 usage,
                 detail,
+                grace_secs: pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+                    .unwrap_or(30)
+                    .max(0) as u64,
             });
         }
         rank(out)
@@ -803,10 +978,17 @@ impl Manager {
         )
         .trim_end()
         .to_string();
-        tracing::warn!(pod = %victim.key, signal = signal.name(), usage = victim.usage, "evicting pod");
+        // Hard thresholds kill at once; soft ones give the pod's own grace period, capped by
+        // eviction-max-pod-grace-period.
+        let grace = if met.threshold.soft {
+            Duration::from_secs(victim.grace_secs).min(self.cfg.max_pod_grace)
+        } else {
+            Duration::ZERO
+        };
+        tracing::warn!(pod = %victim.key, signal = signal.name(), usage = victim.usage, soft = met.threshold.soft, grace_secs = grace.as_secs(), "evicting pod");
         self.pending.insert(victim.uid.clone(), Instant::now());
         if let Ok(mut m) = self.requests.lock() {
-            m.insert(victim.uid, message);
+            m.insert(victim.uid, EvictionRequest { message, grace });
         }
     }
 }
@@ -853,6 +1035,96 @@ mod tests {
     }
 
     #[test]
+    fn soft_thresholds_need_a_grace_period_and_parse_like_the_kubelet_flags() {
+        let mut c = EvictionConfig::default();
+        c.apply_kubelet_arg("eviction-soft=memory.available<1Gi,nodefs.available<15%")
+            .unwrap();
+        assert!(c.soft.iter().all(|t| t.soft));
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("grace period must be specified"), "{e}");
+        c.apply_kubelet_arg(
+            "eviction-soft-grace-period=memory.available=1m30s,nodefs.available=2m",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.soft_grace.get(&Signal::MemoryAvailable),
+            Some(&Duration::from_secs(90))
+        );
+        c.apply_kubelet_arg("eviction-max-pod-grace-period=60")
+            .unwrap();
+        assert_eq!(c.max_pod_grace, Duration::from_secs(60));
+        c.apply_kubelet_arg("eviction-minimum-reclaim=memory.available=0Mi,nodefs.available=5%")
+            .unwrap();
+        assert_eq!(
+            c.min_reclaim.get(&Signal::NodefsAvailable),
+            Some(&Amount::Percent(5.0))
+        );
+        assert!(
+            c.apply_kubelet_arg("eviction-soft-grace-period=memory.available=soon")
+                .is_err()
+        );
+        assert!(
+            c.apply_kubelet_arg("eviction-minimum-reclaim=disk=1Gi")
+                .is_err()
+        );
+        assert!(
+            c.apply_kubelet_arg("eviction-max-pod-grace-period=1m")
+                .is_err()
+        );
+    }
+
+    fn observed(available: u64) -> impl Fn(Signal) -> Option<Observed> {
+        move |_| {
+            Some(Observed {
+                available,
+                capacity: 1000,
+            })
+        }
+    }
+
+    #[test]
+    fn soft_thresholds_set_pressure_at_once_but_evict_after_their_grace_period() {
+        let mut c = EvictionConfig {
+            hard: parse_thresholds("nodefs.available<5%").unwrap(),
+            ..Default::default()
+        };
+        c.apply_kubelet_arg("eviction-soft=nodefs.available<20%")
+            .unwrap();
+        c.apply_kubelet_arg("eviction-soft-grace-period=nodefs.available=30s")
+            .unwrap();
+        let none = HashMap::new();
+        // 10% free: the soft threshold (index 1) is met, the hard one is not.
+        let met = thresholds_met(&c, &none, observed(100));
+        assert_eq!(met.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1]);
+        let now = Instant::now();
+        let since = |ago: u64| HashMap::from([(1, now - Duration::from_secs(ago))]);
+        assert!(thresholds_due(&c, &since(10), met.clone(), now).is_empty());
+        let due = thresholds_due(&c, &since(31), met, now);
+        assert_eq!(due.len(), 1);
+        assert!(due[0].threshold.soft);
+        // 1% free: the hard threshold evicts at once.
+        let met = thresholds_met(&c, &none, observed(10));
+        let due = thresholds_due(&c, &none, met, now);
+        assert!(!due.is_empty() && !due[0].threshold.soft);
+    }
+
+    #[test]
+    fn a_met_threshold_stays_met_until_the_minimum_reclaim_is_available() {
+        let mut c = EvictionConfig {
+            hard: parse_thresholds("nodefs.available<10%").unwrap(),
+            ..Default::default()
+        };
+        c.apply_kubelet_arg("eviction-minimum-reclaim=nodefs.available=5%")
+            .unwrap();
+        let was_met = HashMap::from([(0, Instant::now())]);
+        // 12% free: above the threshold, but not above threshold + reclaim (15%).
+        assert!(thresholds_met(&c, &HashMap::new(), observed(120)).is_empty());
+        assert_eq!(thresholds_met(&c, &was_met, observed(120)).len(), 1);
+        assert!(thresholds_met(&c, &was_met, observed(160)).is_empty());
+    }
+
+    #[test]
     fn go_durations() {
         assert_eq!(parse_go_duration("5m"), Some(Duration::from_secs(300)));
         assert_eq!(parse_go_duration("1h2m3s"), Some(Duration::from_secs(3723)));
@@ -871,6 +1143,7 @@ mod tests {
             exceeds_request,
             usage,
             detail: String::new(),
+            grace_secs: 30,
         };
         let ranked = rank(vec![
             c("a", 0, false, 900),

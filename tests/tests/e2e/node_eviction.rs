@@ -2,7 +2,8 @@
 //! emptyDir past `--kubelet-arg eviction-hard=nodefs.available<50%`, and the kubelet reports
 //! DiskPressure (the node gets the disk-pressure NoSchedule taint), deletes unused images, evicts
 //! the pod (Failed/Evicted, volumes removed), refuses new pods while the condition holds, and
-//! clears it afterwards. Named `node_*`: runs alone (it uses the host's cni0).
+//! clears it afterwards; with soft thresholds it evicts only after the grace period and lets the
+//! pod stop on SIGTERM. Named `node_*`: runs alone (it uses the host's cni0).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -266,6 +267,122 @@ fn node_disk_pressure_reclaims_images_evicts_the_biggest_user_and_refuses_new_po
     k.ok_stdin(&["apply", "-f", "-"], SCHEDULED);
     wait_until("scheduled pod Running", 90, || {
         k.ok(&["get", "pod", "scheduled", "-o", "jsonpath={.status.phase}"]) == "Running"
+    });
+    drop(server);
+}
+
+const SOFT_FILLER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: soft-filler}
+spec:
+  nodeName: skiff-e2e
+  terminationGracePeriodSeconds: 60
+  containers:
+  - name: main
+    image: skiff.local/busybox:stable
+    imagePullPolicy: Never
+    command: ["sh", "-c", "trap 'exit 0' TERM; dd if=/dev/zero of=/scratch/fill bs=1M count=150; while true; do sleep 1; done"]
+    volumeMounts: [{name: scratch, mountPath: /scratch}]
+  volumes:
+  - name: scratch
+    emptyDir: {}
+"#;
+
+/// Soft thresholds (`eviction-soft` + `eviction-soft-grace-period`): the condition comes at once,
+/// the eviction only after the grace period, and the pod gets SIGTERM with
+/// `eviction-max-pod-grace-period` to stop (its trap exits 0; a hard eviction kills it: 137).
+#[test]
+fn node_soft_disk_pressure_evicts_after_the_grace_period_and_lets_the_pod_stop() {
+    require_root();
+    let fs = Tmpfs::mount("256M");
+    let data = tempfile::TempDir::with_prefix_in("data-", &fs.0).expect("data dir on the tmpfs");
+    let st = Command::new(skiff_binary())
+        .args(["images", "--data-dir"])
+        .arg(data.path())
+        .arg("import")
+        .arg(image_tar("busybox"))
+        .status()
+        .expect("skiff images import");
+    assert!(st.success(), "skiff images import busybox failed");
+    let server = Server::start_with_agent(
+        data,
+        &[
+            "--kubelet-arg",
+            "eviction-hard=nodefs.available<1%",
+            "--kubelet-arg",
+            "eviction-soft=nodefs.available<50%",
+            "--kubelet-arg",
+            "eviction-soft-grace-period=nodefs.available=25s",
+            "--kubelet-arg",
+            "eviction-max-pod-grace-period=20",
+            "--kubelet-arg",
+            "eviction-pressure-transition-period=5s",
+            "--kubelet-arg",
+            "housekeeping-interval=1s",
+        ],
+    );
+    let k = Kubectl::new(Some("1.33"), &server);
+    wait_until("node skiff-e2e Ready", 60, || {
+        node_condition(&k, "Ready") == "True"
+    });
+    assert_eq!(node_condition(&k, "DiskPressure"), "False");
+    k.ok_stdin(&["apply", "-f", "-"], SOFT_FILLER);
+    // The node status is written at most every 10 s (as the kubelet's), so the condition shows
+    // within ~10 s of the threshold being met, well inside the 25 s grace period.
+    wait_until("DiskPressure True", 120, || {
+        node_condition(&k, "DiskPressure") == "True"
+    });
+    let pressure_seen = std::time::Instant::now();
+    assert_eq!(
+        k.ok(&[
+            "get",
+            "pod",
+            "soft-filler",
+            "-o",
+            "jsonpath={.status.phase}"
+        ]),
+        "Running",
+        "a soft threshold must not evict before its grace period"
+    );
+    wait_until("soft-filler evicted", 60, || {
+        k.ok(&[
+            "get",
+            "pod",
+            "soft-filler",
+            "-o",
+            "jsonpath={.status.reason}",
+        ]) == "Evicted"
+    });
+    let waited = pressure_seen.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_secs(10),
+        "evicted {waited:?} after DiskPressure was seen; the soft grace period is 25 s"
+    );
+    let msg = k.ok(&[
+        "get",
+        "pod",
+        "soft-filler",
+        "-o",
+        "jsonpath={.status.message}",
+    ]);
+    assert!(
+        msg.contains("The node was low on resource: ephemeral-storage. Threshold quantity: 50%"),
+        "eviction message: {msg}"
+    );
+    let code = k.ok(&[
+        "get",
+        "pod",
+        "soft-filler",
+        "-o",
+        "jsonpath={.status.containerStatuses[0].state.terminated.exitCode}",
+    ]);
+    assert_eq!(
+        code, "0",
+        "the container should have stopped on SIGTERM within the eviction grace period"
+    );
+    wait_until("DiskPressure False again", 90, || {
+        node_condition(&k, "DiskPressure") == "False"
     });
     drop(server);
 }

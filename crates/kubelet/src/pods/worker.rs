@@ -1379,9 +1379,10 @@ impl Worker {
             })
     }
 
-    /// Node-pressure eviction: a pod the eviction manager picked is killed at once (hard
-    /// thresholds give no grace), its sandbox, volumes and logs are removed to give the space
-    /// back, and it ends Failed/Evicted. A pod that has not started anything yet is refused while
+    /// Node-pressure eviction: a pod the eviction manager picked is stopped (at once for hard
+    /// thresholds; within the capped pod grace period, preStop hooks included, for soft ones),
+    /// its sandbox, volumes and logs are removed to give the space back, and it ends
+    /// Failed/Evicted. A pod that has not started anything yet is refused while
     /// the node is under pressure, as the kubelet's admission does.
     async fn check_eviction(&mut self, pod: &Pod) {
         let asked = self
@@ -1391,26 +1392,22 @@ impl Worker {
             .ok()
             .and_then(|mut m| m.remove(&self.uid));
         let fresh = self.sandbox_id.is_none() && self.ctrs.iter().all(|c| c.id.is_none());
-        let (message, refused) = match asked {
-            Some(m) => (m, false),
+        let (message, grace, refused) = match asked {
+            Some(r) => (r.message, r.grace, false),
             None if fresh => match crate::eviction::admission_refusal(&self.sh.pressure, pod) {
-                Some(m) => (m, true),
+                Some(m) => (m, Duration::ZERO, true),
                 None => return,
             },
             None => return,
         };
-        tracing::warn!(pod = %self.name, namespace = %self.namespace, refused, message = %message, "pod evicted");
+        tracing::warn!(pod = %self.name, namespace = %self.namespace, refused, grace_secs = grace.as_secs(), message = %message, "pod evicted");
         events::record(&self.sh, pod, "Warning", "Evicted", &message).await;
+        self.stop_all(pod, grace).await;
         for i in 0..self.ctrs.len() {
-            if !self.ctrs[i].running() {
-                continue;
-            }
-            let Some(id) = self.ctrs[i].id.clone() else {
-                continue;
-            };
-            match self.sh.runtime.stop_container(&id, Duration::ZERO).await {
-                Ok(st) => self.ctrs[i].status = Some(st),
-                Err(e) => tracing::warn!(container = %id, error = %e, "stopping container failed"),
+            if let Some(id) = self.ctrs[i].id.clone()
+                && self.ctrs[i].running()
+            {
+                self.ctrs[i].status = self.sh.runtime.container_status(&id).await.ok();
             }
             self.ctrs[i].ready = false;
         }
@@ -1705,20 +1702,12 @@ impl Worker {
         }
     }
 
-    /// Graceful termination: preStop hooks and SIGTERM within the grace period, then removal of
-    /// everything on the node and the final delete of the pod object.
-    pub async fn terminate(&mut self, pod: &Pod) -> Result<(), KubeletError> {
-        let grace = pod
-            .metadata
-            .deletion_grace_period_seconds
-            .or_else(|| {
-                pod.spec
-                    .as_ref()
-                    .and_then(|s| s.termination_grace_period_seconds)
-            })
-            .unwrap_or(30)
-            .max(0) as u64;
-        let deadline = Instant::now() + Duration::from_secs(grace);
+    /// Stops the running containers: preStop hooks and SIGTERM, then SIGKILL when `grace` is
+    /// over; app containers together, then sidecars in reverse order within what is left. Zero
+    /// grace kills at once without hooks.
+    async fn stop_all(&self, pod: &Pod, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        let hooks = !grace.is_zero();
         let rt = self.sh.runtime.clone();
         let ip = self.probe_ip();
         let mut stops = Vec::new();
@@ -1730,7 +1719,8 @@ impl Worker {
             let c = Self::container_spec(pod, ctr).cloned();
             let rt = rt.clone();
             stops.push(async move {
-                if let Some(c) = &c
+                if hooks
+                    && let Some(c) = &c
                     && let Some(h) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref())
                 {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -1761,7 +1751,8 @@ impl Worker {
                 continue;
             }
             let Some(id) = ctr.id.clone() else { continue };
-            if let Some(c) = Self::container_spec(pod, ctr)
+            if hooks
+                && let Some(c) = Self::container_spec(pod, ctr)
                 && let Some(h) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref())
             {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -1772,6 +1763,22 @@ impl Worker {
                 tracing::warn!(container = %id, error = %e, "stopping sidecar failed");
             }
         }
+    }
+
+    /// Graceful termination: preStop hooks and SIGTERM within the grace period, then removal of
+    /// everything on the node and the final delete of the pod object.
+    pub async fn terminate(&mut self, pod: &Pod) -> Result<(), KubeletError> {
+        let grace = pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or_else(|| {
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+            })
+            .unwrap_or(30)
+            .max(0) as u64;
+        self.stop_all(pod, Duration::from_secs(grace)).await;
         self.cleanup().await;
         let api: Api<Pod> = Api::namespaced(self.sh.client.clone(), &self.namespace);
         let dp = DeleteParams {
