@@ -156,7 +156,14 @@ fn a_stale_interface_of_the_pod_name_is_replaced() {
     let net = Network::new(config(&host, state.path(), "10.42.7.0/24")).unwrap();
     net.ensure_bridge().unwrap();
     // Something else left an eth0 in the sandbox: the pod end is made under that name.
-    run_in(&pod, "ip", &["link", "add", "eth0", "type", "dummy"]);
+    // (A veth pair: this kernel has no dummy driver.)
+    run_in(
+        &pod,
+        "ip",
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "stale1",
+        ],
+    );
     let p = net.attach("sandbox", &pod.netns_path(), "eth0").unwrap();
     let link = run_in(&pod, "ip", &["-d", "-o", "link", "show", "eth0"]);
     assert!(link.contains("veth"), "{link}");
