@@ -9,8 +9,11 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 use sha2::{Digest, Sha256};
 
 use crate::netlink::{self, open_netns};
@@ -285,62 +288,79 @@ impl Network {
         let peer = peer_veth_name(sandbox_id);
         let (bridge, mtu) = (self.cfg.bridge_name.as_str(), self.mtu);
         let (hostr, peerr) = (host.as_str(), peer.as_str());
-        netlink::run(self.host_netns.as_ref(), |h| async move {
-            // A leftover from an earlier attach of the same sandbox is rebuilt from scratch.
+        // One RTM_NEWLINK makes the whole pair: the host end on the bridge and up, the pod end
+        // created in the sandbox's namespace under its final name. Creating the pod end on the
+        // host and then moving and renaming it costs an RCU barrier and two RCU grace periods,
+        // all under the kernel's global rtnl lock, which serialises every attach of a burst of
+        // pods. One queue per end spares the grace period of shrinking the default per-CPU
+        // queues of a registered device.
+        let create = |h: rtnetlink::Handle| async move {
+            // A leftover from an earlier attach of the same sandbox is rebuilt from scratch
+            // (deleting the host end deletes the pod end too). `peerr` is where older versions
+            // created the pod end before moving it.
             netlink::delete_link(&h, hostr).await?;
             netlink::delete_link(&h, peerr).await?;
             let bridge_index = netlink::must_index(&h, bridge).await?;
-            h.link()
-                .add(LinkVeth::new(hostr, peerr).mtu(mtu).build())
-                .execute()
-                .await
-                .map_err(|e| NetError::netlink(format!("create veth pair {hostr}/{peerr}"), e))?;
+            let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+                .name(ifname)
+                .mtu(mtu)
+                .setns_by_fd(pod_netns.as_raw_fd())
+                .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+                .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+                .build();
+            let msg = LinkVeth::new(hostr, ifname)
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+                .mtu(mtu)
+                .controller(bridge_index)
+                .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+                .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+                .up()
+                .build();
+            match h.link().add(msg).execute().await {
+                Ok(()) => {}
+                Err(e) if is_eexist(&e) => return Ok(false),
+                Err(e) => {
+                    return Err(NetError::netlink(
+                        format!(
+                            "create veth pair {hostr} (on {bridge}) / {ifname} (in the sandbox)"
+                        ),
+                        e,
+                    ));
+                }
+            }
             let host_index = netlink::must_index(&h, hostr).await?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(host_index)
-                        .controller(bridge_index)
-                        .up()
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| NetError::netlink(format!("attach {hostr} to bridge {bridge}"), e))?;
             h.link()
                 .set_port(LinkBridgePort::new(host_index).hairpin(true).build())
                 .execute()
                 .await
                 .map_err(|e| NetError::netlink(format!("turn on hairpin mode on {hostr}"), e))?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_name(peerr)
-                        .setns_by_fd(pod_netns.as_raw_fd())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| {
-                    NetError::netlink(format!("move {peerr} into the sandbox's namespace"), e)
-                })
-        })?;
+            Ok(true)
+        };
+        if !netlink::run(self.host_netns.as_ref(), create)? {
+            // A stale interface of that name in the sandbox (e.g. left by another network)
+            // blocks the pod end: remove it and try once more.
+            netlink::run(Some(pod_netns), |h| async move {
+                if let Some(old) = netlink::link_by_name(&h, ifname).await? {
+                    h.link()
+                        .del(old.header.index)
+                        .execute()
+                        .await
+                        .map_err(|e| {
+                            NetError::netlink(format!("delete stale {ifname} in the sandbox"), e)
+                        })?;
+                }
+                Ok(())
+            })?;
+            if !netlink::run(self.host_netns.as_ref(), create)? {
+                return Err(NetError::invalid(
+                    ifname,
+                    format!("{hostr} or {ifname} in the sandbox already exists"),
+                ));
+            }
+        }
         let (gw, prefix) = (self.gateway, self.cfg.pod_cidr.prefix());
         let mac = netlink::run(Some(pod_netns), |h| async move {
-            let index = netlink::must_index(&h, peerr).await?;
-            // A stale interface of that name (e.g. left by another network) would block the rename.
-            if let Some(old) = netlink::link_by_name(&h, ifname).await? {
-                h.link()
-                    .del(old.header.index)
-                    .execute()
-                    .await
-                    .map_err(|e| {
-                        NetError::netlink(format!("delete stale {ifname} in the sandbox"), e)
-                    })?;
-            }
-            h.link()
-                .set(LinkUnspec::new_with_index(index).name(ifname).build())
-                .execute()
-                .await
-                .map_err(|e| NetError::netlink(format!("rename {peerr} to {ifname}"), e))?;
+            let index = netlink::must_index(&h, ifname).await?;
             netlink::add_addr(&h, index, ip, prefix, ifname).await?;
             netlink::set_up(&h, index, ifname).await?;
             let lo = netlink::must_index(&h, "lo").await?;

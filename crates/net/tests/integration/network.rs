@@ -147,3 +147,31 @@ fn a_missing_netns_fails_cleanly() {
     assert!(err.to_string().contains("/nonexistent/netns"), "{err}");
     assert_eq!(net.ipam().get("ghost").unwrap(), None);
 }
+
+#[test]
+fn a_stale_interface_of_the_pod_name_is_replaced() {
+    let host = netns_node("host");
+    let pod = netns_node("pod");
+    let state = tempfile::tempdir().unwrap();
+    let net = Network::new(config(&host, state.path(), "10.42.7.0/24")).unwrap();
+    net.ensure_bridge().unwrap();
+    // Something else left an eth0 in the sandbox: the pod end is made under that name.
+    // (A veth pair: this kernel has no dummy driver.)
+    run_in(
+        &pod,
+        "ip",
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "stale1",
+        ],
+    );
+    let p = net.attach("sandbox", &pod.netns_path(), "eth0").unwrap();
+    let link = run_in(&pod, "ip", &["-d", "-o", "link", "show", "eth0"]);
+    assert!(link.contains("veth"), "{link}");
+    assert!(link.contains(&p.mac), "{link}");
+    let addr = run_in(&pod, "ip", &["-o", "-4", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains(&format!("{}/24", p.ip)), "{addr}");
+    net.detach("sandbox", &pod.netns_path()).unwrap();
+    assert_eq!(links(&pod), vec!["lo".to_string()]);
+    net.delete_bridge().unwrap();
+    assert_eq!(links(&host), vec!["lo".to_string()]);
+}
