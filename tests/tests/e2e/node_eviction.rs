@@ -22,6 +22,20 @@ fn image_tar(name: &str) -> PathBuf {
     p
 }
 
+/// Imports the test images into the (not yet started) node's data dir.
+fn import_images(data: &Path, names: &[&str]) {
+    for img in names {
+        let st = Command::new(skiff_binary())
+            .args(["images", "--data-dir"])
+            .arg(data)
+            .arg("import")
+            .arg(image_tar(img))
+            .status()
+            .expect("skiff images import");
+        assert!(st.success(), "skiff images import {img} failed");
+    }
+}
+
 /// A tmpfs mounted on a fresh dir; unmounted (lazily, after the server's own cleanup) on drop.
 struct Tmpfs(PathBuf);
 
@@ -142,16 +156,7 @@ fn node_disk_pressure_reclaims_images_evicts_the_biggest_user_and_refuses_new_po
     require_root();
     let fs = Tmpfs::mount("256M");
     let data = tempfile::TempDir::with_prefix_in("data-", &fs.0).expect("data dir on the tmpfs");
-    for img in ["busybox", "nginx"] {
-        let st = Command::new(skiff_binary())
-            .args(["images", "--data-dir"])
-            .arg(data.path())
-            .arg("import")
-            .arg(image_tar(img))
-            .status()
-            .expect("skiff images import");
-        assert!(st.success(), "skiff images import {img} failed");
-    }
+    import_images(data.path(), &["busybox", "nginx"]);
     let server = Server::start_with_agent(
         data,
         &[
@@ -297,14 +302,7 @@ fn node_soft_disk_pressure_evicts_after_the_grace_period_and_lets_the_pod_stop()
     require_root();
     let fs = Tmpfs::mount("256M");
     let data = tempfile::TempDir::with_prefix_in("data-", &fs.0).expect("data dir on the tmpfs");
-    let st = Command::new(skiff_binary())
-        .args(["images", "--data-dir"])
-        .arg(data.path())
-        .arg("import")
-        .arg(image_tar("busybox"))
-        .status()
-        .expect("skiff images import");
-    assert!(st.success(), "skiff images import busybox failed");
+    import_images(data.path(), &["busybox"]);
     let server = Server::start_with_agent(
         data,
         &[
