@@ -114,12 +114,19 @@ pub struct Threshold {
     soft: bool,
 }
 
-impl Threshold {
-    fn limit(&self, capacity: u64) -> u64 {
-        match self.amount {
+impl Amount {
+    /// The amount in units of the signal, for a resource of `capacity`.
+    fn of(self, capacity: u64) -> u64 {
+        match self {
             Amount::Absolute(v) => v,
             Amount::Percent(p) => (capacity as f64 * p / 100.0) as u64,
         }
+    }
+}
+
+impl Threshold {
+    fn limit(&self, capacity: u64) -> u64 {
+        self.amount.of(capacity)
     }
 }
 
@@ -161,22 +168,8 @@ pub fn parse_thresholds(s: &str) -> Result<Vec<Threshold>, String> {
             )
         })?;
         let val = val.trim();
-        let amount = if let Some(p) = val.strip_suffix('%') {
-            let p: f64 = p
-                .parse()
-                .map_err(|_| format!("eviction threshold {part:?}: bad percentage"))?;
-            if !(0.0..=100.0).contains(&p) {
-                return Err(format!(
-                    "eviction threshold {part:?}: a percentage is 0..100"
-                ));
-            }
-            Amount::Percent(p)
-        } else {
-            Amount::Absolute(
-                parse_quantity(val)
-                    .ok_or_else(|| format!("eviction threshold {part:?}: bad quantity {val:?}"))?,
-            )
-        };
+        let amount =
+            parse_amount(val).map_err(|why| format!("eviction threshold {part:?}: {why}"))?;
         out.push(Threshold {
             signal,
             amount,
@@ -208,15 +201,19 @@ fn parse_signal_map<T>(
     Ok(out)
 }
 
-/// Parses a quantity or a percentage (`500Mi`, `5%`).
-fn parse_amount(v: &str) -> Option<Amount> {
+/// Parses a quantity or a percentage (`500Mi`, `5%`); the error says what is wrong with it.
+fn parse_amount(v: &str) -> Result<Amount, String> {
     match v.strip_suffix('%') {
-        Some(p) => p
-            .parse::<f64>()
-            .ok()
-            .filter(|p| (0.0..=100.0).contains(p))
-            .map(Amount::Percent),
-        None => parse_quantity(v).map(Amount::Absolute),
+        Some(p) => {
+            let p: f64 = p.parse().map_err(|_| "bad percentage".to_string())?;
+            if !(0.0..=100.0).contains(&p) {
+                return Err("a percentage is 0..100".into());
+            }
+            Ok(Amount::Percent(p))
+        }
+        None => parse_quantity(v)
+            .map(Amount::Absolute)
+            .ok_or_else(|| format!("bad quantity {v:?}")),
     }
 }
 
@@ -340,8 +337,12 @@ impl EvictionConfig {
                 self.max_pod_grace = Duration::from_secs(secs.max(0) as u64);
             }
             "eviction-minimum-reclaim" => {
-                self.min_reclaim =
-                    parse_signal_map(name, value, parse_amount, "a quantity or a percentage")?;
+                self.min_reclaim = parse_signal_map(
+                    name,
+                    value,
+                    |v| parse_amount(v).ok(),
+                    "a quantity or a percentage",
+                )?;
             }
             "eviction-pressure-transition-period" => self.pressure_transition = dur(value)?,
             "image-gc-high-threshold" => self.image_gc_high = pct(value)?,
@@ -629,10 +630,7 @@ fn thresholds_met(
             if first_met.contains_key(&i)
                 && let Some(r) = cfg.min_reclaim.get(&t.signal)
             {
-                limit = limit.saturating_add(match *r {
-                    Amount::Absolute(v) => v,
-                    Amount::Percent(p) => (o.capacity as f64 * p / 100.0) as u64,
-                });
+                limit = limit.saturating_add(r.of(o.capacity));
             }
             (o.available < limit).then(|| {
                 (

@@ -100,8 +100,7 @@ pub async fn run(
         Api::<Pod>::all(client.clone()),
         tx.clone(),
         "pods",
-        slim_pod,
-        Msg::PodApply,
+        |p| Msg::PodApply(Arc::new(slim_pod(p))),
         |p: Pod| Msg::PodDelete(pod_key(&p)),
         || Msg::PodInit,
         || Msg::PodInitDone,
@@ -110,8 +109,7 @@ pub async fn run(
         Api::<Node>::all(client.clone()),
         tx.clone(),
         "nodes",
-        slim_node,
-        Msg::NodeApply,
+        |n| Msg::NodeApply(Arc::new(slim_node(n))),
         |n: Node| Msg::NodeDelete(n.metadata.name.unwrap_or_default()),
         || Msg::NodeInit,
         || Msg::NodeInitDone,
@@ -129,13 +127,11 @@ pub async fn run(
 /// Turns a watch of `api` into messages for the scheduling loop. No reflector cache: the loop
 /// keeps the objects it needs itself (a reflector would clone every object into a second map),
 /// and relists are handled with the `Init`/`InitDone` messages.
-#[allow(clippy::too_many_arguments)]
 fn spawn_watch<K>(
     api: Api<K>,
     tx: mpsc::UnboundedSender<Msg>,
     resource: &'static str,
-    slim: fn(K) -> K,
-    apply: fn(Arc<K>) -> Msg,
+    apply: fn(K) -> Msg,
     delete: fn(K) -> Msg,
     init: fn() -> Msg,
     init_done: fn() -> Msg,
@@ -154,9 +150,7 @@ where
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
             let msg = match ev {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                    apply(Arc::new(slim(o)))
-                }
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => apply(o),
                 Ok(watcher::Event::Delete(o)) => delete(o),
                 Ok(watcher::Event::Init) => init(),
                 Ok(watcher::Event::InitDone) => init_done(),
