@@ -569,10 +569,18 @@ pub async fn serve_spdy(
     };
     let mut error = take("error");
     let mut tasks = Vec::new();
-    let stdin = take("stdin").map(|mut s| {
+    // Our halves of the client's stdin and resize streams stay open until the session ends, as
+    // the kubelet's do: kubectl (client-go's v2+ stream protocol) closes its stdin the moment our
+    // side of that stream ends, and would drop whatever it had not yet sent.
+    let mut held: Vec<spdy::StreamWriter> = Vec::new();
+    let stdin = take("stdin").map(|s| {
+        let spdy::Stream {
+            mut reader, writer, ..
+        } = s;
+        held.push(writer);
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         tasks.push(tokio::spawn(async move {
-            while let Some(b) = s.reader.recv().await {
+            while let Some(b) = reader.recv().await {
                 if tx.send(b).await.is_err() {
                     break;
                 }
@@ -580,11 +588,15 @@ pub async fn serve_spdy(
         }));
         rx
     });
-    let resize = take("resize").map(|mut s| {
+    let resize = take("resize").map(|s| {
+        let spdy::Stream {
+            mut reader, writer, ..
+        } = s;
+        held.push(writer);
         let (tx, rx) = mpsc::channel::<(u16, u16)>(4);
         tasks.push(tokio::spawn(async move {
             let mut buf = Vec::new();
-            while let Some(b) = s.reader.recv().await {
+            while let Some(b) = reader.recv().await {
                 buf.extend_from_slice(&b);
                 let mut it =
                     serde_json::Deserializer::from_slice(&buf).into_iter::<serde_json::Value>();
@@ -654,6 +666,9 @@ pub async fn serve_spdy(
     }
     for t in tasks {
         t.abort();
+    }
+    for mut w in held {
+        let _ = w.close().await;
     }
     drop(error);
     drop(session);

@@ -711,6 +711,14 @@ async fn exec_over_spdy_as_kubectl_1_29() {
     let mut stdin = s.open(hdr(&[("streamtype", "stdin")])).await.unwrap();
     let mut stdout = s.open(hdr(&[("streamtype", "stdout")])).await.unwrap();
     let mut stderr = s.open(hdr(&[("streamtype", "stderr")])).await.unwrap();
+    // The server's half of stdin stays open while the client may still write: client-go closes
+    // its stdin the moment it sees that half end, and drops what it had not sent yet.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), stdin.reader.recv())
+            .await
+            .is_err(),
+        "the server ended its half of the stdin stream before the client sent anything"
+    );
     stdin.writer.write(b"through spdy\n").await.unwrap();
     stdin.writer.write(&vec![b'x'; 200_000]).await.unwrap();
     stdin.writer.close().await.unwrap();
