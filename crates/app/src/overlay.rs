@@ -408,10 +408,11 @@ pub(crate) async fn run(client: kube::Client, cfg: OverlayConfig, stop: watch::R
     publish(&nodes, &cfg.node_name, annotations, &stop).await;
 
     let (reader, writer) = reflector::store::<Node>();
+    // Raw watcher events, not `touched_objects()`: that yields the initial list's objects
+    // before the store is ready and nothing for the end of the list, so a node that saw no
+    // later change would program its routes only at the next resync.
     let mut events = std::pin::pin!(
-        reflector(writer, watcher(nodes, watcher::Config::default()))
-            .default_backoff()
-            .touched_objects()
+        reflector(writer, watcher(nodes, watcher::Config::default())).default_backoff()
     );
     let mut resync = tokio::time::interval(Duration::from_secs(30));
     let mut stop_fut = std::pin::pin!(stopped(stop.clone()));
@@ -420,6 +421,8 @@ pub(crate) async fn run(client: kube::Client, cfg: OverlayConfig, stop: watch::R
             _ = &mut stop_fut => break,
             ev = events.next() => {
                 match ev {
+                    // Mid-list: the store is not ready yet; InitDone reconciles.
+                    Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => continue,
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "overlay node watch");

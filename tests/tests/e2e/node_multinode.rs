@@ -494,7 +494,9 @@ fn wget(k: &Kubectl, pod: &str, url: &str) -> (bool, String) {
 
 fn wget_ok(c: &Cluster, k: &Kubectl, pod: &str, url: &str, what: &str) {
     let mut last = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Routes are programmed from the node watch as soon as its first list is done: well within
+    // 15 s of the pods being Ready (waiting for the overlay's 30 s resync would fail here).
+    let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         let (ok, text) = wget(k, pod, url);
         if ok && text.contains("Welcome to nginx") {
@@ -504,7 +506,7 @@ fn wget_ok(c: &Cluster, k: &Kubectl, pod: &str, url: &str, what: &str) {
         std::thread::sleep(Duration::from_secs(1));
     }
     panic!(
-        "{what}: wget {url} from {pod} failed for 30 s; last output: {last}\n{}",
+        "{what}: wget {url} from {pod} failed for 15 s; last output: {last}\n{}",
         c.diagnostics()
     );
 }
