@@ -384,3 +384,125 @@ fn node_soft_disk_pressure_evicts_after_the_grace_period_and_lets_the_pod_stop()
     });
     drop(server);
 }
+
+const MEMORY_HOG: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: hog}
+spec:
+  nodeName: skiff-e2e
+  terminationGracePeriodSeconds: 30
+  containers:
+  - name: main
+    image: skiff.local/busybox:stable
+    imagePullPolicy: Never
+    command: ["sh", "-c", "dd if=/dev/zero of=/mem/fill bs=1M count=48 && echo filled && sleep 3600"]
+    resources:
+      requests: {cpu: 10m, memory: 16Mi}
+    volumeMounts: [{name: mem, mountPath: /mem}]
+  volumes:
+  - name: mem
+    emptyDir: {medium: Memory, sizeLimit: 64Mi}
+"#;
+
+const BURSTABLE: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: burstable}
+spec:
+  nodeName: skiff-e2e
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: skiff.local/busybox:stable
+    imagePullPolicy: Never
+    command: ["sleep", "3600"]
+    resources:
+      requests: {cpu: 10m, memory: 16Mi}
+"#;
+
+/// Memory pressure, with a hard threshold above what any machine has so that it holds from the
+/// start: MemoryPressure and its taint; a pod using more memory than it requested (48 MiB in a
+/// memory-backed emptyDir, request 16Mi) is evicted at once, whatever its grace period, with the
+/// kubelet's message; new BestEffort pods are refused while Burstable ones are still admitted.
+#[test]
+fn node_memory_pressure_evicts_a_pod_over_its_request_and_refuses_best_effort_pods() {
+    require_root();
+    let data = tempfile::Builder::new()
+        .prefix("skiff-node-e2e-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    import_images(data.path(), &["busybox"]);
+    let server = Server::start_with_agent(
+        data,
+        &[
+            "--kubelet-arg",
+            "eviction-hard=memory.available<100Ti,nodefs.available<1%,imagefs.available<1%",
+            "--kubelet-arg",
+            "housekeeping-interval=2s",
+        ],
+    );
+    let k = Kubectl::new(Some("1.33"), &server);
+    wait_until("node skiff-e2e Ready", 60, || {
+        node_condition(&k, "Ready") == "True"
+    });
+    wait_until("MemoryPressure True", 30, || {
+        node_condition(&k, "MemoryPressure") == "True"
+    });
+    wait_until("memory-pressure taint", 30, || {
+        taints(&k).contains("node.kubernetes.io/memory-pressure")
+    });
+    assert_eq!(node_condition(&k, "DiskPressure"), "False");
+
+    k.ok_stdin(&["apply", "-f", "-"], MEMORY_HOG);
+    wait_until("hog evicted", 90, || {
+        k.ok(&["get", "pod", "hog", "-o", "jsonpath={.status.reason}"]) == "Evicted"
+    });
+    assert_eq!(
+        k.ok(&["get", "pod", "hog", "-o", "jsonpath={.status.phase}"]),
+        "Failed"
+    );
+    let msg = k.ok(&["get", "pod", "hog", "-o", "jsonpath={.status.message}"]);
+    assert!(
+        msg.contains("The node was low on resource: memory. Threshold quantity: 100Ti")
+            && msg.contains("Container main was using")
+            && msg.contains("request is 16Mi"),
+        "eviction message: {msg}"
+    );
+    // It was evicted for the 48 MiB it wrote, not before.
+    let used_mib: u64 = msg
+        .split("was using ")
+        .nth(1)
+        .and_then(|r| r.split("Mi").next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .map_or(0, |n| n as u64);
+    assert!(used_mib >= 40, "eviction message: {msg}");
+
+    // BestEffort pods are refused while the condition holds...
+    k.ok_stdin(&["apply", "-f", "-"], LATE);
+    wait_until("late (BestEffort) refused", 30, || {
+        k.ok(&["get", "pod", "late", "-o", "jsonpath={.status.reason}"]) == "Evicted"
+    });
+    let msg = k.ok(&["get", "pod", "late", "-o", "jsonpath={.status.message}"]);
+    assert!(
+        msg.contains("The node had condition: [MemoryPressure]"),
+        "refusal message: {msg}"
+    );
+    // ... Burstable ones are admitted (the lasting pressure may evict them later, for memory).
+    k.ok_stdin(&["apply", "-f", "-"], BURSTABLE);
+    wait_until("burstable admitted", 60, || {
+        let status = k.ok(&[
+            "get",
+            "pod",
+            "burstable",
+            "-o",
+            "jsonpath={.status.phase} {.status.message}",
+        ]);
+        assert!(
+            !status.contains("had condition"),
+            "a Burstable pod was refused under memory pressure: {status}"
+        );
+        status.starts_with("Running") || status.contains("low on resource: memory")
+    });
+    drop(server);
+}
