@@ -15,7 +15,7 @@
 //! is not enough, one pod per interval is evicted: its containers are killed without grace, its
 //! sandbox and volumes are removed and it ends `Failed` with reason `Evicted`. Pods are ranked as
 //! the kubelet does: pods using more than they requested first, then lower priority, then higher
-//! usage. While a condition holds, new pods are rejected (`Evicted`, "The node had condition").
+//! usage (for disk: the pod's volumes, its logs and its containers' writable layers). While a condition holds, new pods are rejected (`Evicted`, "The node had condition").
 //!
 //! Image GC: when the image filesystem is more than `image-gc-high-threshold` percent used,
 //! images no container uses (and unused for `minimum-image-ttl-duration`) are deleted, least
@@ -939,11 +939,19 @@ impl Manager {
                 let logs = self.root.join("logs");
                 let ns = r.pod.metadata.namespace.clone().unwrap_or_default();
                 let name = r.pod.metadata.name.clone().unwrap_or_default();
-                let used = tokio::task::spawn_blocking(move || {
+                let mut used = tokio::task::spawn_blocking(move || {
                     du(&pod_dir) + du(&logs.join(format!("{ns}_{name}_{uid}")))
                 })
                 .await
                 .unwrap_or(0);
+                // What the containers wrote into their root filesystems counts too.
+                for c in &r.containers {
+                    if let Some(id) = &c.id
+                        && let Ok(Some(b)) = self.runtime.writable_layer_bytes(id).await
+                    {
+                        used += b;
+                    }
+                }
                 (
                     used,
                     request_of(&r.pod, "ephemeral-storage"),

@@ -198,6 +198,12 @@ pub trait Runtime: Send + Sync {
     }
     /// CPU and memory usage.
     async fn container_stats(&self, id: &str) -> Result<CgroupStats>;
+    /// Bytes the container's writable layer takes on disk (what it wrote into its rootfs), as
+    /// the kubelet counts it against the pod's ephemeral storage; None if the runtime cannot say.
+    async fn writable_layer_bytes(&self, id: &str) -> Result<Option<u64>> {
+        let _ = id;
+        Ok(None)
+    }
 
     // ------------------------------------------------------------ streaming
     /// Runs a command in a running container and returns its output.
@@ -339,6 +345,12 @@ impl Runtime for BuiltinRuntime {
 
     async fn container_stats(&self, id: &str) -> Result<CgroupStats> {
         self.stats(id).await
+    }
+
+    async fn writable_layer_bytes(&self, id: &str) -> Result<Option<u64>> {
+        BuiltinRuntime::writable_layer_bytes(self, id)
+            .await
+            .map(Some)
     }
 
     async fn exec_sync(

@@ -770,6 +770,22 @@ impl Runtime for CriRuntime {
         })
     }
 
+    async fn writable_layer_bytes(&self, id: &str) -> Result<Option<u64>> {
+        let stats = self
+            .rt()
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ContainerStats"))?
+            .into_inner()
+            .stats;
+        Ok(stats
+            .and_then(|s| s.writable_layer)
+            .and_then(|w| w.used_bytes)
+            .map(|v| v.value))
+    }
+
     async fn exec_sync(
         &self,
         id: &str,

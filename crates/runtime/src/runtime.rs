@@ -235,6 +235,24 @@ pub struct BuiltinRuntime {
     registries: Arc<RegistriesConfig>,
 }
 
+/// Sizes of the regular files under `dir` (symlinks not followed; unreadable parts skipped).
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                total += md.len();
+            }
+        }
+    }
+    total
+}
+
 fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     let ok =
@@ -1035,6 +1053,14 @@ impl BuiltinRuntime {
     pub async fn stats(&self, id: &str) -> Result<CgroupStats> {
         let rec = self.record(id)?;
         Ok(self.cgroups.stats(&rec.cgroup))
+    }
+
+    /// Bytes in the container's writable layer (its overlay upper dir): regular files' sizes,
+    /// as the kubelet's ephemeral-storage accounting counts them.
+    pub async fn writable_layer_bytes(&self, id: &str) -> Result<u64> {
+        self.record(id)?;
+        let upper = self.ctr_dir(id).join("upper");
+        blocking(move || Ok(dir_bytes(&upper))).await
     }
 
     /// The cgroup path of a container (relative to the cgroup root).

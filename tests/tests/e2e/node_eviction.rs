@@ -83,6 +83,15 @@ fn node_condition(k: &Kubectl, kind: &str) -> String {
     ])
 }
 
+/// The MiB in an eviction message's "was using 150Mi" (0 if there is none).
+fn used_mib(msg: &str) -> u64 {
+    msg.split("was using ")
+        .nth(1)
+        .and_then(|r| r.split("Mi").next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
 fn taints(k: &Kubectl) -> String {
     k.ok(&[
         "get",
@@ -118,7 +127,7 @@ spec:
   - name: main
     image: skiff.local/busybox:stable
     imagePullPolicy: Never
-    command: ["sh", "-c", "dd if=/dev/zero of=/scratch/fill bs=1M count=150 && sleep 3600"]
+    command: ["sh", "-c", "dd if=/dev/zero of=/scratch/fill bs=1M count=75 && dd if=/dev/zero of=/fill bs=1M count=75 && sleep 3600"]
     volumeMounts: [{name: scratch, mountPath: /scratch}]
   volumes:
   - name: scratch
@@ -212,6 +221,11 @@ fn node_disk_pressure_reclaims_images_evicts_the_biggest_user_and_refuses_new_po
     assert!(
         msg.contains("The node was low on resource: ephemeral-storage. Threshold quantity: 50%"),
         "eviction message: {msg}"
+    );
+    // Its emptyDir and what it wrote into its root filesystem (the writable layer) both count.
+    assert!(
+        used_mib(&msg) >= 140,
+        "the filler wrote 75 MiB to an emptyDir and 75 MiB to its rootfs: {msg}"
     );
     let described = k.ok(&["describe", "pod", "filler"]);
     assert!(
@@ -470,13 +484,7 @@ fn node_memory_pressure_evicts_a_pod_over_its_request_and_refuses_best_effort_po
         "eviction message: {msg}"
     );
     // It was evicted for the 48 MiB it wrote, not before.
-    let used_mib: u64 = msg
-        .split("was using ")
-        .nth(1)
-        .and_then(|r| r.split("Mi").next())
-        .and_then(|n| n.parse::<f64>().ok())
-        .map_or(0, |n| n as u64);
-    assert!(used_mib >= 40, "eviction message: {msg}");
+    assert!(used_mib(&msg) >= 40, "eviction message: {msg}");
 
     // BestEffort pods are refused while the condition holds...
     k.ok_stdin(&["apply", "-f", "-"], LATE);

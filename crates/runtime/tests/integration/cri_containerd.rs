@@ -412,6 +412,11 @@ async fn cri_client_runs_pods_through_real_containerd() {
         stats.memory_working_set_bytes > 0 || stats.memory_usage_bytes > 0,
         "{stats:?}"
     );
+    // containerd reports the writable layer's use (its snapshot's size)
+    assert!(
+        cri.writable_layer_bytes(&sleeper).await.unwrap().is_some(),
+        "containerd reported no writable layer"
+    );
     let listed = cri.list_containers().await.unwrap();
     let l = listed.iter().find(|c| c.id == sleeper).unwrap();
     assert_eq!(l.sandbox_id.as_deref(), Some(sid.as_str()));

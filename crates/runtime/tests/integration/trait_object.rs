@@ -113,6 +113,27 @@ async fn builtin_runtime_through_the_trait_object() {
     let stats = rt.container_stats(&id).await.unwrap();
     assert!(stats.memory_usage_bytes > 0, "{stats:?}");
 
+    // what the container writes into its root filesystem is its writable layer
+    let before = rt.writable_layer_bytes(&id).await.unwrap().unwrap();
+    let out = rt
+        .exec_sync(
+            &id,
+            vec![
+                "sh".into(),
+                "-c".into(),
+                "dd if=/dev/zero of=/written bs=1024 count=300 2>/dev/null".into(),
+            ],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let after = rt.writable_layer_bytes(&id).await.unwrap().unwrap();
+    assert!(
+        after >= before + 300 * 1024,
+        "writable layer {before} -> {after} bytes after writing 300 KiB"
+    );
+
     // stop the sandbox: its container exits
     rt.stop_sandbox(&sb, Duration::from_secs(2)).await.unwrap();
     let st = rt.container_status(&id).await.unwrap();
