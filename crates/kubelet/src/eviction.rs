@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use skiff_runtime::Runtime;
+use skiff_runtime::runtime::dir_bytes;
 
 use crate::server::{PodLookup, PodRef};
 
@@ -591,27 +592,6 @@ fn request_of(pod: &Pod, resource: &str) -> u64 {
         .sum()
 }
 
-/// Bytes under `dir` (not following symlinks; other filesystems such as tmpfs mounts count too,
-/// as the kubelet counts memory-backed emptyDirs against the pod).
-fn du(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let Ok(md) = e.metadata() else { continue };
-            if md.is_dir() {
-                stack.push(e.path());
-            } else if md.is_file() {
-                total += md.len();
-            }
-        }
-    }
-    total
-}
-
 /// The thresholds met by the observations (hard first, then soft), each with its index in
 /// hard ++ soft. A threshold met at the last observation (`first_met`) stays met until its
 /// minimum reclaim is available too.
@@ -940,7 +920,9 @@ impl Manager {
                 let ns = r.pod.metadata.namespace.clone().unwrap_or_default();
                 let name = r.pod.metadata.name.clone().unwrap_or_default();
                 let mut used = tokio::task::spawn_blocking(move || {
-                    du(&pod_dir) + du(&logs.join(format!("{ns}_{name}_{uid}")))
+                    // Mounts under the pod dir (memory-backed emptyDirs) count too, as the
+                    // kubelet counts them against the pod.
+                    dir_bytes(&pod_dir) + dir_bytes(&logs.join(format!("{ns}_{name}_{uid}")))
                 })
                 .await
                 .unwrap_or(0);

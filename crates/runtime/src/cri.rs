@@ -455,6 +455,24 @@ fn auth(creds: &Credentials) -> Option<cri::AuthConfig> {
     }
 }
 
+impl CriRuntime {
+    /// CRI `ContainerStats` of one container.
+    async fn cri_stats(&self, id: &str) -> Result<cri::ContainerStats> {
+        self.rt()
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ContainerStats"))?
+            .into_inner()
+            .stats
+            .ok_or_else(|| Error::NotFound {
+                kind: "container",
+                id: id.into(),
+            })
+    }
+}
+
 fn image_info(i: cri::Image) -> ImageInfo {
     ImageInfo {
         id: i.id,
@@ -744,19 +762,7 @@ impl Runtime for CriRuntime {
     }
 
     async fn container_stats(&self, id: &str) -> Result<CgroupStats> {
-        let stats = self
-            .rt()
-            .container_stats(cri::ContainerStatsRequest {
-                container_id: id.into(),
-            })
-            .await
-            .map_err(rpc_err(&self.endpoint, "ContainerStats"))?
-            .into_inner()
-            .stats
-            .ok_or_else(|| Error::NotFound {
-                kind: "container",
-                id: id.into(),
-            })?;
+        let stats = self.cri_stats(id).await?;
         let cpu = stats
             .cpu
             .and_then(|c| c.usage_core_nano_seconds)
@@ -771,17 +777,10 @@ impl Runtime for CriRuntime {
     }
 
     async fn writable_layer_bytes(&self, id: &str) -> Result<Option<u64>> {
-        let stats = self
-            .rt()
-            .container_stats(cri::ContainerStatsRequest {
-                container_id: id.into(),
-            })
-            .await
-            .map_err(rpc_err(&self.endpoint, "ContainerStats"))?
-            .into_inner()
-            .stats;
-        Ok(stats
-            .and_then(|s| s.writable_layer)
+        Ok(self
+            .cri_stats(id)
+            .await?
+            .writable_layer
             .and_then(|w| w.used_bytes)
             .map(|v| v.value))
     }

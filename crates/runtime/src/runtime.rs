@@ -236,7 +236,7 @@ pub struct BuiltinRuntime {
 }
 
 /// Sizes of the regular files under `dir` (symlinks not followed; unreadable parts skipped).
-fn dir_bytes(dir: &Path) -> u64 {
+pub fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
