@@ -573,11 +573,12 @@ pub async fn serve_spdy(
     // the kubelet's do: kubectl (client-go's v2+ stream protocol) closes its stdin the moment our
     // side of that stream ends, and would drop whatever it had not yet sent.
     let mut held: Vec<spdy::StreamWriter> = Vec::new();
+    let mut hold = |s: spdy::Stream| {
+        held.push(s.writer);
+        s.reader
+    };
     let stdin = take("stdin").map(|s| {
-        let spdy::Stream {
-            mut reader, writer, ..
-        } = s;
-        held.push(writer);
+        let mut reader = hold(s);
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         tasks.push(tokio::spawn(async move {
             while let Some(b) = reader.recv().await {
@@ -589,10 +590,7 @@ pub async fn serve_spdy(
         rx
     });
     let resize = take("resize").map(|s| {
-        let spdy::Stream {
-            mut reader, writer, ..
-        } = s;
-        held.push(writer);
+        let mut reader = hold(s);
         let (tx, rx) = mpsc::channel::<(u16, u16)>(4);
         tasks.push(tokio::spawn(async move {
             let mut buf = Vec::new();
