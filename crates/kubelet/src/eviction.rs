@@ -15,7 +15,8 @@
 //! is not enough, one pod per interval is evicted: its containers are killed without grace, its
 //! sandbox and volumes are removed and it ends `Failed` with reason `Evicted`. Pods are ranked as
 //! the kubelet does: pods using more than they requested first, then lower priority, then higher
-//! usage (for disk: the pod's volumes, its logs and its containers' writable layers). While a condition holds, new pods are rejected (`Evicted`, "The node had condition").
+//! usage (for disk: the pod's volumes, its logs and its containers' writable layers). While a
+//! condition holds, new pods are rejected (`Evicted`, "The node had condition").
 //!
 //! Image GC: when the image filesystem is more than `image-gc-high-threshold` percent used,
 //! images no container uses (and unused for `minimum-image-ttl-duration`) are deleted, least

@@ -235,7 +235,8 @@ pub struct BuiltinRuntime {
     registries: Arc<RegistriesConfig>,
 }
 
-/// Sizes of the regular files under `dir` (symlinks not followed; unreadable parts skipped).
+/// Bytes under `dir`: the lengths of everything in it but directories (a symlink counts its own
+/// length and is not followed; unreadable parts are skipped).
 pub fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
@@ -245,7 +246,7 @@ pub fn dir_bytes(dir: &Path) -> u64 {
             let Ok(md) = e.metadata() else { continue };
             if md.is_dir() {
                 stack.push(e.path());
-            } else if md.is_file() {
+            } else {
                 total += md.len();
             }
         }

@@ -638,19 +638,8 @@ impl ImageStore {
 
     /// Bytes used by blobs and unpacked layers.
     pub fn disk_usage(&self) -> u64 {
-        fn walk(p: &Path) -> u64 {
-            let Ok(md) = fs::symlink_metadata(p) else {
-                return 0;
-            };
-            if md.is_dir() {
-                fs::read_dir(p)
-                    .map(|rd| rd.flatten().map(|e| walk(&e.path())).sum())
-                    .unwrap_or(0)
-            } else {
-                md.len()
-            }
-        }
-        walk(&self.root.join("blobs")) + walk(&self.root.join("layers"))
+        crate::runtime::dir_bytes(&self.root.join("blobs"))
+            + crate::runtime::dir_bytes(&self.root.join("layers"))
     }
 
     /// Used and total bytes of the file system holding the store.
