@@ -10,7 +10,7 @@ use std::process::Command;
 
 use skiff_e2e::{Kubectl, Server, skiff_binary};
 
-use crate::node_pods::{require_root, wait_until};
+use crate::node_pods::{node_server_with, require_root, wait_until};
 
 fn image_tar(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../build/images/{name}.tar"));
@@ -441,21 +441,12 @@ spec:
 /// kubelet's message; new BestEffort pods are refused while Burstable ones are still admitted.
 #[test]
 fn node_memory_pressure_evicts_a_pod_over_its_request_and_refuses_best_effort_pods() {
-    require_root();
-    let data = tempfile::Builder::new()
-        .prefix("skiff-node-e2e-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    import_images(data.path(), &["busybox"]);
-    let server = Server::start_with_agent(
-        data,
-        &[
-            "--kubelet-arg",
-            "eviction-hard=memory.available<100Ti,nodefs.available<1%,imagefs.available<1%",
-            "--kubelet-arg",
-            "housekeeping-interval=2s",
-        ],
-    );
+    let server = node_server_with(&[
+        "--kubelet-arg",
+        "eviction-hard=memory.available<100Ti,nodefs.available<1%,imagefs.available<1%",
+        "--kubelet-arg",
+        "housekeeping-interval=2s",
+    ]);
     let k = Kubectl::new(Some("1.33"), &server);
     wait_until("node skiff-e2e Ready", 60, || {
         node_condition(&k, "Ready") == "True"

@@ -29,6 +29,11 @@ pub(crate) fn busybox_tar() -> PathBuf {
 
 /// A server with the node half, the busybox image imported into its data dir.
 pub(crate) fn node_server() -> Server {
+    node_server_with(&[])
+}
+
+/// [`node_server`] with `extra` server flags.
+pub(crate) fn node_server_with(extra: &[&str]) -> Server {
     require_root();
     let dir = tempfile::Builder::new()
         .prefix("skiff-node-e2e-")
@@ -42,7 +47,7 @@ pub(crate) fn node_server() -> Server {
         .status()
         .expect("skiff images import");
     assert!(st.success(), "skiff images import failed");
-    Server::start_with_agent(dir, &[])
+    Server::start_with_agent(dir, extra)
 }
 
 pub(crate) fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
