@@ -103,11 +103,22 @@ fn smaps_kib(pid: u32, field: &str) -> Option<u64> {
 /// The `skiff shim` processes (one per container) of this data dir: their count, total RSS,
 /// total PSS (shared pages divided among their users) and total private dirty memory, in KiB.
 fn shims_mem_kib(data_dir: &Path) -> (usize, u64, u64, u64) {
-    let needle = data_dir.display().to_string();
-    let mut n = 0;
+    let pids = shim_pids(data_dir);
     let mut total = 0;
     let mut pss = 0;
     let mut private = 0;
+    for &pid in &pids {
+        total += rss_kib(pid).unwrap_or(0);
+        pss += smaps_kib(pid, "Pss").unwrap_or(0);
+        private += smaps_kib(pid, "Private_Dirty").unwrap_or(0);
+    }
+    (pids.len(), total, pss, private)
+}
+
+/// The container shims of the server with data dir `data_dir` (`skiff shim … <data dir> …`).
+fn shim_pids(data_dir: &Path) -> Vec<u32> {
+    let needle = data_dir.display().to_string();
+    let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -118,14 +129,11 @@ fn shims_mem_kib(data_dir: &Path) -> (usize, u64, u64, u64) {
             };
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             if cmd.contains(" shim") && cmd.contains(&needle) {
-                n += 1;
-                total += rss_kib(pid).unwrap_or(0);
-                pss += smaps_kib(pid, "Pss").unwrap_or(0);
-                private += smaps_kib(pid, "Private_Dirty").unwrap_or(0);
+                out.push(pid);
             }
         }
     }
-    (n, total, pss, private)
+    out
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -271,6 +279,8 @@ async fn measure(args: &Args, server: &Server, pid: u32) -> anyhow::Result<()> {
         },
     }))?;
     let t0 = Instant::now();
+    let mono0 = monotonic_secs();
+    let busy0 = node_cpu_secs(pid, server.dir.path());
     deployments.create(&PostParams::default(), &dep).await?;
     let mut peak_rss = idle_rss;
     let mut last_sample = Instant::now();
@@ -289,6 +299,12 @@ async fn measure(args: &Args, server: &Server, pid: u32) -> anyhow::Result<()> {
     )
     .await?;
     let all_running = t0.elapsed();
+    let busy = node_cpu_secs(pid, server.dir.path()) - busy0;
+    // For profiles: `perf record -k CLOCK_MONOTONIC` then `perf report --time <start>,<end>`.
+    eprintln!(
+        "burst window (CLOCK_MONOTONIC seconds): {mono0:.6},{:.6}",
+        monotonic_secs()
+    );
     peak_rss = peak_rss.max(rss_kib(pid).unwrap_or(0));
     let (shims, shims_rss, shims_pss, shims_private) = shims_mem_kib(server.dir.path());
     let mut lat: Vec<Duration> = latency.values().copied().collect();
@@ -329,6 +345,11 @@ async fn measure(args: &Args, server: &Server, pid: u32) -> anyhow::Result<()> {
     );
     println!("| per-pod start-up p99 | {} |", ms(pct(&lat, 0.99)));
     println!("| per-pod start-up max | {} |", ms(pct(&lat, 1.0)));
+    println!(
+        "| node CPU (server + shims), create → all Running: total / per pod | {:.2} s / {:.1} ms |",
+        busy,
+        1000.0 * busy / f64::from(args.replicas.max(1))
+    );
     println!(
         "| skiff server RSS idle (node Ready, no pods) | {} MiB |",
         idle_rss / 1024
@@ -464,4 +485,41 @@ async fn latency_pods(args: &Args, pods: &Api<Pod>) -> anyhow::Result<Vec<Durati
     )
     .await?;
     Ok(latency.into_values().collect())
+}
+
+/// CLOCK_MONOTONIC now, in seconds (the clock `perf record -k CLOCK_MONOTONIC` stamps samples with).
+fn monotonic_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// CPU seconds used so far by the node's own processes: the server (with the children it has
+/// reaped) and every container shim of `data_dir` (with youki's set-up processes they reaped).
+/// utime + stime + cutime + cstime from /proc/<pid>/stat. Unlike /proc/stat's totals this is not
+/// disturbed by other work on the machine.
+fn node_cpu_secs(server: u32, data_dir: &Path) -> f64 {
+    let ticks = |pid: u32| -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name: utime, stime, cutime, cstime are the
+        // 14th to 17th fields of the line.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let mut sum = 0.0;
+        for i in 11..15 {
+            sum += f.get(i)?.parse::<f64>().ok()?;
+        }
+        Some(sum)
+    };
+    let mut total = ticks(server).unwrap_or(0.0);
+    for pid in shim_pids(data_dir) {
+        total += ticks(pid).unwrap_or(0.0);
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    total / if hz > 0 { hz as f64 } else { 100.0 }
 }
