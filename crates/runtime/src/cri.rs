@@ -1115,6 +1115,70 @@ mod tests {
     }
 
     #[test]
+    fn sandbox_image_is_read_from_containerd_status_and_sandbox_info_and_pins_by_id_or_name() {
+        // containerd 1.6: Status info `config` has `sandboxImage`; a sandbox's `info` has `image`.
+        let status = HashMap::from([(
+            "config".to_string(),
+            r#"{"sandboxImage":"registry.k8s.io/pause:3.6","containerd":{}}"#.to_string(),
+        )]);
+        assert_eq!(
+            sandbox_image_from_status(&status).as_deref(),
+            Some("registry.k8s.io/pause:3.6")
+        );
+        assert_eq!(sandbox_image_from_status(&HashMap::new()), None);
+        let info = HashMap::from([(
+            "info".to_string(),
+            r#"{"pid":7,"image":"registry.k8s.io/pause:3.6"}"#.to_string(),
+        )]);
+        assert_eq!(
+            sandbox_image_from_info(&info).as_deref(),
+            Some("registry.k8s.io/pause:3.6")
+        );
+
+        let image = |id: &str, tag: &str, pinned: bool| cri::Image {
+            id: id.into(),
+            repo_tags: vec![tag.into()],
+            pinned,
+            ..Default::default()
+        };
+        let sandbox = SandboxImage {
+            reference: "registry.k8s.io/pause:3.6".into(),
+            id: Some("sha256:p".into()),
+        };
+        let by_id = image_info(image("sha256:p", "other/name:1", false), Some(&sandbox));
+        assert!(by_id.pinned);
+        let by_name = image_info(
+            image("sha256:q", "registry.k8s.io/pause:3.6", false),
+            Some(&sandbox),
+        );
+        assert!(by_name.pinned);
+        assert!(!image_info(image("sha256:a", "app:1", false), Some(&sandbox)).pinned);
+        assert!(image_info(image("sha256:a", "app:1", true), None).pinned);
+    }
+
+    #[test]
+    fn containers_name_their_images_by_spec_and_by_ref() {
+        let c = |image: &str, image_ref: &str| cri::Container {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            image_ref: image_ref.into(),
+            ..Default::default()
+        };
+        let refs = container_image_refs(&[
+            c("busybox:1", "sha256:b"),
+            c("", "docker.io/library/nginx@sha256:n"),
+        ]);
+        let mut refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+        refs.sort_unstable();
+        assert_eq!(
+            refs,
+            ["busybox:1", "docker.io/library/nginx@sha256:n", "sha256:b"]
+        );
+    }
+
+    #[test]
     fn container_config_maps_limits_security_and_log_path() {
         let cfg = ContainerConfig {
             name: "app".into(),
