@@ -244,7 +244,8 @@ pub trait Runtime: Send + Sync {
     async fn import_image(&self, archive: PathBuf) -> Result<Vec<String>>;
     /// All images.
     async fn list_images(&self) -> Result<Vec<ImageInfo>>;
-    /// One image by reference, or None if the runtime does not have it.
+    /// One image by reference, or None if the runtime does not have it. Its `pinned` is the
+    /// runtime's own flag only; [`Runtime::list_images`] also marks the sandbox image.
     async fn image_status(&self, reference: &str) -> Result<Option<ImageInfo>>;
     /// Removes an image name; false if it was not there.
     async fn remove_image(&self, reference: &str) -> Result<bool>;

@@ -1009,15 +1009,13 @@ impl Runtime for CriRuntime {
     }
 
     async fn image_status(&self, reference: &str) -> Result<Option<ImageInfo>> {
-        let Some(image) = self.cri_image(reference).await? else {
-            return Ok(None);
-        };
-        let sandbox = if image.pinned {
-            None
-        } else {
-            self.sandbox_image().await?
-        };
-        Ok(Some(image_info(image, sandbox.as_ref())))
+        // On every container start (the pull policy check): one call only. `pinned` here is
+        // the runtime's own flag; `list_images`, which image GC reads, also marks the sandbox
+        // image.
+        Ok(self
+            .cri_image(reference)
+            .await?
+            .map(|image| image_info(image, None)))
     }
 
     async fn remove_image(&self, reference: &str) -> Result<bool> {
