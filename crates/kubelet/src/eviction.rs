@@ -20,16 +20,21 @@
 //!
 //! Image GC: when the image filesystem is more than `image-gc-high-threshold` percent used,
 //! images no container uses (and unused for `minimum-image-ttl-duration`) are deleted, least
-//! recently used first, until usage is below `image-gc-low-threshold`.
+//! recently used first, until usage is below `image-gc-low-threshold`. Pinned images (CRI's
+//! `pinned`, and an external runtime's sandbox image) are never deleted. With an external CRI
+//! runtime, "in use" means in use by any container or sandbox of that runtime, skiff's or not,
+//! and if the runtime cannot say what is in use nothing is deleted that round. The image
+//! filesystem is the one the runtime reports (CRI `ImageFsInfo`), for image GC and the
+//! `imagefs.*` signals alike; without one, the configured image dir or the kubelet dir's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use skiff_runtime::Runtime;
 use skiff_runtime::runtime::dir_bytes;
+use skiff_runtime::{ImageInfo, Runtime};
 
 use crate::server::{PodLookup, PodRef};
 
@@ -651,6 +656,32 @@ fn thresholds_due(
         .collect()
 }
 
+/// The images image GC may delete, least recently used first: not pinned, not in use (by id
+/// or by any of its names), and not used for at least `min_age`. `last_used` (image id → when
+/// last seen in use, or first seen) is brought up to date and forgets images that are gone.
+fn collectible(
+    images: &[ImageInfo],
+    in_use: &HashSet<String>,
+    last_used: &mut HashMap<String, Instant>,
+    now: Instant,
+    min_age: Duration,
+) -> Vec<ImageInfo> {
+    let mut unused = Vec::new();
+    for img in images {
+        let used =
+            img.pinned || in_use.contains(&img.id) || img.names.iter().any(|n| in_use.contains(n));
+        let seen = last_used.entry(img.id.clone()).or_insert(now);
+        if used {
+            *seen = now;
+        } else if now.saturating_duration_since(*seen) >= min_age {
+            unused.push((*seen, img));
+        }
+    }
+    last_used.retain(|id, _| images.iter().any(|i| &i.id == id));
+    unused.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.id.cmp(&b.1.id)));
+    unused.into_iter().map(|(_, i)| i.clone()).collect()
+}
+
 /// The eviction manager and image garbage collector of one node.
 pub struct Manager {
     cfg: EvictionConfig,
@@ -661,6 +692,8 @@ pub struct Manager {
     requests: EvictionRequests,
     /// Image id → when it was last seen in use (or first seen).
     image_seen: HashMap<String, Instant>,
+    /// The image filesystem the runtime reported at the last tick (CRI `ImageFsInfo`).
+    runtime_image_fs: Option<PathBuf>,
     last_image_gc: Option<Instant>,
     /// Pods asked to go and when: one eviction per interval, no repeats while one is pending.
     pending: HashMap<String, Instant>,
@@ -692,6 +725,7 @@ impl Manager {
             pressure,
             requests,
             image_seen: HashMap::new(),
+            runtime_image_fs: None,
             last_image_gc: None,
             pending: HashMap::new(),
             said_nothing_to_evict: false,
@@ -699,11 +733,27 @@ impl Manager {
         }
     }
 
+    /// Where images live: the runtime's image filesystem if it reports one, else the
+    /// configured image dir, else the kubelet dir.
     fn image_fs(&self) -> PathBuf {
-        self.cfg
-            .image_fs
+        self.runtime_image_fs
             .clone()
+            .or_else(|| self.cfg.image_fs.clone())
             .unwrap_or_else(|| self.root.clone())
+    }
+
+    /// Asks the runtime where its images are (kept from the last answer if it fails).
+    async fn refresh_image_fs(&mut self) {
+        match self.runtime.image_fs().await {
+            Ok(fs) => {
+                let path = fs.map(|f| f.mountpoint);
+                if path != self.runtime_image_fs {
+                    tracing::info!(path = ?path, "image filesystem of the runtime");
+                }
+                self.runtime_image_fs = path;
+            }
+            Err(e) => tracing::debug!(error = %e, "runtime did not report its image filesystem"),
+        }
     }
 
     /// The thresholds met now (see `thresholds_met`).
@@ -732,6 +782,7 @@ impl Manager {
 
     /// One observation round.
     pub async fn tick(&mut self) {
+        self.refresh_image_fs().await;
         let now = Instant::now();
         let met = self.met();
         self.first_met
@@ -781,15 +832,12 @@ impl Manager {
     }
 
     /// Deletes unused images: all of them under disk pressure, else while usage is above the
-    /// high threshold, down to the low one. Least recently used first.
+    /// high threshold, down to the low one. Least recently used first; never pinned images,
+    /// and nothing at all when the runtime cannot list its images or what is in use.
     async fn image_gc(&mut self, all: bool) {
-        if self.runtime.manages_pod_network() {
-            // An external CRI runtime's images are not ours to judge: its sandbox (pause) image
-            // is pinned through CRI's `pinned` flag, which skiff does not read yet.
-            return;
-        }
         let image_fs = self.image_fs();
         let Some(o) = fs(&image_fs, false) else {
+            tracing::debug!(path = %image_fs.display(), "image filesystem not found: no image gc");
             return;
         };
         let used_pct = |o: &Observed| {
@@ -799,50 +847,49 @@ impl Manager {
                 100.0 * (o.capacity - o.available.min(o.capacity)) as f64 / o.capacity as f64
             }
         };
-        let now = Instant::now();
-        let (Ok(images), Ok(ctrs)) = (
-            self.runtime.list_images().await,
-            self.runtime.list_containers().await,
-        ) else {
-            return;
-        };
-        let in_use: std::collections::HashSet<&str> = ctrs
-            .iter()
-            .flat_map(|c| [c.image.as_str(), c.image_digest.as_str()])
-            .collect();
-        let mut unused = Vec::new();
-        for img in &images {
-            let used = in_use.contains(img.id.as_str())
-                || img.names.iter().any(|n| in_use.contains(n.as_str()));
-            let seen = self.image_seen.entry(img.id.clone()).or_insert(now);
-            if used {
-                *seen = now;
-            } else {
-                unused.push((*seen, img.clone()));
+        // Images first, then what is in use: an image that appears in between is not listed,
+        // so it cannot be chosen.
+        let images = match self.runtime.list_images().await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list images: no image gc this round");
+                return;
             }
-        }
-        self.image_seen
-            .retain(|id, _| images.iter().any(|i| &i.id == id));
+        };
+        let in_use = match self.runtime.images_in_use().await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot tell which images are in use: no image gc this round");
+                return;
+            }
+        };
+        let chosen = collectible(
+            &images,
+            &in_use,
+            &mut self.image_seen,
+            Instant::now(),
+            self.cfg.image_min_age,
+        );
         let high = f64::from(self.cfg.image_gc_high);
         if !all && used_pct(&o) <= high {
             return;
         }
-        unused.sort_by_key(|(t, _)| *t);
         let low = f64::from(self.cfg.image_gc_low);
-        for (seen, img) in unused {
-            if seen.elapsed() < self.cfg.image_min_age {
-                continue;
-            }
+        for img in chosen {
             if !all && fs(&image_fs, false).is_some_and(|o| used_pct(&o) < low) {
                 break;
             }
-            let name = img.names.first().cloned().unwrap_or_else(|| img.id.clone());
-            match self.runtime.remove_image(&name).await {
-                Ok(_) => {
-                    tracing::info!(image = %name, size = img.size, "image garbage collected");
+            let name = img.names.first().cloned().unwrap_or_default();
+            match self.runtime.collect_image(&img).await {
+                Ok(removed) => {
+                    if removed {
+                        tracing::info!(image = %name, id = %img.id, size = img.size, disk_pressure = all, "image garbage collected");
+                    }
                     self.image_seen.remove(&img.id);
                 }
-                Err(e) => tracing::debug!(image = %name, error = %e, "image not collected"),
+                Err(e) => {
+                    tracing::debug!(image = %name, id = %img.id, error = %e, "image not collected")
+                }
             }
         }
     }
@@ -1111,6 +1158,57 @@ mod tests {
         assert!(thresholds_met(&c, &HashMap::new(), observed(120)).is_empty());
         assert_eq!(thresholds_met(&c, &was_met, observed(120)).len(), 1);
         assert!(thresholds_met(&c, &was_met, observed(160)).is_empty());
+    }
+
+    fn image(id: &str, names: &[&str], pinned: bool) -> ImageInfo {
+        ImageInfo {
+            id: id.into(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            size: 1,
+            pinned,
+        }
+    }
+
+    fn ids(images: &[ImageInfo]) -> Vec<&str> {
+        images.iter().map(|i| i.id.as_str()).collect()
+    }
+
+    #[test]
+    fn image_gc_chooses_unused_unpinned_images_old_enough_least_recently_used_first() {
+        let images = vec![
+            image("sha256:a", &["example.com/a:1"], false),
+            image("sha256:b", &["example.com/b:1"], false),
+            image("sha256:p", &["example.com/pause:3"], true),
+            image("sha256:c", &[], false),
+            image("sha256:d", &["example.com/d:1"], false),
+        ];
+        // a is in use by name, d by id; p is pinned.
+        let in_use: HashSet<String> = ["example.com/a:1", "sha256:d", "example.com/x@sha256:1"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let now = Instant::now();
+        let mut last_used = HashMap::from([
+            ("sha256:c".to_string(), now - Duration::from_secs(300)),
+            ("sha256:gone".to_string(), now - Duration::from_secs(300)),
+        ]);
+        let min_age = Duration::from_secs(120);
+        // b is seen for the first time: too young; c has not been used for 5 minutes.
+        let chosen = collectible(&images, &in_use, &mut last_used, now, min_age);
+        assert_eq!(ids(&chosen), ["sha256:c"]);
+        assert!(!last_used.contains_key("sha256:gone"));
+        assert_eq!(last_used.get("sha256:a"), Some(&now));
+        // Three minutes on, b is old enough too; c (older) comes first.
+        let later = now + Duration::from_secs(180);
+        let chosen = collectible(&images, &in_use, &mut last_used, later, min_age);
+        assert_eq!(ids(&chosen), ["sha256:c", "sha256:b"]);
+        // With no minimum age, everything unused and unpinned goes; nothing in use or pinned.
+        let chosen = collectible(&images, &in_use, &mut HashMap::new(), now, Duration::ZERO);
+        assert_eq!(ids(&chosen), ["sha256:b", "sha256:c"]);
+        // An image last used a minute ago is not taken.
+        let mut recent = HashMap::from([("sha256:b".to_string(), now - Duration::from_secs(60))]);
+        let chosen = collectible(&images[1..2], &HashSet::new(), &mut recent, now, min_age);
+        assert!(chosen.is_empty());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! containers, exec/attach/port-forward and images, implemented by the built-in runtime
 //! ([`BuiltinRuntime`]) and by the CRI client (`crate::cri`). Knows no Kubernetes types.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
@@ -104,6 +105,19 @@ pub struct ImageInfo {
     pub names: Vec<String>,
     /// size in bytes, where the runtime reports it
     pub size: u64,
+    /// the runtime wants it kept (CRI `pinned`, or the runtime's own sandbox image): image
+    /// garbage collection never deletes it
+    pub pinned: bool,
+}
+
+/// The filesystem a runtime keeps its images on (CRI `ImageFsInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFs {
+    /// a path on that filesystem (the runtime's image or snapshot dir): statvfs on it gives
+    /// the filesystem's capacity and free space
+    pub mountpoint: PathBuf,
+    /// bytes the images take there, if the runtime says
+    pub used_bytes: Option<u64>,
 }
 
 /// A streaming exec: stdio halves and the means to resize and wait.
@@ -230,10 +244,36 @@ pub trait Runtime: Send + Sync {
     async fn import_image(&self, archive: PathBuf) -> Result<Vec<String>>;
     /// All images.
     async fn list_images(&self) -> Result<Vec<ImageInfo>>;
-    /// One image by reference, or None if the runtime does not have it.
+    /// One image by reference, or None if the runtime does not have it. Its `pinned` is the
+    /// runtime's own flag only; [`Runtime::list_images`] also marks the sandbox image.
     async fn image_status(&self, reference: &str) -> Result<Option<ImageInfo>>;
     /// Removes an image name; false if it was not there.
     async fn remove_image(&self, reference: &str) -> Result<bool>;
+    /// Removes an image chosen by image garbage collection. The built-in runtime removes its
+    /// first name (the next round removes the next one); a CRI runtime removes the image by id,
+    /// with all its names, as the kubelet does.
+    async fn collect_image(&self, image: &ImageInfo) -> Result<bool> {
+        let name = image.names.first().unwrap_or(&image.id);
+        self.remove_image(name).await
+    }
+    /// The filesystem the runtime keeps its images on, if it reports one (CRI `ImageFsInfo`);
+    /// None: the caller decides (the kubelet uses its configured image dir or its root).
+    async fn image_fs(&self) -> Result<Option<ImageFs>> {
+        Ok(None)
+    }
+    /// Every image reference and id a container of this runtime uses: all containers the
+    /// runtime knows, also those of other clients of a shared runtime, and the images of pod
+    /// sandboxes. Image garbage collection keeps these. An error means the set is unknown (and
+    /// nothing may be collected).
+    async fn images_in_use(&self) -> Result<HashSet<String>> {
+        let mut out = HashSet::new();
+        for c in self.list_containers().await? {
+            out.insert(c.image);
+            out.insert(c.image_digest);
+        }
+        out.remove("");
+        Ok(out)
+    }
 }
 
 #[async_trait]
@@ -405,6 +445,7 @@ impl Runtime for BuiltinRuntime {
                     size: self.image_size(&e.manifest_digest),
                     id: e.manifest_digest.clone(),
                     names: Vec::new(),
+                    pinned: false,
                 });
             info.names.push(e.name);
         }

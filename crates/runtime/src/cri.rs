@@ -12,8 +12,13 @@
 //! The runtime calls CNI itself at RunPodSandbox ([`Runtime::manages_pod_network`]); the pod IP
 //! comes from PodSandboxStatus. Only sandboxes whose CRI metadata namespace is [`CRI_NAMESPACE`]
 //! (and their containers) are listed, so skiff never touches other users of the runtime.
+//!
+//! Image garbage collection is the one place that looks at everything the runtime has:
+//! [`Runtime::images_in_use`] covers the containers and sandboxes of every client (an image
+//! someone else still uses must not go), and the runtime's sandbox (pause) image is reported
+//! pinned even where the runtime does not set CRI's `pinned` (containerd 1.6).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -26,8 +31,8 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::api::{
-    AttachSession, DuplexStream, ExecSession, ImageInfo, ProgressFn, Runtime, SandboxState,
-    SandboxStatus, StreamRequest,
+    AttachSession, DuplexStream, ExecSession, ImageFs, ImageInfo, ProgressFn, Runtime,
+    SandboxState, SandboxStatus, StreamRequest,
 };
 use crate::cgroup::CgroupStats;
 use crate::error::{Error, Result};
@@ -473,11 +478,138 @@ impl CriRuntime {
     }
 }
 
-fn image_info(i: cri::Image) -> ImageInfo {
+/// The runtime's sandbox (pause) image as [`CriRuntime::sandbox_image`] finds it: the
+/// configured reference and, when the runtime has that image, its id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct SandboxImage {
+    reference: String,
+    id: Option<String>,
+}
+
+impl SandboxImage {
+    fn is(&self, image: &cri::Image) -> bool {
+        self.id.as_deref() == Some(image.id.as_str())
+            || image.repo_tags.contains(&self.reference)
+            || image.repo_digests.contains(&self.reference)
+    }
+}
+
+/// Maps a CRI image; the runtime's sandbox image counts as pinned even where the runtime does
+/// not set `pinned` (containerd before 1.7).
+fn image_info(i: cri::Image, sandbox: Option<&SandboxImage>) -> ImageInfo {
     ImageInfo {
+        pinned: i.pinned || sandbox.is_some_and(|s| s.is(&i)),
         id: i.id,
         names: i.repo_tags,
         size: i.size,
+    }
+}
+
+/// The sandbox image a runtime is configured with, from its verbose `Status` info: containerd
+/// puts its CRI plugin config there as JSON under `config`, with the key `sandboxImage`.
+/// Runtimes that do not say give None (CRI-O marks its pause image `pinned` itself).
+fn sandbox_image_from_status(info: &HashMap<String, String>) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(info.get("config")?).ok()?;
+    v.get("sandboxImage")?
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// The image a sandbox runs, from containerd's verbose sandbox info (`image` in the `info`
+/// JSON); None where the runtime does not say.
+fn sandbox_image_from_info(info: &HashMap<String, String>) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
+    v.get("image")?
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// The image references of containers: the spec'd image and the resolved `image_ref`.
+fn container_image_refs(containers: &[cri::Container]) -> HashSet<String> {
+    containers
+        .iter()
+        .flat_map(|c| {
+            [
+                c.image.as_ref().map(|i| i.image.clone()),
+                Some(c.image_ref.clone()),
+            ]
+        })
+        .flatten()
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+impl CriRuntime {
+    /// CRI `ImageStatus`: the image `reference` (a name, a digest reference or an id) names,
+    /// or None if the runtime does not have it.
+    async fn cri_image(&self, reference: &str) -> Result<Option<cri::Image>> {
+        Ok(self
+            .img()
+            .image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: reference.into(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ImageStatus"))?
+            .into_inner()
+            .image)
+    }
+
+    /// The runtime's configured sandbox image (verbose `Status`), with its id if present.
+    async fn sandbox_image(&self) -> Result<Option<SandboxImage>> {
+        let info = self
+            .rt()
+            .status(cri::StatusRequest { verbose: true })
+            .await
+            .map_err(rpc_err(&self.endpoint, "Status"))?
+            .into_inner()
+            .info;
+        let Some(reference) = sandbox_image_from_status(&info) else {
+            return Ok(None);
+        };
+        let id = self.cri_image(&reference).await?.map(|i| i.id);
+        Ok(Some(SandboxImage { reference, id }))
+    }
+
+    /// The images of all pod sandboxes of the runtime, not only skiff's: the configured
+    /// sandbox image if any sandbox exists, and what each sandbox's verbose status names.
+    async fn sandbox_images_in_use(&self) -> Result<HashSet<String>> {
+        let sandboxes = self
+            .rt()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ListPodSandbox"))?
+            .into_inner()
+            .items;
+        let mut out = HashSet::new();
+        if sandboxes.is_empty() {
+            return Ok(out);
+        }
+        if let Some(s) = self.sandbox_image().await? {
+            out.insert(s.reference);
+        }
+        for s in sandboxes {
+            let resp = match self
+                .rt()
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: s.id.clone(),
+                    verbose: true,
+                })
+                .await
+            {
+                Ok(r) => r.into_inner(),
+                // Removed since the list: it uses nothing any more.
+                Err(e) if e.code() == tonic::Code::NotFound => continue,
+                Err(e) => return Err(rpc_err(&self.endpoint, "PodSandboxStatus")(e)),
+            };
+            out.extend(sandbox_image_from_info(&resp.info));
+        }
+        Ok(out)
     }
 }
 
@@ -862,37 +994,32 @@ impl Runtime for CriRuntime {
     }
 
     async fn list_images(&self) -> Result<Vec<ImageInfo>> {
-        Ok(self
+        let images = self
             .img()
             .list_images(cri::ListImagesRequest { filter: None })
             .await
             .map_err(rpc_err(&self.endpoint, "ListImages"))?
             .into_inner()
-            .images
+            .images;
+        let sandbox = self.sandbox_image().await?;
+        Ok(images
             .into_iter()
-            .map(image_info)
+            .map(|i| image_info(i, sandbox.as_ref()))
             .collect())
     }
 
     async fn image_status(&self, reference: &str) -> Result<Option<ImageInfo>> {
+        // On every container start (the pull policy check): one call only. `pinned` here is
+        // the runtime's own flag; `list_images`, which image GC reads, also marks the sandbox
+        // image.
         Ok(self
-            .img()
-            .image_status(cri::ImageStatusRequest {
-                image: Some(cri::ImageSpec {
-                    image: reference.into(),
-                    ..Default::default()
-                }),
-                verbose: false,
-            })
-            .await
-            .map_err(rpc_err(&self.endpoint, "ImageStatus"))?
-            .into_inner()
-            .image
-            .map(image_info))
+            .cri_image(reference)
+            .await?
+            .map(|image| image_info(image, None)))
     }
 
     async fn remove_image(&self, reference: &str) -> Result<bool> {
-        if self.image_status(reference).await?.is_none() {
+        if self.cri_image(reference).await?.is_none() {
             return Ok(false);
         }
         self.img()
@@ -905,6 +1032,50 @@ impl Runtime for CriRuntime {
             .await
             .map_err(rpc_err(&self.endpoint, "RemoveImage"))?;
         Ok(true)
+    }
+
+    async fn collect_image(&self, image: &ImageInfo) -> Result<bool> {
+        // By id, as the kubelet does: the runtime removes the image with all its names.
+        self.remove_image(&image.id).await
+    }
+
+    async fn image_fs(&self) -> Result<Option<ImageFs>> {
+        let resp = self
+            .img()
+            .image_fs_info(cri::ImageFsInfoRequest {})
+            .await
+            .map_err(rpc_err(&self.endpoint, "ImageFsInfo"))?
+            .into_inner();
+        Ok(resp.image_filesystems.into_iter().find_map(|f| {
+            let mountpoint = f.fs_id?.mountpoint;
+            (!mountpoint.is_empty()).then(|| ImageFs {
+                mountpoint: PathBuf::from(mountpoint),
+                used_bytes: f.used_bytes.map(|v| v.value),
+            })
+        }))
+    }
+
+    async fn images_in_use(&self) -> Result<HashSet<String>> {
+        // Every container of the runtime, not only skiff's: another client of a shared
+        // containerd may run (or keep, exited) containers from images skiff never pulled.
+        let containers = self
+            .rt()
+            .list_containers(cri::ListContainersRequest { filter: None })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ListContainers"))?
+            .into_inner()
+            .containers;
+        let mut refs = container_image_refs(&containers);
+        refs.extend(self.sandbox_images_in_use().await?);
+        // Containers name images by reference (a tag, a digest reference or an id); the image
+        // list names them by id and tags: resolve every reference to its image's id.
+        let mut out = refs.clone();
+        for r in &refs {
+            if let Some(image) = self.cri_image(r).await? {
+                out.insert(image.id);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -939,6 +1110,70 @@ mod tests {
             Some(PathBuf::from("/var/run/netns/cni-1"))
         );
         assert_eq!(netns_from_info(&HashMap::new()), None);
+    }
+
+    #[test]
+    fn sandbox_image_is_read_from_containerd_status_and_sandbox_info_and_pins_by_id_or_name() {
+        // containerd 1.6: Status info `config` has `sandboxImage`; a sandbox's `info` has `image`.
+        let status = HashMap::from([(
+            "config".to_string(),
+            r#"{"sandboxImage":"registry.k8s.io/pause:3.6","containerd":{}}"#.to_string(),
+        )]);
+        assert_eq!(
+            sandbox_image_from_status(&status).as_deref(),
+            Some("registry.k8s.io/pause:3.6")
+        );
+        assert_eq!(sandbox_image_from_status(&HashMap::new()), None);
+        let info = HashMap::from([(
+            "info".to_string(),
+            r#"{"pid":7,"image":"registry.k8s.io/pause:3.6"}"#.to_string(),
+        )]);
+        assert_eq!(
+            sandbox_image_from_info(&info).as_deref(),
+            Some("registry.k8s.io/pause:3.6")
+        );
+
+        let image = |id: &str, tag: &str, pinned: bool| cri::Image {
+            id: id.into(),
+            repo_tags: vec![tag.into()],
+            pinned,
+            ..Default::default()
+        };
+        let sandbox = SandboxImage {
+            reference: "registry.k8s.io/pause:3.6".into(),
+            id: Some("sha256:p".into()),
+        };
+        let by_id = image_info(image("sha256:p", "other/name:1", false), Some(&sandbox));
+        assert!(by_id.pinned);
+        let by_name = image_info(
+            image("sha256:q", "registry.k8s.io/pause:3.6", false),
+            Some(&sandbox),
+        );
+        assert!(by_name.pinned);
+        assert!(!image_info(image("sha256:a", "app:1", false), Some(&sandbox)).pinned);
+        assert!(image_info(image("sha256:a", "app:1", true), None).pinned);
+    }
+
+    #[test]
+    fn containers_name_their_images_by_spec_and_by_ref() {
+        let c = |image: &str, image_ref: &str| cri::Container {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            image_ref: image_ref.into(),
+            ..Default::default()
+        };
+        let refs = container_image_refs(&[
+            c("busybox:1", "sha256:b"),
+            c("", "docker.io/library/nginx@sha256:n"),
+        ]);
+        let mut refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+        refs.sort_unstable();
+        assert_eq!(
+            refs,
+            ["busybox:1", "docker.io/library/nginx@sha256:n", "sha256:b"]
+        );
     }
 
     #[test]

@@ -16,8 +16,8 @@ pub mod store;
 pub mod unpack;
 
 pub use api::{
-    AttachSession, DuplexStream, ExecSession, ImageInfo, Runtime, SandboxState, SandboxStatus,
-    StreamRequest,
+    AttachSession, DuplexStream, ExecSession, ImageFs, ImageInfo, Runtime, SandboxState,
+    SandboxStatus, StreamRequest,
 };
 pub use cri::CriRuntime;
 pub use error::{Error, Result};

@@ -1081,7 +1081,7 @@ impl BuiltinRuntime {
     }
 
     /// Manifest digests of images that containers (in any state) use.
-    pub async fn images_in_use(&self) -> Result<Vec<String>> {
+    pub async fn image_digests_in_use(&self) -> Result<Vec<String>> {
         let mut v: Vec<String> = self
             .list()
             .await?
@@ -1106,7 +1106,7 @@ impl BuiltinRuntime {
         if pct(&store)? < u64::from(high_pct) {
             return Ok(Vec::new());
         }
-        let in_use = self.images_in_use().await?;
+        let in_use = self.image_digests_in_use().await?;
         let mut removed = Vec::new();
         for e in store.list()? {
             if in_use.contains(&e.manifest_digest) {
@@ -1162,7 +1162,7 @@ impl BuiltinRuntime {
         let removed = self.cfg.images.untag(reference)?;
         if removed {
             // Give the space back: blobs and unpacked layers no named image or container needs.
-            let keep = self.images_in_use().await?;
+            let keep = self.image_digests_in_use().await?;
             let store = self.cfg.images.clone();
             blocking(move || store.gc(&keep)).await?;
         }

@@ -1,284 +1,16 @@
 //! The CRI client against Debian's real containerd (its CRI plugin), started per test in a temp
-//! dir with its own socket. Pod networks come from Debian's CNI `ptp` plugin (a veth and a host
-//! route per pod, no bridge) with host-local IPAM kept in the temp dir; CNI DEL removes them.
+//! dir with its own socket (`crate::containerd`). Pod networks come from Debian's CNI `ptp`
+//! plugin (a veth and a host route per pod, no bridge) with host-local IPAM kept in the temp
+//! dir; CNI DEL removes them.
 #![allow(clippy::unwrap_used)]
 
-use crate::common;
-
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{E, busybox_layer, layer_tar, require_root, sha};
+use crate::containerd::{BUSYBOX, Containerd};
 use skiff_runtime::{
     ContainerConfig, ContainerState, CriRuntime, Runtime, SandboxConfig, StreamRequest,
 };
-
-const BUSYBOX: &str = "skiff.local/cri-busybox:test";
-const PAUSE: &str = "skiff.local/cri-pause:test";
-
-/// An OCI-layout tarball with one uncompressed layer whose config names the correct diff id
-/// (containerd checks it) and runs `cmd`.
-fn image_tar(name: &str, layer: &[u8], cmd: &[&str]) -> Vec<u8> {
-    let cfg = serde_json::to_vec(&serde_json::json!({
-        "architecture": skiff_runtime::store::host_arch().0,
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": cmd, "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [sha(layer)]},
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&cfg), "size": cfg.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(layer), "size": layer.len()}],
-    }))
-    .unwrap();
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(&manifest), "size": manifest.len(),
-            "annotations": {"org.opencontainers.image.ref.name": name, "io.containerd.image.name": name}}],
-    }))
-    .unwrap();
-    let mut es = vec![
-        E::File(
-            "oci-layout".into(),
-            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
-            0o644,
-        ),
-        E::File("index.json".into(), index, 0o644),
-        E::Dir("blobs/", 0o755),
-        E::Dir("blobs/sha256/", 0o755),
-    ];
-    for b in [&cfg, &manifest, &layer.to_vec()] {
-        es.push(E::File(
-            format!("blobs/sha256/{}", &sha(b)[7..]),
-            b.clone(),
-            0o644,
-        ));
-    }
-    layer_tar(&es)
-}
-
-/// A containerd with its own root, state and socket; everything it made is removed on drop.
-struct Containerd {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    /// `k8s.io` cgroup directories (containerd's namespace parent) that did not exist before.
-    new_cgroups: Vec<PathBuf>,
-}
-
-/// containerd puts its containers under a `k8s.io` cgroup in every hierarchy (or the unified
-/// one) and leaves that parent behind when they are gone.
-fn k8s_io_cgroups() -> Vec<PathBuf> {
-    let mut out = vec![PathBuf::from("/sys/fs/cgroup/k8s.io")];
-    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
-        for e in rd.flatten() {
-            out.push(e.path().join("k8s.io"));
-        }
-    }
-    out.into_iter().filter(|p| p.is_dir()).collect()
-}
-
-impl Containerd {
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("c.sock")
-    }
-
-    fn endpoint(&self) -> String {
-        format!("unix://{}", self.socket().display())
-    }
-
-    fn start() -> Containerd {
-        require_root();
-        assert!(
-            Path::new("/usr/bin/containerd").exists(),
-            "Debian's containerd must be installed (make deps)"
-        );
-        let before = k8s_io_cgroups();
-        let dir = tempfile::Builder::new().prefix("skcri").tempdir().unwrap();
-        let d = dir.path();
-        std::fs::create_dir_all(d.join("cni")).unwrap();
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE}"
-  disable_apparmor = true
-  # This machine's root lacks CAP_SYS_RESOURCE, so the pause container's oom_score_adj of
-  # -998 would be refused; clamp it to containerd's own value.
-  restrict_oom_score_adj = true
-[plugins."io.containerd.grpc.v1.cri".cni]
-  conf_dir = "{cni}"
-  bin_dir = "/usr/lib/cni"
-"#,
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            sock = d.join("c.sock").display(),
-            cni = d.join("cni").display(),
-        );
-        std::fs::write(d.join("config.toml"), config).unwrap();
-        assert!(
-            Path::new("/usr/lib/cni/ptp").exists(),
-            "Debian's containernetworking-plugins must be installed (make deps)"
-        );
-        // A random /24 in 10.250.0.0/16 so parallel runs do not collide.
-        let third = std::process::id() % 250 + 1;
-        let net = serde_json::json!({
-            "cniVersion": "0.4.0",
-            "name": format!("skcri{third}"),
-            "plugins": [{
-                "type": "ptp",
-                "ipMasq": false,
-                "ipam": {
-                    "type": "host-local",
-                    "subnet": format!("10.250.{third}.0/24"),
-                    "dataDir": d.join("ipam").display().to_string(),
-                },
-            }],
-        });
-        std::fs::write(d.join("cni").join("10-test.conflist"), net.to_string()).unwrap();
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("/usr/bin/containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut c = Containerd {
-            dir,
-            child: Some(child),
-            new_cgroups: Vec::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not create its socket; log:\n{}",
-                std::fs::read_to_string(c.dir.path().join("containerd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // Import the test images before any sandbox exists, so containerd never tries to pull
-        // the sandbox image from the network.
-        let layer = busybox_layer();
-        for (name, cmd) in [(BUSYBOX, vec!["sh"]), (PAUSE, vec!["sleep", "2147483647"])] {
-            let tar = c
-                .dir
-                .path()
-                .join(format!("{}.tar", &sha(name.as_bytes())[7..15]));
-            std::fs::write(&tar, image_tar(name, &layer, &cmd)).unwrap();
-            c.ctr(&["images", "import", "--no-unpack=false"], Some(&tar));
-        }
-        // Whatever k8s.io cgroup appears later is this containerd's.
-        c.new_cgroups = [
-            "blkio",
-            "cpu",
-            "cpuacct",
-            "cpuset",
-            "devices",
-            "freezer",
-            "hugetlb",
-            "memory",
-            "net_cls",
-            "net_prio",
-            "perf_event",
-            "pids",
-            "rdma",
-            "misc",
-            "systemd",
-            "unified",
-        ]
-        .iter()
-        .map(|h| PathBuf::from("/sys/fs/cgroup").join(h).join("k8s.io"))
-        .chain(std::iter::once(PathBuf::from("/sys/fs/cgroup/k8s.io")))
-        .filter(|p| !before.contains(p))
-        .collect();
-        c
-    }
-
-    fn ctr(&self, args: &[&str], file: Option<&Path>) {
-        let mut cmd = Command::new("ctr");
-        cmd.arg("--address")
-            .arg(self.socket())
-            .arg("--namespace")
-            .arg("k8s.io")
-            .args(args);
-        if let Some(f) = file {
-            cmd.arg(f);
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "ctr {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // Remove every sandbox and container through CRI, so containerd deletes their tasks,
-        // cgroups and mounts itself.
-        let endpoint = self.endpoint();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(cri) = CriRuntime::connect(&endpoint).await {
-                    for c in cri.list_containers().await.unwrap_or_default() {
-                        let _ = cri.stop_container(&c.id, Duration::ZERO).await;
-                        let _ = cri.remove_container(&c.id).await;
-                    }
-                    for s in cri.list_sandboxes().await.unwrap_or_default() {
-                        let _ = cri.stop_sandbox(&s.id, Duration::ZERO).await;
-                        let _ = cri.remove_sandbox(&s.id).await;
-                    }
-                }
-            });
-        })
-        .join();
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        // Shims of this containerd name its socket on their command line.
-        let sock = self.socket().display().to_string();
-        let _ = Command::new("pkill")
-            .arg("-9")
-            .arg("-f")
-            .arg(&sock)
-            .status();
-        // Unmount whatever is left under the temp dir (deepest first).
-        let prefix = self.dir.path().display().to_string();
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let mut ours: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|m| m.starts_with(&prefix))
-            .collect();
-        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in ours {
-            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-        }
-        // Empty parents only: rmdir refuses a cgroup that still has children or tasks.
-        for cg in &self.new_cgroups {
-            let _ = std::fs::remove_dir(cg);
-        }
-    }
-}
 
 async fn wait_exited(cri: &CriRuntime, id: &str) -> skiff_runtime::ContainerStatus {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -485,4 +217,107 @@ async fn cri_connect_to_a_missing_socket_says_what_to_check() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("is it running"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_image_gc_sees_every_client_pins_the_sandbox_image_and_reports_the_image_fs() {
+    const UNUSED: &str = "skiff.local/cri-unused:test";
+    let ctd = Containerd::start();
+    ctd.import(UNUSED, &["true"]);
+    let cri = CriRuntime::connect(&ctd.endpoint()).await.unwrap();
+    let id_of = |images: &[skiff_runtime::ImageInfo], name: &str| {
+        images
+            .iter()
+            .find(|i| i.names.iter().any(|n| n == name))
+            .unwrap_or_else(|| panic!("{name} not listed: {images:?}"))
+            .id
+            .clone()
+    };
+    let images = cri.list_images().await.unwrap();
+    let (a, p, b) = (
+        id_of(&images, BUSYBOX),
+        id_of(&images, crate::containerd::PAUSE),
+        id_of(&images, UNUSED),
+    );
+    assert!(a != p && p != b && a != b, "three distinct images");
+
+    // containerd 1.6 does not set CRI's `pinned`; its configured sandbox image is pinned all
+    // the same in the list (what image GC reads).
+    let pinned: Vec<&str> = images
+        .iter()
+        .filter(|i| i.pinned)
+        .map(|i| i.id.as_str())
+        .collect();
+    assert_eq!(pinned, [p.as_str()], "{images:?}");
+
+    // The image filesystem is containerd's, under its root.
+    let fs = cri
+        .image_fs()
+        .await
+        .unwrap()
+        .expect("containerd reports ImageFsInfo");
+    assert!(
+        fs.mountpoint.starts_with(ctd.dir.path()),
+        "{}",
+        fs.mountpoint.display()
+    );
+    assert!(fs.mountpoint.exists(), "{}", fs.mountpoint.display());
+
+    // Nothing runs: nothing is in use.
+    assert!(cri.images_in_use().await.unwrap().is_empty());
+
+    // Someone else runs a container from A in a sandbox of their own.
+    let (sandbox, container) = ctd.run_foreign(BUSYBOX).await;
+    // skiff's own listings still do not show it ...
+    assert!(cri.list_containers().await.unwrap().is_empty());
+    assert!(cri.list_sandboxes().await.unwrap().is_empty());
+    // ... but image GC counts it: A by its container, P by the sandbox.
+    let in_use = cri.images_in_use().await.unwrap();
+    assert!(in_use.contains(&a), "{in_use:?}");
+    assert!(in_use.contains(&p), "{in_use:?}");
+    assert!(!in_use.contains(&b), "{in_use:?}");
+
+    // What image GC chooses (unpinned, unused by id or name) is B alone; collecting it by id
+    // removes it with its name.
+    let images = cri.list_images().await.unwrap();
+    let chosen: Vec<_> = images
+        .iter()
+        .filter(|i| {
+            !i.pinned && !in_use.contains(&i.id) && !i.names.iter().any(|n| in_use.contains(n))
+        })
+        .collect();
+    assert_eq!(
+        chosen.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+        [b.as_str()]
+    );
+    assert!(cri.collect_image(chosen[0]).await.unwrap());
+    assert!(cri.image_status(UNUSED).await.unwrap().is_none());
+    assert!(cri.image_status(&b).await.unwrap().is_none());
+    let left: Vec<String> = cri
+        .list_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert!(left.contains(&a) && left.contains(&p), "{left:?}");
+    assert!(!left.contains(&b), "{left:?}");
+
+    // Their container still runs.
+    let mut client = crate::containerd::cri_client(&ctd.socket()).await.unwrap();
+    let st = client
+        .container_status(k8s_cri::v1::ContainerStatusRequest {
+            container_id: container,
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(
+        st.state,
+        k8s_cri::v1::ContainerState::ContainerRunning as i32
+    );
+    let _ = sandbox;
 }
