@@ -7,6 +7,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
@@ -83,6 +84,10 @@ pub struct Network {
     mtu: u32,
     ipam: Ipam,
     host_netns: Option<OwnedFd>,
+    /// The bridge's ifindex as the last [`Network::ensure_bridge`] found it: attaches use it
+    /// without asking again (a stale one fails the attach's first try, which then ensures the
+    /// bridge and tries once more).
+    bridge_index: Mutex<Option<u32>>,
 }
 
 impl Network {
@@ -111,6 +116,7 @@ impl Network {
             mtu,
             ipam,
             host_netns,
+            bridge_index: Mutex::new(None),
         })
     }
 
@@ -177,8 +183,18 @@ impl Network {
                     Err(e) => return Err(e),
                 }
             }
-            netlink::set_up(&h, index, &format!("bridge {name}")).await
+            netlink::set_up(&h, index, &format!("bridge {name}")).await?;
+            Ok(index)
         })
+        .map(|index| {
+            if let Ok(mut cached) = self.bridge_index.lock() {
+                *cached = Some(index);
+            }
+        })
+    }
+
+    fn cached_bridge_index(&self) -> Option<u32> {
+        self.bridge_index.lock().ok().and_then(|c| *c)
     }
 
     /// Deletes the bridge (and with it nothing else: pods must be detached first). Harmless when
@@ -247,9 +263,23 @@ impl Network {
         let started = Instant::now();
         check_ifname(ifname)?;
         let pod_netns = open_netns(netns_path)?;
-        self.ensure_bridge()?;
+        let known_bridge = self.cached_bridge_index();
+        if known_bridge.is_none() {
+            self.ensure_bridge()?;
+        }
         let ip = self.ipam.allocate(sandbox_id)?;
-        let result = self.wire(sandbox_id, &pod_netns, ifname, ip);
+        let mut result = self.wire(sandbox_id, &pod_netns, ifname, ip);
+        if let (Err(error), Some(_)) = (&result, known_bridge) {
+            // The bridge may be gone or rebuilt since it was last seen: make sure of it and try
+            // once more (wire rebuilds what the first try left).
+            tracing::debug!(sandbox = sandbox_id, %error, "attach failed with the known bridge; ensuring it and retrying");
+            if let Ok(mut cached) = self.bridge_index.lock() {
+                *cached = None;
+            }
+            result = self
+                .ensure_bridge()
+                .and_then(|()| self.wire(sandbox_id, &pod_netns, ifname, ip));
+        }
         match result {
             Ok(pod) => {
                 tracing::debug!(
@@ -286,55 +316,83 @@ impl Network {
     ) -> Result<PodInterface, NetError> {
         let host = host_veth_name(sandbox_id);
         let peer = peer_veth_name(sandbox_id);
+        let Some(bridge_index) = self.cached_bridge_index() else {
+            return Err(NetError::NoSuchLink {
+                name: self.cfg.bridge_name.clone(),
+            });
+        };
+        let mac = pod_mac(sandbox_id);
         let (bridge, mtu) = (self.cfg.bridge_name.as_str(), self.mtu);
         let (hostr, peerr) = (host.as_str(), peer.as_str());
+        // Every request below takes the kernel's global rtnl lock, which a burst of pods starting
+        // together contends for (with namespace creation, among others), so an attach asks as
+        // little as it can: the bridge index is known, the pod end is created with its MAC (no
+        // lookup of it afterwards), and `lo` is ifindex 1 in every namespace. (The pod end
+        // cannot be created up: a veth end opens only once its peer is linked, after both
+        // are registered.)
+        //
         // One RTM_NEWLINK makes the whole pair: the host end on the bridge and up, the pod end
         // created in the sandbox's namespace under its final name. Creating the pod end on the
         // host and then moving and renaming it costs an RCU barrier and two RCU grace periods,
-        // all under the kernel's global rtnl lock, which serialises every attach of a burst of
-        // pods. One queue per end spares the grace period of shrinking the default per-CPU
-        // queues of a registered device.
-        let create = |h: rtnetlink::Handle| async move {
-            // A leftover from an earlier attach of the same sandbox is rebuilt from scratch
-            // (deleting the host end deletes the pod end too). `peerr` is where older versions
-            // created the pod end before moving it.
-            netlink::delete_link(&h, hostr).await?;
-            netlink::delete_link(&h, peerr).await?;
-            let bridge_index = netlink::must_index(&h, bridge).await?;
-            let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
-                .name(ifname)
-                .mtu(mtu)
-                .setns_by_fd(pod_netns.as_raw_fd())
-                .append_extra_attribute(LinkAttribute::NumTxQueues(1))
-                .append_extra_attribute(LinkAttribute::NumRxQueues(1))
-                .build();
-            let msg = LinkVeth::new(hostr, ifname)
-                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
-                .mtu(mtu)
-                .controller(bridge_index)
-                .append_extra_attribute(LinkAttribute::NumTxQueues(1))
-                .append_extra_attribute(LinkAttribute::NumRxQueues(1))
-                .up()
-                .build();
-            match h.link().add(msg).execute().await {
-                Ok(()) => {}
-                Err(e) if is_eexist(&e) => return Ok(false),
-                Err(e) => {
-                    return Err(NetError::netlink(
-                        format!(
-                            "create veth pair {hostr} (on {bridge}) / {ifname} (in the sandbox)"
-                        ),
-                        e,
-                    ));
+        // all under rtnl. One queue per end spares the grace period of shrinking the default
+        // per-CPU queues of a registered device.
+        let create = |h: rtnetlink::Handle| {
+            let mac = mac.to_vec();
+            async move {
+                let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+                    .name(ifname)
+                    .mtu(mtu)
+                    .address(mac)
+                    .setns_by_fd(pod_netns.as_raw_fd())
+                    .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+                    .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+                    .build();
+                let msg = LinkVeth::new(hostr, ifname)
+                    .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+                    .mtu(mtu)
+                    .controller(bridge_index)
+                    .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+                    .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+                    .up()
+                    .build();
+                let mut made = false;
+                for attempt in 0..2 {
+                    match h.link().add(msg.clone()).execute().await {
+                        Ok(()) => {
+                            made = true;
+                            break;
+                        }
+                        // A leftover from an earlier attach of the same sandbox is rebuilt
+                        // from scratch (deleting the host end deletes the pod end too). `peerr`
+                        // is where older versions created the pod end before moving it.
+                        Err(e) if is_eexist(&e) && attempt == 0 => {
+                            netlink::delete_link(&h, hostr).await?;
+                            netlink::delete_link(&h, peerr).await?;
+                        }
+                        Err(e) if is_eexist(&e) => {}
+                        Err(e) => {
+                            return Err(NetError::netlink(
+                                format!(
+                                    "create veth pair {hostr} (on {bridge}) / {ifname} (in the sandbox)"
+                                ),
+                                e,
+                            ));
+                        }
+                    }
                 }
+                if !made {
+                    return Ok(false);
+                }
+                let host_index = netlink::must_index(&h, hostr).await?;
+                h.link()
+                    .set_port(LinkBridgePort::new(host_index).hairpin(true).build())
+                    .execute()
+                    .await
+                    .map_err(|e| {
+                        NetError::netlink(format!("turn on hairpin mode on {hostr}"), e)
+                    })?;
+                Ok(true)
             }
-            let host_index = netlink::must_index(&h, hostr).await?;
-            h.link()
-                .set_port(LinkBridgePort::new(host_index).hairpin(true).build())
-                .execute()
-                .await
-                .map_err(|e| NetError::netlink(format!("turn on hairpin mode on {hostr}"), e))?;
-            Ok(true)
         };
         if !netlink::run(self.host_netns.as_ref(), create)? {
             // A stale interface of that name in the sandbox (e.g. left by another network)
@@ -359,12 +417,11 @@ impl Network {
             }
         }
         let (gw, prefix) = (self.gateway, self.cfg.pod_cidr.prefix());
-        let mac = netlink::run(Some(pod_netns), |h| async move {
+        netlink::run(Some(pod_netns), |h| async move {
             let index = netlink::must_index(&h, ifname).await?;
             netlink::add_addr(&h, index, ip, prefix, ifname).await?;
             netlink::set_up(&h, index, ifname).await?;
-            let lo = netlink::must_index(&h, "lo").await?;
-            netlink::set_up(&h, lo, "lo").await?;
+            netlink::set_up(&h, LOOPBACK_IFINDEX, "lo").await?;
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .output_interface(index)
                 .gateway(gw)
@@ -374,14 +431,7 @@ impl Network {
                 .replace()
                 .execute()
                 .await
-                .map_err(|e| NetError::netlink(format!("add default route via {gw}"), e))?;
-            let link =
-                netlink::link_by_index(&h, index)
-                    .await?
-                    .ok_or_else(|| NetError::NoSuchLink {
-                        name: ifname.to_string(),
-                    })?;
-            Ok(netlink::link_mac(&link).unwrap_or_default())
+                .map_err(|e| NetError::netlink(format!("add default route via {gw}"), e))
         })?;
         Ok(PodInterface {
             ip,
@@ -412,6 +462,20 @@ impl Network {
         tracing::debug!(sandbox = sandbox_id, netns = %netns_path.display(), ip = ?released, "pod detached");
         Ok(())
     }
+}
+
+/// `lo`'s ifindex: the kernel registers the loopback device first in every network namespace,
+/// with this index.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// The pod interface's MAC: locally administered, unicast, from the sandbox id's SHA-256 (so a
+/// rebuilt interface keeps it, and no lookup is needed to report it).
+pub fn pod_mac(sandbox_id: &str) -> [u8; 6] {
+    let h = Sha256::digest(format!("skiff-pod-mac:{sandbox_id}").as_bytes());
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&h[..6]);
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
 }
 
 /// The host-side veth name of a sandbox: `veth` + 11 hex digits of the id's SHA-256, so that
@@ -459,6 +523,16 @@ fn is_eexist(e: &rtnetlink::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn pod_macs_are_local_unicast_and_stable_per_sandbox() {
+        let a = pod_mac("sandbox-a");
+        assert_eq!(a, pod_mac("sandbox-a"));
+        assert_ne!(a, pod_mac("sandbox-b"));
+        assert_eq!(a[0] & 0x01, 0, "unicast");
+        assert_eq!(a[0] & 0x02, 0x02, "locally administered");
+    }
+
     use super::*;
 
     #[test]

@@ -175,3 +175,29 @@ fn a_stale_interface_of_the_pod_name_is_replaced() {
     net.delete_bridge().unwrap();
     assert_eq!(links(&host), vec!["lo".to_string()]);
 }
+
+#[test]
+fn an_attach_after_the_bridge_was_rebuilt_finds_the_new_bridge() {
+    let host = netns_node("host");
+    let pod = netns_node("pod");
+    let state = tempfile::tempdir().unwrap();
+    let net = Network::new(config(&host, state.path(), "10.42.8.0/24")).unwrap();
+    let first = net.attach("one", &pod.netns_path(), "eth0").unwrap();
+    net.detach("one", &pod.netns_path()).unwrap();
+    // Someone deletes the bridge (and so its index) while the network is in use: the next
+    // attach must not use the index it remembers.
+    net.delete_bridge().unwrap();
+    let p = net.attach("two", &pod.netns_path(), "eth0").unwrap();
+    assert_ne!(first.mac, p.mac);
+    let link = run_in(
+        &host,
+        "ip",
+        &["-o", "link", "show", "master", net.bridge_name()],
+    );
+    assert!(link.contains(&p.host_veth), "{link}");
+    let addr = run_in(&pod, "ip", &["-o", "-4", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains(&format!("{}/24", p.ip)), "{addr}");
+    net.detach("two", &pod.netns_path()).unwrap();
+    net.delete_bridge().unwrap();
+    assert_eq!(links(&host), vec!["lo".to_string()]);
+}
