@@ -629,7 +629,9 @@ async fn image_gc_keeps_images_in_use_and_frees_the_rest() {
     assert!(store.resolve(TEST_IMAGE).is_ok(), "the image in use stays");
     // Untagged but in use: its blobs survive a collection.
     store.untag(TEST_IMAGE).unwrap();
-    store.gc(&t.rt.image_digests_in_use().await.unwrap()).unwrap();
+    store
+        .gc(&t.rt.image_digests_in_use().await.unwrap())
+        .unwrap();
     t.rt.start(&id).await.unwrap();
     assert_eq!(
         t.rt.wait(&id, Duration::from_secs(20))
