@@ -114,8 +114,10 @@ pub async fn run(
     // 2. Node and lease.
     let pressure = eviction::SharedPressure::default();
     let evictions = eviction::EvictionRequests::default();
+    let (network_ready_tx, network_ready) = tokio::sync::watch::channel(false);
     let mut agent = node::NodeAgent::new(client.clone(), cfg.clone(), runtime.clone(), addr.port())
-        .with_pressure(pressure.clone());
+        .with_pressure(pressure.clone())
+        .with_network_ready(network_ready);
     agent.register().await?;
     agent.renew_lease().await?;
     let node_ip = agent.node_ip();
@@ -166,6 +168,8 @@ pub async fn run(
                     "wrote the CNI network config for the container runtime: point its CNI conf_dir at this directory and bin_dir at the CNI plugins (/usr/lib/cni)"
                 );
             }
+            // The node turns Ready now (NodeAgent writes its status at once).
+            let _ = network_ready_tx.send(true);
             let sh = Arc::new(pods::Shared {
                 events: pods::events::recorder(client.clone(), &cfg.node_name),
                 client,

@@ -132,6 +132,7 @@ pub async fn node_status(
     port: u16,
     runtime: &dyn Runtime,
     pressure: &crate::eviction::SharedPressure,
+    network_ready: bool,
 ) -> NodeStatus {
     use crate::eviction::Condition;
     let holds = |c: Condition| pressure.read().is_ok_and(|p| p.holds(c));
@@ -233,12 +234,22 @@ pub async fn node_status(
                     "kubelet has sufficient PID available",
                 )
             },
-            condition(
-                "Ready",
-                "True",
-                "KubeletReady",
-                "kubelet is posting ready status",
-            ),
+            if network_ready {
+                condition(
+                    "Ready",
+                    "True",
+                    "KubeletReady",
+                    "kubelet is posting ready status",
+                )
+            } else {
+                // The kubelet's words while the CNI network is not set up yet.
+                condition(
+                    "Ready",
+                    "False",
+                    "KubeletNotReady",
+                    "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin not initialized",
+                )
+            },
         ]),
         daemon_endpoints: Some(NodeDaemonEndpoints {
             kubelet_endpoint: Some(DaemonEndpoint {
@@ -305,6 +316,10 @@ pub struct NodeAgent {
     port: u16,
     last_written: Option<(serde_json::Value, Instant)>,
     pressure: crate::eviction::SharedPressure,
+    /// Whether the pod network is set up: the node is Ready only then (as the kubelet is
+    /// NotReady until its CNI network is), so that pods are not sent to a node that cannot start
+    /// them yet. None: no network to wait for.
+    network_ready: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl NodeAgent {
@@ -324,7 +339,19 @@ impl NodeAgent {
             port,
             last_written: None,
             pressure: Arc::default(),
+            network_ready: None,
         }
+    }
+
+    /// The node is Ready only once `ready` turns true (the pod network is set up); its status is
+    /// written at once when it does.
+    pub fn with_network_ready(mut self, ready: tokio::sync::watch::Receiver<bool>) -> NodeAgent {
+        self.network_ready = Some(ready);
+        self
+    }
+
+    fn network_is_ready(&self) -> bool {
+        self.network_ready.as_ref().is_none_or(|r| *r.borrow())
     }
 
     /// Takes the pressure conditions from this state (the eviction manager's).
@@ -347,6 +374,7 @@ impl NodeAgent {
             self.port,
             &*self.runtime,
             &self.pressure,
+            self.network_is_ready(),
         )
         .await;
         let taints = (!self.cfg.taints.is_empty()).then(|| self.cfg.taints.clone());
@@ -409,6 +437,7 @@ impl NodeAgent {
             self.port,
             &*self.runtime,
             &self.pressure,
+            self.network_is_ready(),
         )
         .await;
         let cmp = comparable(&status);
@@ -502,9 +531,26 @@ impl NodeAgent {
             tokio::time::interval(self.cfg.lease_interval.min(Duration::from_secs(10)));
         lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut network = self.network_ready.clone();
         loop {
+            let network_changed = async {
+                match network.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = stop.changed() => return,
+                changed = network_changed => {
+                    if !changed {
+                        // The sender is gone (the kubelet is stopping): readiness is final.
+                        network = None;
+                        continue;
+                    }
+                    if let Err(e) = self.write_status(false).await {
+                        tracing::warn!(error = %e, "node status update failed");
+                    }
+                }
                 _ = lease_tick.tick() => {
                     if let Err(e) = self.renew_lease().await {
                         tracing::warn!(error = %e, "lease renewal failed");

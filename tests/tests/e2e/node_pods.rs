@@ -125,6 +125,17 @@ fn node_pods_run_restart_probe_update_oom_and_stop_gracefully() {
         .stdout
             == b"True"
     });
+    // Ready means the node can run pods: its pod network (the bridge) is set up by then, as a
+    // kubelet is NotReady until its CNI network is.
+    let bridge = Command::new("ip")
+        .args(["link", "show", "cni0"])
+        .output()
+        .expect("ip link");
+    assert!(
+        bridge.status.success(),
+        "node Ready before its pod network: {}",
+        String::from_utf8_lossy(&bridge.stderr)
+    );
     let rt = k.ok(&[
         "get",
         "node",
