@@ -311,7 +311,7 @@ async fn node_registration_pods_probes_restarts_and_deletion() {
     let labels = n.metadata.labels.clone().unwrap();
     assert_eq!(labels["node-role.kubernetes.io/control-plane"], "true");
     assert_eq!(labels["kubernetes.io/hostname"], node.name);
-    let st = n.status.unwrap();
+    let st = n.status.clone().unwrap();
     let info = st.node_info.unwrap();
     assert!(
         info.container_runtime_version.starts_with("skiff://"),
@@ -319,12 +319,25 @@ async fn node_registration_pods_probes_restarts_and_deletion() {
     );
     assert!(st.daemon_endpoints.unwrap().kubelet_endpoint.unwrap().port > 0);
     assert_eq!(st.capacity.unwrap()["pods"].0, "110");
+    // Registered with a Ready condition: True once the pod network is set up, until then False
+    // with the kubelet's reason.
+    let node_ready = |n: &Node| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready").cloned())
+    };
+    let first = node_ready(&n).expect("a Ready condition at registration");
     assert!(
-        st.conditions
-            .unwrap()
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
+        first.status == "True"
+            || (first.status == "False" && first.reason.as_deref() == Some("KubeletNotReady")),
+        "{first:?}"
     );
+    wait_for("node Ready", 30, async || {
+        let n = nodes.get_opt(&node.name).await.unwrap()?;
+        (node_ready(&n)?.status == "True").then_some(())
+    })
+    .await;
     // The kubelet creates its Lease right after registering the Node: wait for it too.
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     let l = wait_for("node lease", 30, async || {
