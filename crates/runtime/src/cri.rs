@@ -542,6 +542,28 @@ fn container_image_refs(containers: &[cri::Container]) -> HashSet<String> {
 }
 
 impl CriRuntime {
+    /// Every pod sandbox the runtime has, skiff's or not (callers filter with `is_ours`).
+    async fn all_sandboxes(&self) -> Result<Vec<cri::PodSandbox>> {
+        Ok(self
+            .rt()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ListPodSandbox"))?
+            .into_inner()
+            .items)
+    }
+
+    /// Every container the runtime has, skiff's or not.
+    async fn all_containers(&self) -> Result<Vec<cri::Container>> {
+        Ok(self
+            .rt()
+            .list_containers(cri::ListContainersRequest { filter: None })
+            .await
+            .map_err(rpc_err(&self.endpoint, "ListContainers"))?
+            .into_inner()
+            .containers)
+    }
+
     /// CRI `ImageStatus`: the image `reference` (a name, a digest reference or an id) names,
     /// or None if the runtime does not have it.
     async fn cri_image(&self, reference: &str) -> Result<Option<cri::Image>> {
@@ -579,13 +601,7 @@ impl CriRuntime {
     /// The images of all pod sandboxes of the runtime, not only skiff's: the configured
     /// sandbox image if any sandbox exists, and what each sandbox's verbose status names.
     async fn sandbox_images_in_use(&self) -> Result<HashSet<String>> {
-        let sandboxes = self
-            .rt()
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .map_err(rpc_err(&self.endpoint, "ListPodSandbox"))?
-            .into_inner()
-            .items;
+        let sandboxes = self.all_sandboxes().await?;
         let mut out = HashSet::new();
         if sandboxes.is_empty() {
             return Ok(out);
@@ -758,13 +774,7 @@ impl Runtime for CriRuntime {
     }
 
     async fn list_sandboxes(&self) -> Result<Vec<SandboxStatus>> {
-        let items = self
-            .rt()
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .map_err(rpc_err(&self.endpoint, "ListPodSandbox"))?
-            .into_inner()
-            .items;
+        let items = self.all_sandboxes().await?;
         let mut out = Vec::with_capacity(items.len());
         for s in items.into_iter().filter(is_ours) {
             // The list lacks the netns path; ask for each sandbox's verbose status.
@@ -858,23 +868,13 @@ impl Runtime for CriRuntime {
 
     async fn list_containers(&self) -> Result<Vec<ContainerStatus>> {
         let ours: std::collections::HashSet<String> = self
-            .rt()
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .map_err(rpc_err(&self.endpoint, "ListPodSandbox"))?
-            .into_inner()
-            .items
+            .all_sandboxes()
+            .await?
             .into_iter()
             .filter(is_ours)
             .map(|s| s.id)
             .collect();
-        let items = self
-            .rt()
-            .list_containers(cri::ListContainersRequest { filter: None })
-            .await
-            .map_err(rpc_err(&self.endpoint, "ListContainers"))?
-            .into_inner()
-            .containers;
+        let items = self.all_containers().await?;
         let mut out = Vec::with_capacity(items.len());
         for c in items
             .into_iter()
@@ -1058,13 +1058,7 @@ impl Runtime for CriRuntime {
     async fn images_in_use(&self) -> Result<HashSet<String>> {
         // Every container of the runtime, not only skiff's: another client of a shared
         // containerd may run (or keep, exited) containers from images skiff never pulled.
-        let containers = self
-            .rt()
-            .list_containers(cri::ListContainersRequest { filter: None })
-            .await
-            .map_err(rpc_err(&self.endpoint, "ListContainers"))?
-            .into_inner()
-            .containers;
+        let containers = self.all_containers().await?;
         let mut refs = container_image_refs(&containers);
         refs.extend(self.sandbox_images_in_use().await?);
         // Containers name images by reference (a tag, a digest reference or an id); the image

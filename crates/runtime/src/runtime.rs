@@ -233,7 +233,7 @@ pub struct BuiltinRuntime {
     cfg: Arc<RuntimeConfig>,
     cgroups: Cgroups,
     registries: Arc<RegistriesConfig>,
-    /// Container creations (rootfs mount, shim, libcontainer's set-up) running at once (see
+    /// Shim runs (a container's creation by libcontainer) going on at once (see
     /// [`create_slots`]).
     create_slots: Arc<tokio::sync::Semaphore>,
 }

@@ -333,8 +333,6 @@ fn create(a: CreateArgs) -> i32 {
     }
 }
 
-/// Closes every inherited descriptor above stderr except `keep` (the shim must hold nothing of
-/// its parent's, or the parent's pipes never see end-of-file).
 /// Once the container is created, its init has its own mount namespace with the rootfs pivoted
 /// in, and the overlay mount on the host (`<container dir>/rootfs`) is no longer used: execs join
 /// the container's mount namespace, the writable layer is read from `upper/`, and a restarted
@@ -350,6 +348,8 @@ fn detach_host_rootfs(rootfs: &Path) {
     }
 }
 
+/// Closes every inherited descriptor above stderr except `keep` (the shim must hold nothing of
+/// its parent's, or the parent's pipes never see end-of-file).
 fn close_inherited(keep: i32) {
     let fds: Vec<i32> = match fs::read_dir("/proc/self/fd") {
         Ok(rd) => rd
