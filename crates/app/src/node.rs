@@ -447,6 +447,7 @@ pub async fn killall(data_dir: &Path, bridge: &str) -> Result<Vec<String>, AppEr
         if rt.remove_cgroup_parent().is_ok() {
             done.push(format!("removed cgroup {}", cgroup_parent(data_dir)));
         }
+        rt.release_pins_mount();
     }
     let st = std::process::Command::new("ip")
         .args(["link", "del", bridge])

@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::cgroup::{CgroupStats, Cgroups};
 use crate::error::{Error, Result, io_err, sys_err};
 use crate::pull::RegistriesConfig;
-use crate::sandbox::{Sandbox, SandboxConfig, is_mounted, pin_namespaces, unpin};
+use crate::sandbox::{
+    Sandbox, SandboxConfig, ensure_pins_mount, is_mounted, pin_namespaces, release_pins_mount,
+    unpin,
+};
 use crate::shim::{
     CTL_FIFO, CreateArgs, ExecArgs, ExecResult, ShimState, ShimStatus, now_ns, pid_start_ticks,
     read_state,
@@ -236,6 +239,9 @@ pub struct BuiltinRuntime {
     /// Shim runs (a container's creation by libcontainer) going on at once (see
     /// [`create_slots`]).
     create_slots: Arc<tokio::sync::Semaphore>,
+    /// Whether the sandboxes dir is a mount of its own (see [`ensure_pins_mount`]); None until
+    /// first needed.
+    pins_mount: Arc<std::sync::Mutex<Option<bool>>>,
 }
 
 /// How many container creations run at once: twice the CPUs. A creation is CPU work in the
@@ -311,6 +317,7 @@ impl BuiltinRuntime {
             cgroups: Cgroups::host(),
             registries: Arc::new(RegistriesConfig::default()),
             create_slots: Arc::new(tokio::sync::Semaphore::new(create_slots())),
+            pins_mount: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 
@@ -348,6 +355,39 @@ impl BuiltinRuntime {
 
     // ---------------------------------------------------------------- sandboxes
 
+    /// Makes the sandboxes dir a mount of its own, once (see [`ensure_pins_mount`]); returns
+    /// whether it is one. Failing that only costs speed, so it is logged, not returned.
+    fn pins_mounted(&self) -> bool {
+        let mut m = self
+            .pins_mount
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = *m {
+            return v;
+        }
+        let dir = self.cfg.state_dir.join("sandboxes");
+        let v = match ensure_pins_mount(&dir) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "sandboxes dir not mounted on its own; container creations read every pin");
+                false
+            }
+        };
+        *m = Some(v);
+        v
+    }
+
+    /// Unmounts the sandboxes dir's own mount (see [`ensure_pins_mount`]), for tearing a
+    /// runtime down once its sandboxes are gone. `skiff killall` does the same.
+    pub fn release_pins_mount(&self) {
+        let mut m = self
+            .pins_mount
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        release_pins_mount(&self.cfg.state_dir.join("sandboxes"));
+        *m = None;
+    }
+
     /// Creates a pod sandbox: pinned namespaces and a pod cgroup path.
     pub async fn create_sandbox(&self, cfg: SandboxConfig) -> Result<Sandbox> {
         let me = self.clone();
@@ -362,6 +402,7 @@ impl BuiltinRuntime {
             )));
         }
         let id = format!("{}-{}", cfg.name, random_hex(6));
+        self.pins_mounted();
         let dir = self.sb_dir(&id);
         fs::create_dir_all(&dir).map_err(io_err("create sandbox dir", &dir))?;
         let (netns, utsns, ipcns) = match pin_namespaces(&dir, &cfg) {
@@ -583,6 +624,9 @@ impl BuiltinRuntime {
                 stdin: cfg.stdin,
                 stdin_once: cfg.stdin_once,
                 tty: cfg.tty,
+                pins_root: (sandbox_id.is_some() && self.pins_mounted())
+                    .then(|| self.cfg.state_dir.join("sandboxes")),
+                sandbox_dir: sandbox_id.map(|s| self.sb_dir(s)),
             })
         })();
         match res {

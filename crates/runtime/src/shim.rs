@@ -124,12 +124,17 @@ pub struct CreateArgs {
     pub stdin_once: bool,
     /// the container's stdio is a pseudo-terminal (its output is logged as stdout)
     pub tty: bool,
+    /// the runtime's sandboxes dir when it is a mount of its own: the shim creates the container
+    /// from a mount namespace without it (see [`enter_private_mounts`])
+    pub pins_root: Option<PathBuf>,
+    /// the container's sandbox dir (its namespace pins), kept in that namespace
+    pub sandbox_dir: Option<PathBuf>,
 }
 
 impl CreateArgs {
     /// The command-line form (after `shim`).
     pub fn to_args(&self) -> Vec<String> {
-        vec![
+        let mut v: Vec<String> = vec![
             "create".into(),
             "--id".into(),
             self.id.clone(),
@@ -147,7 +152,14 @@ impl CreateArgs {
             if self.stdin_once { "1" } else { "0" }.into(),
             "--tty".into(),
             if self.tty { "1" } else { "0" }.into(),
-        ]
+        ];
+        if let Some(p) = &self.pins_root {
+            v.extend(["--pins-root".into(), p.display().to_string()]);
+        }
+        if let Some(p) = &self.sandbox_dir {
+            v.extend(["--sandbox-dir".into(), p.display().to_string()]);
+        }
+        v
     }
 }
 
@@ -249,6 +261,8 @@ pub fn main(args: Vec<String>) -> i32 {
                 stdin: get("stdin") == "1",
                 stdin_once: get("stdin-once") == "1",
                 tty: get("tty") == "1",
+                pins_root: flags.get("pins-root").map(PathBuf::from),
+                sandbox_dir: flags.get("sandbox-dir").map(PathBuf::from),
             };
             if a.id.is_empty()
                 || a.dir.as_os_str().is_empty()
@@ -345,6 +359,88 @@ fn create(a: CreateArgs) -> i32 {
 fn detach_host_rootfs(rootfs: &Path) {
     if let Err(e) = nix::mount::umount2(rootfs, nix::mount::MntFlags::MNT_DETACH) {
         tracing::debug!(rootfs = %rootfs.display(), error = %e, "host rootfs mount not detached");
+    }
+}
+
+/// The shim's way back to the host's mount namespace after [`enter_private_mounts`].
+struct HostMounts {
+    ns: File,
+    cwd: Option<PathBuf>,
+}
+
+/// Moves the (single-threaded) shim into a mount namespace of its own for the container's
+/// creation: a copy of the host's, minus every pod's namespace pins except this container's own.
+/// libcontainer's processes start from here, so the mount table they read (once per cgroup v1
+/// controller, and for the rootfs) and copy into the container's namespace is the host's few
+/// system mounts, not 3 pins per pod on the node (see `sandbox::ensure_pins_mount`). Mounts
+/// here are slaves of the host's, so host mounts still reach the container as before. Returns
+/// None, staying in the host's namespace, if any step fails: that only costs speed.
+fn enter_private_mounts(a: &CreateArgs) -> Option<HostMounts> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    use std::os::fd::AsRawFd;
+    let pins_root = a.pins_root.as_ref()?;
+    let ns = File::open("/proc/self/ns/mnt")
+        .map_err(|e| tracing::warn!(error = %e, "open host mount namespace"))
+        .ok()?;
+    let host = HostMounts {
+        ns,
+        cwd: std::env::current_dir().ok(),
+    };
+    // This container's pins, opened while they are still reachable.
+    let pins: Vec<(PathBuf, File)> = a
+        .sandbox_dir
+        .iter()
+        .flat_map(|d| ["net", "uts", "ipc"].map(|n| d.join(n)))
+        .filter_map(|p| File::open(&p).ok().map(|f| (p, f)))
+        .collect();
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS) {
+        tracing::warn!(error = %e, "unshare mount namespace; creating from the host's");
+        return None;
+    }
+    let setup = || -> std::result::Result<(), String> {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| format!("make mounts slaves: {e}"))?;
+        umount2(pins_root, MntFlags::MNT_DETACH)
+            .map_err(|e| format!("unmount {}: {e}", pins_root.display()))?;
+        for (p, f) in &pins {
+            let src = format!("/proc/self/fd/{}", f.as_raw_fd());
+            mount(
+                Some(src.as_str()),
+                p,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| format!("bind namespace onto {}: {e}", p.display()))?;
+        }
+        Ok(())
+    };
+    match setup() {
+        Ok(()) => Some(host),
+        Err(e) => {
+            tracing::warn!(error = %e, "private mount namespace not set up; creating from the host's");
+            leave_private_mounts(host);
+            None
+        }
+    }
+}
+
+/// Returns the shim to the host's mount namespace (its private one goes with its last
+/// process), so it holds no copy of the host's mounts for the container's lifetime.
+fn leave_private_mounts(host: HostMounts) {
+    if let Err(e) = nix::sched::setns(&host.ns, nix::sched::CloneFlags::CLONE_NEWNS) {
+        tracing::warn!(error = %e, "return to the host mount namespace");
+        return;
+    }
+    // setns moves the working directory to the namespace's root.
+    if let Some(cwd) = host.cwd {
+        let _ = std::env::set_current_dir(cwd);
     }
 }
 
@@ -477,12 +573,17 @@ fn run_shim(a: &CreateArgs, ready: &mut Option<File>) -> Result<()> {
         builder = builder.with_stdout(out_w).with_stderr(err_w);
         None
     };
-    let mut container = builder
+    let host_mounts = enter_private_mounts(a);
+    let built = builder
         .as_init(a.dir.join("bundle"))
         .with_systemd(false)
         .with_detach(true)
-        .build()
-        .map_err(|e| Error::Container(format!("create container {}: {e}", a.id)))?;
+        .build();
+    if let Some(h) = host_mounts {
+        leave_private_mounts(h);
+    }
+    let mut container =
+        built.map_err(|e| Error::Container(format!("create container {}: {e}", a.id)))?;
     let out_r = match &console_listener {
         Some(l) => {
             let master = receive_master(l, &console);

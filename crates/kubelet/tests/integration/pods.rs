@@ -148,6 +148,7 @@ impl Drop for TestNode {
                     let _ = rt.remove(&c.id).await;
                 }
                 let _ = rt.remove_cgroup_parent();
+                rt.release_pins_mount();
             });
         })
         .join();

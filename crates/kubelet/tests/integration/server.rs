@@ -333,6 +333,7 @@ impl Env {
             self.rt.remove(&c.id).await.unwrap();
         }
         self.rt.remove_cgroup_parent().unwrap();
+        self.rt.release_pins_mount();
         let left = skiff_runtime::sandbox::mounts_under(self.dir.path());
         assert!(left.is_empty(), "mounts left behind: {left:?}");
     }

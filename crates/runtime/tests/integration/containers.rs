@@ -913,3 +913,91 @@ async fn container_with_a_tty_logs_attaches_and_resizes() {
     );
     t.teardown().await;
 }
+
+/// Device and inode of a namespace (as `stat` on its pin or on `/proc/PID/ns/X` shows them).
+fn ns_id(path: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    (m.dev(), m.ino())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_joins_its_own_pods_namespaces_and_its_shim_stays_in_the_host_mount_namespace()
+{
+    let t = TestRuntime::new();
+    let mut sbs = Vec::new();
+    for name in ["pod-a", "pod-b"] {
+        sbs.push(
+            t.rt.create_sandbox(SandboxConfig {
+                name: name.into(),
+                hostname: format!("{name}-host"),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    // The sandboxes dir is a private mount of its own, holding every pod's pins.
+    let sandboxes = t.dir.path().join("rt/sandboxes");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(sandboxes.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("{} is not a mount point:\n{info}", sandboxes.display()));
+    assert!(
+        !line.contains("shared:") && !line.contains("master:"),
+        "the sandboxes mount must be private: {line}"
+    );
+    // A container of pod B: created from the shim's own mount namespace, without pod A's pins.
+    let b = &sbs[1];
+    let id =
+        t.rt.create(Some(&b.id), sh("app", "sleep 1000"), t.log("app"))
+            .await
+            .unwrap();
+    t.rt.start(&id).await.unwrap();
+    let pid = t.rt.status(&id).await.unwrap().pid.unwrap();
+    let proc_ns = |n: &str| ns_id(std::path::Path::new(&format!("/proc/{pid}/ns/{n}")));
+    assert_eq!(
+        proc_ns("net"),
+        ns_id(b.netns.as_ref().unwrap()),
+        "pod B's netns"
+    );
+    assert_eq!(proc_ns("uts"), ns_id(&b.utsns), "pod B's uts ns");
+    assert_eq!(
+        proc_ns("ipc"),
+        ns_id(b.ipcns.as_ref().unwrap()),
+        "pod B's ipc ns"
+    );
+    assert_ne!(proc_ns("net"), ns_id(sbs[0].netns.as_ref().unwrap()));
+    let out =
+        t.rt.exec(&id, vec!["hostname".into()], Duration::from_secs(20))
+            .await
+            .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pod-b-host");
+    // The host keeps every pin; the shim went back to the host's mount namespace.
+    for sb in &sbs {
+        for p in [
+            sb.netns.clone().unwrap(),
+            sb.utsns.clone(),
+            sb.ipcns.clone().unwrap(),
+        ] {
+            assert!(
+                skiff_runtime::sandbox::is_mounted(&p),
+                "{} pinned",
+                p.display()
+            );
+        }
+    }
+    let st =
+        skiff_runtime::shim::read_state(&t.dir.path().join("rt/containers").join(&id)).unwrap();
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/ns/mnt", st.shim_pid)).unwrap(),
+        std::fs::read_link("/proc/self/ns/mnt").unwrap(),
+        "the shim holds no mount namespace of its own"
+    );
+    t.rt.remove(&id).await.unwrap();
+    for sb in &sbs {
+        t.rt.remove_sandbox(&sb.id).await.unwrap();
+    }
+    t.teardown().await;
+}

@@ -221,6 +221,7 @@ impl TestRuntime {
             self.rt.remove(&c.id).await.unwrap();
         }
         self.rt.remove_cgroup_parent().unwrap();
+        self.rt.release_pins_mount();
         let left = leftovers(self.dir.path(), &self.cgroup_parent);
         assert!(left.is_empty(), "left behind: {left:?}");
     }
