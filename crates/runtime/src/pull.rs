@@ -284,6 +284,16 @@ pub async fn pull(
             Ok(digest) => {
                 store.tag(&name, &digest)?;
                 tracing::info!(image = %name, endpoint = %ep.host, %digest, "pulled image");
+                // Unpack now, as containerd does after a pull, so the image's first container
+                // does not wait for it.
+                let s = store.clone();
+                let n = name.clone();
+                tokio::task::spawn_blocking(move || {
+                    let image = s.resolve(&n)?;
+                    s.unpacked_layers(&image)
+                })
+                .await
+                .map_err(|e| Error::InvalidState(format!("unpack task failed: {e}")))??;
                 return Ok(name);
             }
             Err(e) => {

@@ -147,6 +147,17 @@ fn sha256_hex(digest: &str) -> Result<&str> {
     }
 }
 
+/// The lock of one layer's unpacking (see [`ImageStore::unpack`]).
+fn unpacking(dst: &Path) -> std::sync::Arc<std::sync::Mutex<()>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static MAP: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>> = OnceLock::new();
+    let map = MAP.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut m = map
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    m.entry(dst.to_path_buf()).or_default().clone()
+}
+
 /// Reads the first bytes of a file and says how it is compressed.
 pub(crate) fn sniff(path: &Path) -> Result<Compression> {
     let mut f = File::open(path).map_err(io_err("open", path))?;
@@ -378,10 +389,19 @@ impl ImageStore {
             .collect()
     }
 
-    /// Unpacks one layer blob (once) and returns its directory.
+    /// Unpacks one layer blob (once) and returns its directory. Concurrent calls for one layer
+    /// in this process wait for the first instead of each unpacking it (a burst of pods of one
+    /// image starts together).
     pub fn unpack(&self, digest: &str) -> Result<PathBuf> {
         let hex = sha256_hex(digest)?;
         let dst = self.root.join("layers/sha256").join(hex);
+        if dst.is_dir() {
+            return Ok(dst);
+        }
+        let lock = unpacking(&dst);
+        let _guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if dst.is_dir() {
             return Ok(dst);
         }
@@ -578,6 +598,12 @@ impl ImageStore {
                 "neither an OCI layout (index.json) nor a docker save archive (manifest.json)"
                     .into(),
             ));
+        }
+        // Unpack now, as containerd does on import, so the first container of the image does
+        // not wait for it.
+        for n in &names {
+            let image = self.resolve(n)?;
+            self.unpacked_layers(&image)?;
         }
         tracing::info!(archive = %archive.display(), images = ?names, "imported images");
         Ok(names)

@@ -41,6 +41,14 @@ fn imports_oci_layout_and_resolves_by_normalised_name() {
     );
     let same = store.resolve(&img.manifest_digest).unwrap();
     assert_eq!(same.manifest_digest, img.manifest_digest);
+    // Import unpacks, so the image's first container does not wait for it.
+    for l in &img.manifest.layers {
+        let dir = t
+            .path()
+            .join("images/layers/sha256")
+            .join(&l.digest["sha256:".len()..]);
+        assert!(dir.join("bin/busybox").is_file(), "{} unpacked", l.digest);
+    }
     let list = store.list().unwrap();
     assert_eq!(list.len(), 1);
     // Every blob is stored under its own digest.
