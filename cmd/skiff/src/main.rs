@@ -15,8 +15,71 @@ use clap::{CommandFactory, Parser, Subcommand};
 /// mimalloc instead of glibc malloc: under the scheduler benchmark (1,000 hollow nodes, 10,000
 /// pods) a quarter of the server's CPU went to glibc's malloc/free/consolidate; with mimalloc the
 /// same run schedules 1.5-1.9x the pods per second. Figures in BENCHMARKS.md.
+///
+/// Except in `skiff shim`: a node runs one shim per container, each single-threaded and small,
+/// and libcontainer's set-up processes are forks of it. There mimalloc's per-process arena set-up
+/// and page faults cost more than its speed gains, so the shim uses glibc's malloc.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: Allocator = Allocator;
+
+/// Set once, by [`tune_allocator`] before anything is allocated, when this process is a shim.
+static USE_SYSTEM_ALLOCATOR: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// mimalloc, or glibc's malloc for the shim (see [`GLOBAL`]). The choice is made before the
+/// first allocation and never changes, so every block is freed by the allocator that made it.
+struct Allocator;
+
+impl Allocator {
+    fn system() -> bool {
+        USE_SYSTEM_ALLOCATOR.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+// SAFETY: every method forwards to one of two correct allocators, always the same one for the
+// life of the process (see USE_SYSTEM_ALLOCATOR).
+unsafe impl std::alloc::GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe {
+            if Self::system() {
+                std::alloc::System.alloc(layout)
+            } else {
+                mimalloc::MiMalloc.alloc(layout)
+            }
+        }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe {
+            if Self::system() {
+                std::alloc::System.alloc_zeroed(layout)
+            } else {
+                mimalloc::MiMalloc.alloc_zeroed(layout)
+            }
+        }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded with the caller's guarantees; ptr came from the same allocator.
+        unsafe {
+            if Self::system() {
+                std::alloc::System.dealloc(ptr, layout)
+            } else {
+                mimalloc::MiMalloc.dealloc(ptr, layout)
+            }
+        }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        // SAFETY: forwarded with the caller's guarantees; ptr came from the same allocator.
+        unsafe {
+            if Self::system() {
+                std::alloc::System.realloc(ptr, layout, new)
+            } else {
+                mimalloc::MiMalloc.realloc(ptr, layout, new)
+            }
+        }
+    }
+}
 
 /// mimalloc v3's `mi_option_arena_eager_commit` and `mi_option_purge_delay` (positions in
 /// `enum mi_option_e` of the libmimalloc-sys pinned in Cargo.lock, as `MIMALLOC_VERBOSE=1` lists
@@ -34,9 +97,26 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// mimalloc's own environment variables (`MIMALLOC_ARENA_EAGER_COMMIT`, `MIMALLOC_PURGE_DELAY`)
 /// still win when set, so the trade between memory and speed can be tuned (and measured) on a
 /// given board without a rebuild.
-extern "C" fn tune_allocator() {
+///
+/// glibc calls `.init_array` functions with the program's arguments: `skiff shim ...` picks the
+/// system allocator here, before anything is allocated.
+extern "C" fn tune_allocator(
+    argc: std::ffi::c_int,
+    argv: *const *const std::ffi::c_char,
+    _envp: *const *const std::ffi::c_char,
+) {
     unsafe extern "C" {
         fn getenv(name: *const std::ffi::c_char) -> *const std::ffi::c_char;
+    }
+    if argc >= 2 && !argv.is_null() {
+        // SAFETY: argv holds argc pointers (glibc's contract for .init_array functions), and
+        // argc >= 2.
+        let arg1 = unsafe { *argv.add(1) };
+        // SAFETY: a non-null argv entry is a NUL-terminated string.
+        if !arg1.is_null() && unsafe { std::ffi::CStr::from_ptr(arg1) } == c"shim" {
+            USE_SYSTEM_ALLOCATOR.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
     }
     // SAFETY: getenv reads the environment the loader set up and does not allocate;
     // mi_option_set only stores an integer in mimalloc's option table. Neither depends on Rust's
@@ -52,10 +132,14 @@ extern "C" fn tune_allocator() {
 }
 
 #[used]
-// SAFETY: `.init_array` entries are plain `extern "C" fn()` pointers called once by the loader
-// before `main`; `tune_allocator` has that signature and is safe to call at that point.
+// SAFETY: glibc calls each `.init_array` entry once before `main` as
+// `fn(argc, argv, envp)`; `tune_allocator` has that signature and is safe to call at that point.
 #[unsafe(link_section = ".init_array")]
-static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+static TUNE_ALLOCATOR: extern "C" fn(
+    std::ffi::c_int,
+    *const *const std::ffi::c_char,
+    *const *const std::ffi::c_char,
+) = tune_allocator;
 
 /// skiff: a whole Kubernetes cluster in one binary.
 #[derive(Debug, Parser)]
