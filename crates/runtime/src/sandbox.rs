@@ -154,9 +154,12 @@ pub fn connect_in_netns(
     .map_err(|_| Error::InvalidState("port-forward thread panicked".into()))?
 }
 
+/// The file names of a sandbox's namespace pins (the ones its config asks for exist).
+pub(crate) const PIN_NAMES: [&str; 3] = ["net", "uts", "ipc"];
+
 /// Unmounts and removes the namespace files in `dir` (ignoring ones that are gone).
 pub(crate) fn unpin(dir: &Path) {
-    for n in ["net", "uts", "ipc"] {
+    for n in PIN_NAMES {
         let p = dir.join(n);
         if p.exists() {
             let _ = umount2(&p, MntFlags::MNT_DETACH);

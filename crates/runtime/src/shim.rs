@@ -390,7 +390,7 @@ fn enter_private_mounts(a: &CreateArgs) -> Option<HostMounts> {
     let pins: Vec<(PathBuf, File)> = a
         .sandbox_dir
         .iter()
-        .flat_map(|d| ["net", "uts", "ipc"].map(|n| d.join(n)))
+        .flat_map(|d| crate::sandbox::PIN_NAMES.map(|n| d.join(n)))
         .filter_map(|p| File::open(&p).ok().map(|f| (p, f)))
         .collect();
     if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS) {
