@@ -367,7 +367,7 @@ impl BuiltinRuntime {
         }
         let dir = self.cfg.state_dir.join("sandboxes");
         let v = match ensure_pins_mount(&dir) {
-            Ok(v) => v,
+            Ok(()) => true,
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "sandboxes dir not mounted on its own; container creations read every pin");
                 false

@@ -169,8 +169,7 @@ pub(crate) fn unpin(dir: &Path) {
 }
 
 /// Makes `dir` (the runtime's sandboxes dir, which holds every pod's namespace pins) a mount
-/// point of its own, with private propagation, unless it is one already. Returns whether it is
-/// one afterwards.
+/// point of its own, with private propagation, unless it is one already.
 ///
 /// Why: with 100 pods the host's mount table holds 300 pins, and every container creation pays
 /// for each mount several times over: libcontainer reads the whole `/proc/self/mountinfo` once
@@ -179,9 +178,9 @@ pub(crate) fn unpin(dir: &Path) {
 /// them all with a single unmount (see the shim's `enter_private_mounts`). Private, so pins made
 /// later do not propagate into other mount namespaces and an unmount in a copy never reaches
 /// the host. The bind is recursive to keep pins made before it visible (an older skiff's).
-pub fn ensure_pins_mount(dir: &Path) -> Result<bool> {
+pub fn ensure_pins_mount(dir: &Path) -> Result<()> {
     if is_mounted(dir) {
-        return Ok(true);
+        return Ok(());
     }
     mount(
         Some(dir),
@@ -198,8 +197,7 @@ pub fn ensure_pins_mount(dir: &Path) -> Result<bool> {
         MsFlags::MS_PRIVATE | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(sys_err(format!("make {} a private mount", dir.display())))?;
-    Ok(true)
+    .map_err(sys_err(format!("make {} a private mount", dir.display())))
 }
 
 /// Undoes [`ensure_pins_mount`] (and unmounts any pins still below it).
