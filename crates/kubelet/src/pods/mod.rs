@@ -102,6 +102,10 @@ async fn run_worker(
             Ok(Flow::Continue) => {}
             Err(e) => tracing::warn!(pod = %key, error = %e, "pod sync failed"),
         }
+        if w.take_resync() {
+            pod = rx.borrow_and_update().clone();
+            continue;
+        }
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
@@ -112,10 +116,40 @@ async fn run_worker(
                 }
                 pod = rx.borrow_and_update().clone();
             }
-            _ = tokio::time::sleep(sh.cfg.sync_interval) => {}
+            _ = tokio::time::sleep(sh.cfg.sync_interval) => {
+                // The object may have changed without waking us (see `needs_sync`).
+                pod = rx.borrow_and_update().clone();
+            }
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Whether a pod's worker must sync for the change from `old` to `new`: a change of its spec
+/// or metadata (deletion, labels and annotations for the downward API), but not of its
+/// resourceVersion or managed fields, nor of its status; except that a pod with readiness gates
+/// syncs when its conditions change, since its Ready condition depends on conditions others
+/// write (as the kubelet's `NeedToReconcilePodReadiness`).
+fn needs_sync(old: &Pod, new: &Pod) -> bool {
+    if old.spec != new.spec {
+        return true;
+    }
+    let strip = |p: &Pod| {
+        let mut m = p.metadata.clone();
+        m.resource_version = None;
+        m.managed_fields = None;
+        m
+    };
+    if strip(old) != strip(new) {
+        return true;
+    }
+    let gated = new
+        .spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .is_some_and(|g| !g.is_empty());
+    let conditions = |p: &Pod| p.status.as_ref().and_then(|s| s.conditions.clone());
+    gated && conditions(old) != conditions(new)
 }
 
 /// Watches this node's pods and runs their workers.
@@ -148,7 +182,15 @@ impl PodManager {
         if let Some(h) = self.workers.get(&uid)
             && !h.task.is_finished()
         {
-            let _ = h.tx.send(pod);
+            // Like the kubelet's pod config (a status-only change is a "reconcile", not an
+            // update for the pod's worker), a change the worker would not act on does not wake
+            // it. Most are the worker's own status writes coming back. The worker still reads
+            // the newest object at its next sync.
+            h.tx.send_if_modified(|cur| {
+                let wake = needs_sync(cur, &pod);
+                *cur = pod;
+                wake
+            });
             return;
         }
         let adopt = self.adoptable.remove(&uid);
@@ -270,5 +312,51 @@ impl PodManager {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), h.task).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_sync;
+    use k8s_openapi::api::core::v1::Pod;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).expect("test pod")
+    }
+
+    #[test]
+    fn a_status_only_change_does_not_wake_the_worker_but_spec_metadata_and_gated_conditions_do() {
+        let base = serde_json::json!({
+            "metadata": {"name": "p", "uid": "u", "resourceVersion": "1", "labels": {"a": "1"}},
+            "spec": {"containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Pending"},
+        });
+        let old = pod(base.clone());
+        let mut v = base.clone();
+        v["metadata"]["resourceVersion"] = "2".into();
+        v["status"] = serde_json::json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
+        assert!(
+            !needs_sync(&old, &pod(v.clone())),
+            "own status write echoed back"
+        );
+
+        let mut d = v.clone();
+        d["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z".into();
+        assert!(needs_sync(&old, &pod(d)), "deletion");
+        let mut l = v.clone();
+        l["metadata"]["labels"]["a"] = "2".into();
+        assert!(needs_sync(&old, &pod(l)), "label (downward API)");
+        let mut s = v.clone();
+        s["spec"]["activeDeadlineSeconds"] = 5.into();
+        assert!(needs_sync(&old, &pod(s)), "spec");
+
+        let mut g = base.clone();
+        g["spec"]["readinessGates"] = serde_json::json!([{"conditionType": "x/ready"}]);
+        let gold = pod(g.clone());
+        g["status"]["conditions"] = serde_json::json!([{"type": "x/ready", "status": "True"}]);
+        assert!(
+            needs_sync(&gold, &pod(g)),
+            "readiness gate condition written by a controller"
+        );
     }
 }

@@ -197,7 +197,11 @@ pub struct Worker {
     /// Service-account tokens of the pod's projected volumes.
     tokens: volumes::TokenCache,
     start_time: Option<Time>,
-    last_status: Option<serde_json::Value>,
+    last_status: Option<PodStatus>,
+    /// Set when this sync started an init container or sidecar (and it did start): the next step (the next init
+    /// container, the app containers) is taken by a sync right away rather than at the next
+    /// interval. (The pod's own status changes do not wake the worker; see `needs_sync`.)
+    resync_now: bool,
     transitions: BTreeMap<String, (String, Time)>,
     sandbox_error: Option<String>,
     adopted: bool,
@@ -233,10 +237,8 @@ impl Worker {
             volumes_refreshed: None,
             tokens: volumes::TokenCache::default(),
             start_time: pod.status.as_ref().and_then(|s| s.start_time.clone()),
-            last_status: pod
-                .status
-                .as_ref()
-                .and_then(|s| serde_json::to_value(s).ok()),
+            last_status: pod.status.clone(),
+            resync_now: false,
             transitions: BTreeMap::new(),
             sandbox_error: None,
             adopted: false,
@@ -265,6 +267,11 @@ impl Worker {
     /// is nothing to re-adopt.
     pub fn nothing_to_adopt(&mut self) {
         self.adopted = true;
+    }
+
+    /// Whether the last sync asked for another one right away (and clears the request).
+    pub fn take_resync(&mut self) -> bool {
+        std::mem::take(&mut self.resync_now)
     }
 
     /// Finds what a previous kubelet left running for this pod.
@@ -1245,7 +1252,7 @@ impl Worker {
             return Ok(Flow::Continue);
         }
         if terminal && self.all_exited() {
-            self.publish(pod);
+            self.publish(pod.clone());
             return Ok(Flow::Continue);
         }
         match self.ensure_sandbox(pod).await {
@@ -1307,6 +1314,7 @@ impl Worker {
                 init_done = false;
                 if self.ctrs[i].id.is_none() || self.restart_due(i) {
                     self.start(pod, i).await?;
+                    self.resync_now = self.ctrs[i].waiting.is_none();
                 }
                 break;
             }
@@ -1328,6 +1336,7 @@ impl Worker {
                 }
             }
             self.start(pod, i).await?;
+            self.resync_now = self.ctrs[i].waiting.is_none();
             break;
         }
         if init_done && !failed_init {
@@ -1337,6 +1346,9 @@ impl Worker {
                 }
                 if self.ctrs[i].id.is_none() {
                     self.start(pod, i).await?;
+                    // Probed at once, so that a container without a readiness probe is
+                    // reported Ready in the status this sync writes.
+                    self.probe(pod, i).await;
                     continue;
                 }
                 if self.ctrs[i].running() {
@@ -1652,7 +1664,7 @@ impl Worker {
         }
     }
 
-    fn publish(&self, pod: &Pod) {
+    fn publish(&self, pod: Pod) {
         let containers = self
             .ctrs
             .iter()
@@ -1663,7 +1675,7 @@ impl Worker {
             })
             .collect();
         let r = PodRef {
-            pod: Arc::new(pod.clone()),
+            pod: Arc::new(pod),
             sandbox_id: self.sandbox_id.clone(),
             containers,
         };
@@ -1676,11 +1688,12 @@ impl Worker {
         let status = self.compute_status(pod);
         let mut shown = pod.clone();
         shown.status = Some(status.clone());
-        self.publish(&shown);
-        let value = serde_json::to_value(&status).unwrap_or_default();
-        if self.last_status.as_ref() == Some(&value) {
+        self.publish(shown);
+        // Compared typed: most syncs change nothing, and serialising is their biggest cost.
+        if self.last_status.as_ref() == Some(&status) {
             return Ok(());
         }
+        let value = serde_json::to_value(&status).unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.sh.client.clone(), &self.namespace);
         let patch = serde_json::json!({
             "metadata": {"uid": self.uid},
@@ -1691,7 +1704,7 @@ impl Worker {
             .await
         {
             Ok(_) => {
-                self.last_status = Some(value);
+                self.last_status = Some(status);
                 Ok(())
             }
             Err(kube::Error::Api(ae)) if ae.code == 404 || ae.code == 409 => Ok(()),
