@@ -1,6 +1,7 @@
 //! The runtime API used from async code: sandboxes and containers whose processes are held by
 //! per-container shims; all state lives on disk, so a new `BuiltinRuntime` re-adopts running containers.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
@@ -242,6 +243,28 @@ pub struct BuiltinRuntime {
     /// Whether the sandboxes dir is a mount of its own (see [`ensure_pins_mount`]); None until
     /// first needed.
     pins_mount: Arc<std::sync::Mutex<Option<bool>>>,
+    /// Container records by id, read from disk once: a record is written at creation and never
+    /// changed, and the kubelet asks every container's status at every pod sync.
+    records: Arc<std::sync::Mutex<HashMap<String, Arc<ContainerRecord>>>>,
+    /// The shim zygote, started at the first container creation.
+    zygote: Arc<std::sync::Mutex<Option<Zygote>>>,
+}
+
+/// A running `skiff shim zygote` and the runtime's end of its request socket. Closing the
+/// socket ends it; dropping this also kills and reaps it at once.
+#[derive(Debug)]
+struct Zygote {
+    /// a `SOCK_SEQPACKET` socket: one message per request, and end-of-file for the zygote when
+    /// this end closes (a datagram socket has none, and the zygote would outlive the server)
+    sock: std::os::fd::OwnedFd,
+    child: std::process::Child,
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// How many container creations run at once: twice the CPUs. A creation is CPU work in the
@@ -293,6 +316,41 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// A prepared container's rootfs and spec, made once its creation has a slot (see
+/// [`BuiltinRuntime::create`]).
+struct PendingRootfs {
+    rootfs: PathBuf,
+    overlay_opts: String,
+    cfg: ContainerConfig,
+    image_config: crate::store::ImageConfig,
+    place: Placement,
+    spec_path: PathBuf,
+}
+
+impl PendingRootfs {
+    /// Mounts the overlay rootfs and writes the OCI spec (the user is resolved from the
+    /// mounted rootfs' /etc/passwd and /etc/group).
+    fn mount_and_write_spec(self) -> Result<()> {
+        mount(
+            Some("overlay"),
+            &self.rootfs,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(self.overlay_opts.as_str()),
+        )
+        .map_err(sys_err(format!(
+            "mount overlay rootfs at {}",
+            self.rootfs.display()
+        )))?;
+        let spec = build_spec(&self.cfg, &self.image_config, &self.rootfs, &self.place)?;
+        let body = serde_json::to_vec_pretty(&spec).map_err(|source| Error::Json {
+            path: self.spec_path.clone(),
+            source,
+        })?;
+        fs::write(&self.spec_path, body).map_err(io_err("write", &self.spec_path))
+    }
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -318,6 +376,8 @@ impl BuiltinRuntime {
             registries: Arc::new(RegistriesConfig::default()),
             create_slots: Arc::new(tokio::sync::Semaphore::new(create_slots())),
             pins_mount: Arc::new(std::sync::Mutex::new(None)),
+            records: Arc::default(),
+            zygote: Arc::default(),
         })
     }
 
@@ -486,29 +546,50 @@ impl BuiltinRuntime {
     ) -> Result<String> {
         let me = self.clone();
         let sb = sandbox_id.map(str::to_string);
-        let (id, args) = blocking(move || me.prepare(sb.as_deref(), cfg, log_path)).await?;
-        // Only the shim's run takes a slot: preparing (which may unpack a big image) does not
-        // hold up other pods' creations.
+        let (id, args, rootfs) = blocking(move || me.prepare(sb.as_deref(), cfg, log_path)).await?;
+        // Only the rootfs mount and the shim's run take a slot: preparing (which may unpack a
+        // big image) does not hold up other pods' creations. The overlay is mounted once the
+        // slot is ours, so the host holds at most one mounted rootfs per slot at a time: every
+        // creation reads and copies the host's mount table (see `shim::detach_host_rootfs`),
+        // and 100 waiting pods' overlays made each of them several times slower.
         let _slot = self.create_slots.acquire().await;
-        let mut cmd = tokio::process::Command::new(&self.cfg.shim_command[0]);
-        cmd.args(&self.cfg.shim_command[1..])
-            .args(args.to_args())
-            .stdin(std::process::Stdio::null());
-        let out = match cmd.output().await {
-            Ok(out) => out,
-            Err(e) => {
-                // No shim ran: undo the prepared rootfs mount and dirs.
-                let me = self.clone();
-                let id2 = id.clone();
-                let _ = blocking(move || me.cleanup_dir(&id2)).await;
-                return Err(io_err(
-                    "run shim (check the shim command)",
-                    PathBuf::from(&self.cfg.shim_command[0]),
-                )(e));
+        let me = self.clone();
+        let id2 = id.clone();
+        blocking(move || {
+            let r = rootfs.mount_and_write_spec();
+            if r.is_err() {
+                let _ = me.cleanup_dir(&id2);
+            }
+            r
+        })
+        .await?;
+        let shim_args = args.to_args();
+        let me = self.clone();
+        let a2 = shim_args.clone();
+        let outcome = match blocking(move || Ok(me.create_via_zygote(&a2))).await? {
+            Some(outcome) => outcome,
+            None => {
+                let mut cmd = tokio::process::Command::new(&self.cfg.shim_command[0]);
+                cmd.args(&self.cfg.shim_command[1..])
+                    .args(&shim_args)
+                    .stdin(std::process::Stdio::null());
+                match cmd.output().await {
+                    Ok(out) if out.status.success() => Ok(()),
+                    Ok(out) => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+                    Err(e) => {
+                        // No shim ran: undo the prepared rootfs mount and dirs.
+                        let me = self.clone();
+                        let id2 = id.clone();
+                        let _ = blocking(move || me.cleanup_dir(&id2)).await;
+                        return Err(io_err(
+                            "run shim (check the shim command)",
+                            PathBuf::from(&self.cfg.shim_command[0]),
+                        )(e));
+                    }
+                }
             }
         };
-        if !out.status.success() {
-            let mut message = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if let Err(mut message) = outcome {
             // The shim's own log says what libcontainer did; keep its tail in the error.
             if let Ok(log) = fs::read_to_string(self.ctr_dir(&id).join("shim.log")) {
                 let tail: Vec<&str> = log
@@ -531,12 +612,95 @@ impl BuiltinRuntime {
         Ok(id)
     }
 
+    /// Runs a shim's `create` through the zygote (see `shim::zygote`), starting the zygote
+    /// first if there is none or it is gone. Returns what the shim reported, or None when no
+    /// zygote could be used: the caller then runs `skiff shim create` itself.
+    fn create_via_zygote(&self, args: &[String]) -> Option<std::result::Result<(), String>> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use std::io::{IoSlice, Read};
+        use std::os::fd::AsRawFd;
+        let body = serde_json::to_vec(args).ok()?;
+        let (mut reply, theirs) = std::os::unix::net::UnixStream::pair().ok()?;
+        {
+            let mut z = self.zygote.lock().ok()?;
+            let mut sent = false;
+            for _ in 0..2 {
+                if z.is_none() {
+                    match self.spawn_zygote() {
+                        Ok(new) => *z = Some(new),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "shim zygote not started; running shims directly");
+                            return None;
+                        }
+                    }
+                }
+                let sock = z.as_ref()?.sock.as_raw_fd();
+                let fds = [theirs.as_raw_fd()];
+                match sendmsg::<()>(
+                    sock,
+                    &[IoSlice::new(&body)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                ) {
+                    Ok(_) => {
+                        sent = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "shim zygote gone; starting a new one");
+                        *z = None;
+                    }
+                }
+            }
+            if !sent {
+                return None;
+            }
+        }
+        // Only the forked child (and, until it closes what it inherited, its shim) holds the
+        // other end now: end-of-file comes once the creation is decided.
+        drop(theirs);
+        let mut out = String::new();
+        let _ = reply.read_to_string(&mut out);
+        Some(match out.trim_end() {
+            "ok" => Ok(()),
+            "" => Err("skiff shim: the shim died before reporting".into()),
+            m => Err(m.to_string()),
+        })
+    }
+
+    fn spawn_zygote(&self) -> std::io::Result<Zygote> {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (sock, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.cfg.state_dir.join("shim-zygote.log"))?;
+        let child = std::process::Command::new(&self.cfg.shim_command[0])
+            .args(&self.cfg.shim_command[1..])
+            .args(["zygote", "--root"])
+            .arg(&self.cfg.state_dir)
+            .arg(" ".repeat(crate::shim::ZYGOTE_CMDLINE_ROOM))
+            .stdin(std::process::Stdio::from(theirs))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        tracing::debug!(pid = child.id(), "shim zygote started");
+        Ok(Zygote { sock, child })
+    }
+
     fn prepare(
         &self,
         sandbox_id: Option<&str>,
         cfg: ContainerConfig,
         log_path: PathBuf,
-    ) -> Result<(String, CreateArgs)> {
+    ) -> Result<(String, CreateArgs, PendingRootfs)> {
         if !valid_name(&cfg.name) {
             return Err(Error::Spec(format!(
                 "container name {:?} must be 1-40 of [A-Za-z0-9._-]",
@@ -548,7 +712,7 @@ impl BuiltinRuntime {
         let layers = self.cfg.images.unpacked_layers(&image)?;
         let id = format!("{}-{}", cfg.name, random_hex(6));
         let dir = self.ctr_dir(&id);
-        let res = (|| -> Result<CreateArgs> {
+        let res = (|| -> Result<(CreateArgs, PendingRootfs)> {
             for d in ["rootfs", "upper", "work", "bundle"] {
                 fs::create_dir_all(dir.join(d)).map_err(io_err("create", dir.join(d)))?;
             }
@@ -564,23 +728,12 @@ impl BuiltinRuntime {
                     reason: "image has no layers".into(),
                 });
             }
-            let opts = format!(
+            let overlay_opts = format!(
                 "lowerdir={},upperdir={},workdir={}",
                 lower.join(":"),
                 dir.join("upper").display(),
                 dir.join("work").display()
             );
-            mount(
-                Some("overlay"),
-                &rootfs,
-                Some("overlay"),
-                MsFlags::empty(),
-                Some(opts.as_str()),
-            )
-            .map_err(sys_err(format!(
-                "mount overlay rootfs at {}",
-                rootfs.display()
-            )))?;
             let cgroup = match &sb {
                 Some(sb) => format!("{}/{}", sb.cgroup, id),
                 None => format!("/{}/{}", self.cfg.cgroup_parent.trim_matches('/'), id),
@@ -593,13 +746,14 @@ impl BuiltinRuntime {
                 cgroups_path: cgroup.clone(),
                 host_ipc: sb.as_ref().is_some_and(|s| s.config.host_ipc),
             };
-            let spec = build_spec(&cfg, &image.config, &rootfs, &place)?;
-            let sp = dir.join("bundle/config.json");
-            let body = serde_json::to_vec_pretty(&spec).map_err(|source| Error::Json {
-                path: sp.clone(),
-                source,
-            })?;
-            fs::write(&sp, body).map_err(io_err("write", &sp))?;
+            let pending = PendingRootfs {
+                rootfs,
+                overlay_opts,
+                cfg: cfg.clone(),
+                image_config: image.config.clone(),
+                place,
+                spec_path: dir.join("bundle/config.json"),
+            };
             let rec = ContainerRecord {
                 id: id.clone(),
                 sandbox_id: sandbox_id.map(str::to_string),
@@ -615,7 +769,7 @@ impl BuiltinRuntime {
                 source,
             })?;
             fs::write(&rp, body).map_err(io_err("write", &rp))?;
-            Ok(CreateArgs {
+            let args = CreateArgs {
                 id: id.clone(),
                 dir: dir.clone(),
                 root: self.cfg.state_dir.join("lc"),
@@ -627,10 +781,11 @@ impl BuiltinRuntime {
                 pins_root: (sandbox_id.is_some() && self.pins_mounted())
                     .then(|| self.cfg.state_dir.join("sandboxes")),
                 sandbox_dir: sandbox_id.map(|s| self.sb_dir(s)),
-            })
+            };
+            Ok((args, pending))
         })();
         match res {
-            Ok(a) => Ok((id, a)),
+            Ok((a, p)) => Ok((id, a, p)),
             Err(e) => {
                 let _ = self.cleanup_dir(&id);
                 Err(e)
@@ -638,13 +793,21 @@ impl BuiltinRuntime {
         }
     }
 
-    fn record(&self, id: &str) -> Result<ContainerRecord> {
+    fn record(&self, id: &str) -> Result<Arc<ContainerRecord>> {
+        if let Some(r) = self.records.lock().ok().and_then(|m| m.get(id).cloned()) {
+            return Ok(r);
+        }
         let p = self.ctr_dir(id).join("container.json");
         let b = fs::read(&p).map_err(|_| Error::NotFound {
             kind: "container",
             id: id.into(),
         })?;
-        serde_json::from_slice(&b).map_err(|source| Error::Json { path: p, source })
+        let r: Arc<ContainerRecord> =
+            Arc::new(serde_json::from_slice(&b).map_err(|source| Error::Json { path: p, source })?);
+        if let Ok(mut m) = self.records.lock() {
+            m.insert(id.to_string(), r.clone());
+        }
+        Ok(r)
     }
 
     fn shim_alive(st: &ShimState) -> bool {
@@ -954,6 +1117,9 @@ impl BuiltinRuntime {
         if lc.exists() {
             let _ = fs::remove_dir_all(&lc);
         }
+        if let Ok(mut m) = self.records.lock() {
+            m.remove(id);
+        }
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(io_err("remove container dir", &dir))?;
         }
@@ -1126,7 +1292,7 @@ impl BuiltinRuntime {
 
     /// The cgroup path of a container (relative to the cgroup root).
     pub fn cgroup_of(&self, id: &str) -> Result<String> {
-        Ok(self.record(id)?.cgroup)
+        Ok(self.record(id)?.cgroup.clone())
     }
 
     /// The container's state dir (for diagnostics and tests).

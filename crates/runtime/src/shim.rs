@@ -251,29 +251,20 @@ pub fn main(args: Vec<String>) -> i32 {
     let (flags, argv) = parse_flags(rest);
     let get = |k: &str| flags.get(k).cloned().unwrap_or_default();
     match sub.as_str() {
-        "create" => {
-            let a = CreateArgs {
-                id: get("id"),
-                dir: get("dir").into(),
-                root: get("root").into(),
-                log: get("log").into(),
-                cgroup: get("cgroup"),
-                stdin: get("stdin") == "1",
-                stdin_once: get("stdin-once") == "1",
-                tty: get("tty") == "1",
-                pins_root: flags.get("pins-root").map(PathBuf::from),
-                sandbox_dir: flags.get("sandbox-dir").map(PathBuf::from),
-            };
-            if a.id.is_empty()
-                || a.dir.as_os_str().is_empty()
-                || a.root.as_os_str().is_empty()
-                || a.log.as_os_str().is_empty()
-            {
-                eprintln!("skiff shim create: --id, --dir, --root and --log are required");
-                return 2;
+        "create" => match parse_create(&args) {
+            Err(msg) => {
+                eprintln!("{msg}");
+                2
             }
-            create(a)
-        }
+            Ok(a) => match create(a) {
+                Ok(()) => 0,
+                Err(msg) => {
+                    eprintln!("{msg}");
+                    1
+                }
+            },
+        },
+        "zygote" => zygote(),
         "exec" => {
             let a = ExecArgs {
                 id: get("id"),
@@ -293,27 +284,184 @@ pub fn main(args: Vec<String>) -> i32 {
             exec(a)
         }
         other => {
-            eprintln!("skiff shim: unknown subcommand {other:?} (create, exec)");
+            eprintln!("skiff shim: unknown subcommand {other:?} (create, exec, zygote)");
             2
         }
     }
 }
 
-fn create(a: CreateArgs) -> i32 {
-    let (ready_r, ready_w) = match pipe2(OFlag::O_CLOEXEC) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("skiff shim: pipe: {e}");
-            return 1;
-        }
+/// Parses `create` arguments (the command-line form after `shim`, as [`CreateArgs::to_args`]
+/// makes them).
+pub fn parse_create(args: &[String]) -> std::result::Result<CreateArgs, String> {
+    let Some(("create", rest)) = args.split_first().map(|(s, r)| (s.as_str(), r)) else {
+        return Err("skiff shim zygote: not a create request".into());
     };
-    // SAFETY: the shim is single-threaded at this point (called from main before any thread or
-    // async runtime is started), so the child may run arbitrary code after fork.
-    match unsafe { fork() } {
-        Err(e) => {
-            eprintln!("skiff shim: fork: {e}");
-            1
+    let (flags, _) = parse_flags(rest);
+    let get = |k: &str| flags.get(k).cloned().unwrap_or_default();
+    let a = CreateArgs {
+        id: get("id"),
+        dir: get("dir").into(),
+        root: get("root").into(),
+        log: get("log").into(),
+        cgroup: get("cgroup"),
+        stdin: get("stdin") == "1",
+        stdin_once: get("stdin-once") == "1",
+        tty: get("tty") == "1",
+        pins_root: flags.get("pins-root").map(PathBuf::from),
+        sandbox_dir: flags.get("sandbox-dir").map(PathBuf::from),
+    };
+    if a.id.is_empty()
+        || a.dir.as_os_str().is_empty()
+        || a.root.as_os_str().is_empty()
+        || a.log.as_os_str().is_empty()
+    {
+        return Err("skiff shim create: --id, --dir, --root and --log are required".into());
+    }
+    Ok(a)
+}
+
+/// `skiff shim zygote`: forks container shims for the runtime that started it, so that a
+/// container's creation does not pay for a new process image. Each exec of the (large) skiff
+/// binary cost the shim the dynamic loader, glibc's start-up (whose CPU-cache probing executes
+/// CPUID, which traps to the hypervisor in a VM) and the page faults of a fresh address space;
+/// in the 100-pod burst that was about a quarter of the shims' CPU. The zygote is
+/// single-threaded and stays small: it only reads requests and forks.
+///
+/// Its stdin is a `SOCK_SEQPACKET` socket from the runtime. Each message is a JSON array of `create`
+/// arguments and carries one descriptor (`SCM_RIGHTS`) on which the forked child reports `ok`
+/// or the error, as `skiff shim create` does on its stdout/stderr. When the runtime closes its
+/// end (the server stops or dies), the zygote exits; the shims it forked live on.
+fn zygote() -> i32 {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::io::IoSliceMut;
+    use std::os::fd::{FromRawFd, RawFd};
+    // The kernel reaps the create processes (they report over their descriptor, not by exit
+    // status); each child restores the default before it forks its shim.
+    // SAFETY: setting a signal disposition to SIG_IGN has no memory effects.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let (n, fds) = match recvmsg::<()>(0, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+        {
+            Ok(m) => {
+                let mut fds = Vec::new();
+                if let Ok(cmsgs) = m.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(f) = c {
+                            fds.extend(f);
+                        }
+                    }
+                }
+                (m.bytes, fds)
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                eprintln!("skiff shim zygote: receive: {e}");
+                return 1;
+            }
+        };
+        // SAFETY: the descriptors came with this message (SCM_RIGHTS) and nothing else owns them.
+        let mut fds: Vec<OwnedFd> = fds
+            .into_iter()
+            .map(|f| unsafe { OwnedFd::from_raw_fd(f) })
+            .collect();
+        if n == 0 && fds.is_empty() {
+            // The runtime closed its end.
+            return 0;
         }
+        let Some(reply) = fds.pop() else { continue };
+        drop(fds);
+        let args: std::result::Result<Vec<String>, String> = serde_json::from_slice(&buf[..n])
+            .map_err(|e| format!("skiff shim zygote: bad request: {e}"));
+        // SAFETY: the zygote is single-threaded, so the child may run arbitrary code.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                // SAFETY: restoring the default disposition has no memory effects.
+                unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+                // The zygote's socket is not the child's to hold.
+                if let Ok(null) = File::open("/dev/null") {
+                    let _ = dup2_stdin(null.as_fd());
+                }
+                let res = args.and_then(|args| {
+                    set_cmdline(&args);
+                    parse_create(&args).and_then(create)
+                });
+                let msg = match res {
+                    Ok(()) => "ok\n".to_string(),
+                    Err(m) => format!("{}\n", m.replace('\n', " ")),
+                };
+                let _ = File::from(reply).write_all(msg.as_bytes());
+                std::process::exit(0);
+            }
+            Ok(ForkResult::Parent { .. }) => drop(reply),
+            Err(e) => {
+                let _ = File::from(reply)
+                    .write_all(format!("skiff shim zygote: fork: {e}\n").as_bytes());
+            }
+        }
+    }
+}
+
+/// Room the runtime leaves in the zygote's command line (a last argument of spaces) for
+/// [`set_cmdline`].
+pub const ZYGOTE_CMDLINE_ROOM: usize = 4096;
+
+/// Makes `/proc/<pid>/cmdline` of a forked shim read `… create --id …` as it does for an exec'd
+/// one (tools and tests find shims by it), by writing the arguments over the zygote's own in
+/// place, from its `zygote` argument on. Best effort: the kernel's PR_SET_MM, which could point
+/// the command line elsewhere, needs CAP_SYS_RESOURCE, which a root in a VM or container may
+/// not have.
+fn set_cmdline(args: &[String]) {
+    let Ok(stat) = fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command name's ")": the 3rd (state) is the first; arg_start and
+    // arg_end are the 48th and 49th.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (Some(start), Some(end)) = (
+        f.get(45).and_then(|s| s.parse::<usize>().ok()),
+        f.get(46).and_then(|s| s.parse::<usize>().ok()),
+    ) else {
+        return;
+    };
+    if start == 0 || end <= start {
+        return;
+    }
+    // SAFETY: [arg_start, arg_end) is this process's argument area, mapped and writable (the
+    // top of its initial stack), and nothing in this process holds a Rust reference to it
+    // (std reads argv only when asked, and the shim does not ask again).
+    let area = unsafe { std::slice::from_raw_parts_mut(start as *mut u8, end - start) };
+    let Some(at) = area.windows(7).position(|w| w == b"zygote\0") else {
+        return;
+    };
+    let mut text = Vec::new();
+    for a in args {
+        text.extend_from_slice(a.as_bytes());
+        text.push(0);
+    }
+    let room = &mut area[at..];
+    if text.len() > room.len() {
+        return;
+    }
+    room[..text.len()].copy_from_slice(&text);
+    room[text.len()..].fill(0);
+}
+
+/// Creates the container and its shim: returns once the shim reports the container created
+/// (or why not).
+fn create(a: CreateArgs) -> std::result::Result<(), String> {
+    let (ready_r, ready_w) =
+        pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("skiff shim: pipe: {e}"))?;
+    // SAFETY: the shim is single-threaded at this point (called from main before any thread or
+    // async runtime is started, or in a child of the single-threaded zygote), so the child may
+    // run arbitrary code after fork.
+    match unsafe { fork() } {
+        Err(e) => Err(format!("skiff shim: fork: {e}")),
         Ok(ForkResult::Parent { .. }) => {
             drop(ready_w);
             // Read one line: the container's not-yet-exec'd init also holds the write end, so
@@ -329,13 +477,11 @@ fn create(a: CreateArgs) -> i32 {
             }
             let msg = msg.trim_end().to_string();
             if msg == "ok" {
-                0
+                Ok(())
             } else if msg.is_empty() {
-                eprintln!("skiff shim: the shim died before reporting");
-                1
+                Err("skiff shim: the shim died before reporting".into())
             } else {
-                eprintln!("{msg}");
-                1
+                Err(msg)
             }
         }
         Ok(ForkResult::Child) => {

@@ -323,6 +323,16 @@ fn container_survives_sigkill_of_the_runtime_process_and_is_readopted() {
     )
     .unwrap();
     let _ = child.wait();
+    // The shim zygote the killed runtime started ends too (its socket reads end-of-file).
+    let zygote = format!("zygote --root {}", t.dir.path().join("rt").display());
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !pids_with(&zygote).is_empty() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        pids_with(&zygote).is_empty(),
+        "the zygote outlived the runtime process"
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let fresh = t.reopen();
@@ -1000,4 +1010,72 @@ async fn a_container_joins_its_own_pods_namespaces_and_its_shim_stays_in_the_hos
         t.rt.remove_sandbox(&sb.id).await.unwrap();
     }
     t.teardown().await;
+}
+
+/// Pids of live processes whose command line contains `needle`.
+fn pids_with(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd)
+            .replace('\0', " ")
+            .contains(needle)
+            && !stat.contains(") Z ")
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shims_are_forked_by_one_zygote_that_is_restarted_when_gone_and_ends_with_the_runtime() {
+    let t = TestRuntime::new();
+    let zygote = format!("zygote --root {}", t.dir.path().join("rt").display());
+    let run = async |name: &str| {
+        let id =
+            t.rt.create(None, sh(name, "sleep 30"), t.log(name))
+                .await
+                .unwrap();
+        t.rt.start(&id).await.unwrap();
+        let st = skiff_runtime::shim::read_state(&t.rt.container_dir(&id)).unwrap();
+        let cmd = std::fs::read(format!("/proc/{}/cmdline", st.shim_pid)).unwrap();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        assert!(
+            cmd.contains(&format!(" create --id {id} ")),
+            "a forked shim shows its create arguments: {cmd:?}"
+        );
+        id
+    };
+    let a = run("a").await;
+    let first = pids_with(&zygote);
+    assert_eq!(first.len(), 1, "one zygote after the first creation");
+    let b = run("b").await;
+    assert_eq!(pids_with(&zygote), first, "the zygote is reused");
+
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(first[0], libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(100));
+    let c = run("c").await;
+    let second = pids_with(&zygote);
+    assert_eq!(second.len(), 1, "a new zygote replaces the killed one");
+    assert_ne!(second, first);
+    for id in [&a, &b, &c] {
+        assert_eq!(
+            t.rt.status(id).await.unwrap().state,
+            ContainerState::Running,
+            "{id} runs, whichever zygote forked its shim"
+        );
+        t.rt.remove(id).await.unwrap();
+    }
+    let rt_dir = t.dir.path().to_path_buf();
+    drop(t);
+    assert!(
+        pids_with(&format!("zygote --root {}", rt_dir.join("rt").display())).is_empty(),
+        "the zygote ends with the runtime"
+    );
 }
