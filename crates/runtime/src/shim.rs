@@ -327,10 +327,10 @@ pub fn parse_create(args: &[String]) -> std::result::Result<CreateArgs, String> 
 /// in the 100-pod burst that was about a quarter of the shims' CPU. The zygote is
 /// single-threaded and stays small: it only reads requests and forks.
 ///
-/// Its stdin is a `SOCK_SEQPACKET` socket from the runtime. Each message is a JSON array of `create`
-/// arguments and carries one descriptor (`SCM_RIGHTS`) on which the forked child reports `ok`
-/// or the error, as `skiff shim create` does on its stdout/stderr. When the runtime closes its
-/// end (the server stops or dies), the zygote exits; the shims it forked live on.
+/// Its stdin is a `SOCK_SEQPACKET` socket from the runtime. Each message is a JSON array of
+/// `create` arguments and carries one descriptor (`SCM_RIGHTS`) on which the forked child
+/// reports `ok` or the error, as `skiff shim create` does on its stdout/stderr. When the runtime
+/// closes its end (the server stops or dies), the zygote exits; the shims it forked live on.
 fn zygote() -> i32 {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     use std::io::IoSliceMut;

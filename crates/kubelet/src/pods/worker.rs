@@ -198,9 +198,10 @@ pub struct Worker {
     tokens: volumes::TokenCache,
     start_time: Option<Time>,
     last_status: Option<PodStatus>,
-    /// Set when this sync started an init container or sidecar (and it did start): the next step (the next init
-    /// container, the app containers) is taken by a sync right away rather than at the next
-    /// interval. (The pod's own status changes do not wake the worker; see `needs_sync`.)
+    /// Set when this sync started an init container or sidecar (and it did start): the next
+    /// step (the next init container, the app containers) is taken by a sync right away rather
+    /// than at the next interval. (The pod's own status changes do not wake the worker; see
+    /// `needs_sync`.)
     resync_now: bool,
     transitions: BTreeMap<String, (String, Time)>,
     sandbox_error: Option<String>,
